@@ -1,0 +1,315 @@
+// earn/backend/cpu/engine.hpp - earn::Engine<Schedule, Cpu>: prefill and decode on the host with Eigen.
+#pragma once
+
+#include <algorithm>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "earn/attention/row_kind.hpp"
+#include "earn/backend/cpu/kv_store.hpp"
+#include "earn/backend/cpu/ops.hpp"
+#include "earn/backend/cpu/tag.hpp"
+#include "earn/core/error.hpp"
+#include "earn/model/engine_fwd.hpp"
+#include "earn/model/weights.hpp"
+
+namespace earn {
+
+/// Per-layer KV caches and bookkeeping of one decoding session on the host: a batch of users, each with its
+/// prompt cached once, and decode rows (beams) that each hold only their generated tokens.
+class CpuState {
+ public:
+  CpuState() = default;
+
+  /// Decode rows and the user each belongs to; rows of one user share its prompt KV. Resets generated tokens.
+  void set_rows(std::span<const int> row_user) {
+    if (row_user.empty() || static_cast<int>(row_user.size()) > opts_.max_rows)
+      throw RangeError("state: " + std::to_string(row_user.size()) + " decode rows, the state holds 1.." +
+                       std::to_string(opts_.max_rows));
+    for (int u : row_user) {
+      if (u < 0 || u >= opts_.max_users) throw RangeError("state: row user " + std::to_string(u) + " out of range");
+      if (input_len_[u] == 0) throw RangeError("state: user " + std::to_string(u) + " has not been prefilled");
+    }
+    row_user_.assign(row_user.begin(), row_user.end());
+    gen_len_ = 0;
+  }
+
+  /// Beam reordering: new row i continues old row parent[i] (user and generated KV follow the parent).
+  void reorder(std::span<const int> parent) {
+    if (parent.empty() || static_cast<int>(parent.size()) > opts_.max_rows)
+      throw RangeError("state: reorder to " + std::to_string(parent.size()) + " rows, the state holds 1.." +
+                       std::to_string(opts_.max_rows));
+    std::vector<int> users(parent.size());
+    for (std::size_t i = 0; i < parent.size(); ++i) {
+      if (parent[i] < 0 || parent[i] >= rows())
+        throw RangeError("state: reorder parent " + std::to_string(parent[i]) + " is not a current row");
+      users[i] = row_user_[parent[i]];
+    }
+    for (auto& layer : layers_) layer.reorder(parent, gen_len_);
+    row_user_ = std::move(users);
+  }
+
+  int rows() const { return static_cast<int>(row_user_.size()); }
+  int gen_len() const { return gen_len_; }
+  std::span<const int> row_user() const { return row_user_; }
+  /// Input rows (registers + prompt) prefilled for `user`; 0 before prefill.
+  int input_len(int user) const { return input_len_.at(user); }
+  const StateOptions& options() const { return opts_; }
+  const kv::Store<Cpu>& layer_cache(int l) const { return layers_.at(l); }
+  int n_layers() const { return static_cast<int>(layers_.size()); }
+
+  /// Bytes of K and V held now: every user's prefix rows plus every row's generated rows, over all layers.
+  Index kv_bytes() const {
+    Index rows_held = 0;
+    for (const auto& layer : layers_) {
+      for (int u = 0; u < opts_.max_users; ++u) rows_held += layer.prefix_len(u);
+      rows_held += Index{rows()} * gen_len_;
+    }
+    return rows_held * 2 * kv_dim_ * Index{sizeof(float)};
+  }
+  /// Bytes reserved for K and V over all layers.
+  Index kv_capacity_bytes() const {
+    Index f = 0;
+    for (const auto& layer : layers_) f += layer.capacity_floats();
+    return f * Index{sizeof(float)};
+  }
+
+ private:
+  template <class, class>
+  friend class Engine;
+  StateOptions opts_;
+  int kv_dim_ = 0;
+  std::vector<kv::Store<Cpu>> layers_;
+  std::vector<int> input_len_;  // per user
+  std::vector<int> row_user_;   // per decode row
+  int gen_len_ = 0;
+};
+
+/// The CPU engine. Keeps a reference to the weights, which must outlive it.
+/// \code
+///   earn::ModelWeights w = earn::random_weights(cfg);
+///   earn::Engine<earn::EarnSchedule> engine(w, earn::EarnSchedule{6});
+///   auto st = engine.make_state({.max_users = 1, .max_rows = 20, .max_prompt = 512, .max_new_tokens = 4});
+///   earn::Vector logits = engine.prefill(st, 0, prompt);
+/// \endcode
+template <class Schedule>
+class Engine<Schedule, Cpu> {
+ public:
+  using schedule_type = Schedule;
+  using backend_type = Cpu;
+  using State = CpuState;
+
+  explicit Engine(const ModelWeights& w, Schedule schedule = Schedule{}) : w_(w), schedule_(schedule) {
+    w_.validate();
+    schedule_.validate(w_.config.n_layers, w_.registers.count());
+  }
+  Engine(ModelWeights&&, Schedule = Schedule{}) = delete;  // the engine keeps a reference: no temporaries
+
+  const ModelConfig& config() const { return w_.config; }
+  const ModelWeights& weights() const { return w_; }
+  const Schedule& schedule() const { return schedule_; }
+  int registers() const { return w_.registers.count(); }
+
+  /// A state with caches sized by `o`; late layers reserve registers only, never prompt-sized blocks.
+  State make_state(StateOptions o) const {
+    const ModelConfig& c = w_.config;
+    const int r = registers();
+    if (o.max_users <= 0 || o.max_rows <= 0 || o.max_new_tokens < 0 || o.max_prompt < 0)
+      throw ConfigError("state: max_users and max_rows must be positive, max_prompt and max_new_tokens >= 0");
+    if (o.max_prompt == 0) o.max_prompt = c.max_seq_len - o.max_new_tokens - r;
+    if (o.max_prompt <= 0 || Index{o.max_prompt} + r + o.max_new_tokens > c.max_seq_len)
+      throw ConfigError("state: prompt " + std::to_string(o.max_prompt) + " + registers " + std::to_string(r) +
+                        " + new tokens " + std::to_string(o.max_new_tokens) + " exceed the context of " +
+                        std::to_string(c.max_seq_len));
+    State st;
+    st.opts_ = o;
+    st.kv_dim_ = c.kv_dim();
+    st.input_len_.assign(o.max_users, 0);
+    st.layers_.reserve(c.n_layers);
+    const Index max_input = Index{o.max_prompt} + r;
+    for (int l = 0; l < c.n_layers; ++l) {
+      const Index cap = schedule_.visit(l, [&]<class L>(L) { return L::cache::prefix_capacity(max_input, r); });
+      st.layers_.emplace_back(cap, o.max_users, o.max_rows, o.max_new_tokens, c.kv_dim());
+    }
+    return st;
+  }
+
+  /// Prefill user `user` with [R_prefix; tokens; R_suffix]. Returns logits [vocab] predicting the first generated
+  /// token, read at the last row that reaches the final layer (the last suffix register; the last prefix register
+  /// when r_s = 0 and k < L; the last prompt token for a dense model). Ends any decoding in progress.
+  Vector prefill(State& st, int user, std::span<const int> tokens) const {
+    Matrix x = prefill_rows(st, user, tokens);
+    return logits(x.bottomRows(1)).row(0).transpose();
+  }
+
+  /// Like prefill, but logits [rows, vocab] for every row that reaches the final layer (all rows when dense).
+  Matrix prefill_all_logits(State& st, int user, std::span<const int> tokens) const {
+    return logits(prefill_rows(st, user, tokens));
+  }
+
+  /// One decode step: tokens[i] is fed to decode row i (see State::set_rows). Returns logits [rows, vocab].
+  Matrix decode(State& st, std::span<const int> tokens) const {
+    const ModelConfig& c = w_.config;
+    const int rows = st.rows();
+    if (static_cast<int>(tokens.size()) != rows)
+      throw RangeError("decode: " + std::to_string(tokens.size()) + " tokens for " + std::to_string(rows) +
+                       " decode rows (call set_rows first)");
+    if (st.gen_len_ >= st.opts_.max_new_tokens)
+      throw RangeError("decode: the state holds " + std::to_string(st.opts_.max_new_tokens) + " generated tokens");
+    check_tokens(tokens);
+    std::vector<int> pos(rows);
+    for (int i = 0; i < rows; ++i) pos[i] = st.input_len_[st.row_user_[i]] + st.gen_len_;
+    const cpu::RopeTable rope(pos, c.head_dim(), c.rope_theta);
+    Matrix x(rows, c.dim);
+    for (int i = 0; i < rows; ++i) x.row(i) = w_.tok_embeddings.row(tokens[i]);
+    Matrix h, q, k, v, att(rows, Index{c.n_heads} * c.head_dim()), tmp;
+    for (int l = 0; l < c.n_layers; ++l) {
+      schedule_.visit(l, [&]<class L>(L) {
+        using P = typename L::policy;
+        const LayerWeights& lw = w_.layers[l];
+        kv::Store<Cpu>& store = st.layers_[l];
+        qkv(lw, x, rope, h, q, k, v);
+        const int g = st.gen_len_;
+        for (int i = 0; i < rows; ++i) {
+          store.gen_k_row(i, g) = k.row(i);
+          store.gen_v_row(i, g) = v.row(i);
+        }
+#pragma omp parallel for schedule(static)
+        for (int i = 0; i < rows; ++i) {
+          const int u = st.row_user_[i];
+          Vector qi = q.row(i).transpose(), out;
+          cpu::attention_decode<P>(qi, pos[i], store.prefix_k(u), store.prefix_v(u), store.prefix_positions(u),
+                                   store.gen_k(i, g + 1), store.gen_v(i, g + 1), st.input_len_[u], c.n_heads,
+                                   c.n_kv_heads, c.head_dim(), out);
+          att.row(i) = out.transpose();
+        }
+        residual_and_mlp(lw, att, x, h, tmp);
+      });
+    }
+    ++st.gen_len_;
+    return logits(x);
+  }
+
+ private:
+  void check_tokens(std::span<const int> tokens) const {
+    for (int t : tokens)
+      if (t < 0 || t >= w_.config.vocab_size)
+        throw RangeError("token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                         std::to_string(w_.config.vocab_size) + ")");
+  }
+
+  // h = norm(x); q, k, v projections with biases, RoPE applied to q and k.
+  void qkv(const LayerWeights& lw, const Matrix& x, const cpu::RopeTable& rope, Matrix& h, Matrix& q, Matrix& k,
+           Matrix& v) const {
+    const ModelConfig& c = w_.config;
+    cpu::rmsnorm(x, lw.attn_norm, c.norm_eps, h);
+    cpu::linear(h, lw.wq, q);
+    cpu::linear(h, lw.wk, k);
+    cpu::linear(h, lw.wv, v);
+    if (c.qkv_bias) {
+      q.rowwise() += lw.bq.transpose();
+      k.rowwise() += lw.bk.transpose();
+      v.rowwise() += lw.bv.transpose();
+    }
+    cpu::apply_rope(q, c.n_heads, c.head_dim(), rope, c.rope_style);
+    cpu::apply_rope(k, c.n_kv_heads, c.head_dim(), rope, c.rope_style);
+  }
+
+  // x += att * wo^T; x += w2 (silu(w1 n(x)) * w3 n(x)).
+  void residual_and_mlp(const LayerWeights& lw, const Matrix& att, Matrix& x, Matrix& h, Matrix& tmp) const {
+    cpu::linear(att, lw.wo, tmp);
+    x += tmp;
+    cpu::rmsnorm(x, lw.ffn_norm, w_.config.norm_eps, h);
+    Matrix gate, up;
+    cpu::linear(h, lw.w1, gate);
+    cpu::linear(h, lw.w3, up);
+    cpu::swiglu(gate, up);
+    cpu::linear(gate, lw.w2, tmp);
+    x += tmp;
+  }
+
+  template <class X>
+  Matrix logits(const X& x) const {
+    Matrix h, out;
+    cpu::rmsnorm(x, w_.final_norm, w_.config.norm_eps, h);
+    cpu::linear(h, w_.classifier(), out);
+    return out;
+  }
+
+  // Runs every layer over the input rows of one user; returns the rows that reach the top [n_final, dim].
+  Matrix prefill_rows(State& st, int user, std::span<const int> tokens) const {
+    const ModelConfig& c = w_.config;
+    if (user < 0 || user >= st.opts_.max_users)
+      throw RangeError("prefill: user " + std::to_string(user) + " outside the state's " +
+                       std::to_string(st.opts_.max_users) + " users");
+    if (tokens.empty()) throw ConfigError("prefill: the prompt is empty");
+    if (static_cast<Index>(tokens.size()) > st.opts_.max_prompt)
+      throw RangeError("prefill: prompt of " + std::to_string(tokens.size()) + " tokens exceeds the state's " +
+                       std::to_string(st.opts_.max_prompt));
+    check_tokens(tokens);
+    const RegisterWeights& reg = w_.registers;
+    const Index rp = reg.prefix.rows(), rs = reg.suffix.rows(), n = rp + Index(tokens.size()) + rs;
+
+    Matrix x(n, c.dim);
+    std::vector<int> pos(n);
+    std::vector<RowKind> kind(n);
+    for (Index i = 0; i < n; ++i) {
+      pos[i] = static_cast<int>(i);
+      if (i < rp) {
+        x.row(i) = reg.prefix.row(i);
+        kind[i] = RowKind::kPrefixRegister;
+      } else if (i < n - rs) {
+        x.row(i) = w_.tok_embeddings.row(tokens[i - rp]);
+        kind[i] = RowKind::kPrompt;
+      } else {
+        x.row(i) = reg.suffix.row(i - (n - rs));
+        kind[i] = RowKind::kSuffixRegister;
+      }
+    }
+    st.input_len_[user] = static_cast<int>(n);
+    st.row_user_.clear();
+    st.gen_len_ = 0;
+
+    Matrix h, q, k, v, att, tmp;
+    for (int l = 0; l < c.n_layers; ++l) {
+      schedule_.visit(l, [&]<class L>(L) {
+        using P = typename L::policy;
+        drop_rows<P>(x, pos, kind);  // the policy decides which rows stay in the residual stream
+        const cpu::RopeTable rope(pos, c.head_dim(), c.rope_theta);
+        const LayerWeights& lw = w_.layers[l];
+        kv::Store<Cpu>& store = st.layers_[l];
+        qkv(lw, x, rope, h, q, k, v);
+        store.write_prefix(user, k, v, pos);
+        cpu::attention_prefill<P>(q, pos, store.prefix_k(user), store.prefix_v(user), store.prefix_positions(user),
+                                  c.n_heads, c.n_kv_heads, c.head_dim(), att);
+        residual_and_mlp(lw, att, x, h, tmp);
+      });
+    }
+    return x;
+  }
+
+  template <class P>
+  static void drop_rows(Matrix& x, std::vector<int>& pos, std::vector<RowKind>& kind) {
+    std::vector<Index> keep;
+    for (std::size_t i = 0; i < kind.size(); ++i)
+      if (P::keeps(kind[i])) keep.push_back(Index(i));
+    if (keep.size() == kind.size()) return;
+    Matrix kept(Index(keep.size()), x.cols());
+    std::vector<int> kpos(keep.size());
+    std::vector<RowKind> kkind(keep.size());
+    for (std::size_t j = 0; j < keep.size(); ++j) {
+      kept.row(Index(j)) = x.row(keep[j]);
+      kpos[j] = pos[keep[j]];
+      kkind[j] = kind[keep[j]];
+    }
+    x.swap(kept);
+    pos.swap(kpos);
+    kind.swap(kkind);
+  }
+
+  const ModelWeights& w_;
+  Schedule schedule_;
+};
+
+}  // namespace earn

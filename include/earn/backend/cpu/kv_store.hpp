@@ -1,0 +1,81 @@
+// earn/backend/cpu/kv_store.hpp - host storage of one layer's KV cache (prefix per user, generated per row).
+#pragma once
+
+#include <span>
+#include <string>
+#include <vector>
+
+#include "earn/backend/cpu/tag.hpp"
+#include "earn/core/error.hpp"
+#include "earn/core/tensor.hpp"
+#include "earn/kv/layout.hpp"
+
+namespace earn::kv {
+
+/// One layer's cache on the host. K rows are stored after RoPE, so decode never re-rotates them.
+template <>
+class Store<Cpu> {
+ public:
+  Store() = default;
+  /// `prefix_capacity` rows per user; `max_new` generated rows per decode row.
+  Store(Index prefix_capacity, int max_users, int max_rows, int max_new, int kv_dim)
+      : prefix_capacity_(prefix_capacity), max_rows_(max_rows), max_new_(max_new), kv_dim_(kv_dim),
+        prefix_k_(max_users, Matrix(prefix_capacity, kv_dim)), prefix_v_(max_users, Matrix(prefix_capacity, kv_dim)),
+        prefix_pos_(max_users), prefix_len_(max_users, 0),
+        gen_k_(Index{max_rows} * max_new, kv_dim), gen_v_(Index{max_rows} * max_new, kv_dim) {}
+
+  Index prefix_capacity() const { return prefix_capacity_; }
+  int max_new() const { return max_new_; }
+  int kv_dim() const { return kv_dim_; }
+  int prefix_len(int user) const { return prefix_len_[user]; }
+  const std::vector<int>& prefix_positions(int user) const { return prefix_pos_[user]; }
+
+  /// Replace user `user`'s prefix with rows k, v [n, kv_dim] at `positions`.
+  void write_prefix(int user, const Matrix& k, const Matrix& v, std::span<const int> positions) {
+    if (k.rows() > prefix_capacity_)
+      throw RangeError("kv cache: " + std::to_string(k.rows()) + " prefix rows exceed the layer's capacity of " +
+                       std::to_string(prefix_capacity_));
+    prefix_k_[user].topRows(k.rows()) = k;
+    prefix_v_[user].topRows(v.rows()) = v;
+    prefix_pos_[user].assign(positions.begin(), positions.end());
+    prefix_len_[user] = static_cast<int>(k.rows());
+  }
+  /// [prefix_len, kv_dim] views of a user's prefix.
+  auto prefix_k(int user) const { return prefix_k_[user].topRows(prefix_len_[user]); }
+  auto prefix_v(int user) const { return prefix_v_[user].topRows(prefix_len_[user]); }
+
+  /// Rows [0, n) of decode row `row`'s generated K / V, [n, kv_dim].
+  auto gen_k(int row, int n) const { return gen_k_.middleRows(Index{row} * max_new_, n); }
+  auto gen_v(int row, int n) const { return gen_v_.middleRows(Index{row} * max_new_, n); }
+  auto gen_k_row(int row, int step) { return gen_k_.row(Index{row} * max_new_ + step); }
+  auto gen_v_row(int row, int step) { return gen_v_.row(Index{row} * max_new_ + step); }
+
+  /// New row i continues old row parent[i]: copy its first `gen_len` generated rows.
+  void reorder(std::span<const int> parent, int gen_len) {
+    if (gen_len == 0) return;
+    Matrix k(Index{static_cast<Index>(parent.size())} * gen_len, kv_dim_), v(k.rows(), kv_dim_);
+    for (std::size_t i = 0; i < parent.size(); ++i) {
+      k.middleRows(Index(i) * gen_len, gen_len) = gen_k(parent[i], gen_len);
+      v.middleRows(Index(i) * gen_len, gen_len) = gen_v(parent[i], gen_len);
+    }
+    for (std::size_t i = 0; i < parent.size(); ++i) {
+      gen_k_.middleRows(Index(i) * max_new_, gen_len) = k.middleRows(Index(i) * gen_len, gen_len);
+      gen_v_.middleRows(Index(i) * max_new_, gen_len) = v.middleRows(Index(i) * gen_len, gen_len);
+    }
+  }
+
+  /// Floats reserved by this layer (prefix blocks of every user + generated blocks), K and V.
+  Index capacity_floats() const {
+    return 2 * (prefix_capacity_ * Index(prefix_k_.size()) + Index{max_rows_} * max_new_) * kv_dim_;
+  }
+
+ private:
+  Index prefix_capacity_ = 0;
+  int max_rows_ = 0, max_new_ = 0, kv_dim_ = 0;
+  std::vector<Matrix> prefix_k_, prefix_v_;  // per user: [prefix_capacity, kv_dim]
+  std::vector<std::vector<int>> prefix_pos_;  // per user: position of each prefix row
+  std::vector<int> prefix_len_;               // per user: rows written
+  Matrix gen_k_, gen_v_;                      // [max_rows * max_new, kv_dim], row r's step g at r*max_new + g
+};
+
+}  // namespace earn::kv

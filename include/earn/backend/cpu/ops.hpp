@@ -1,0 +1,159 @@
+// earn/backend/cpu/ops.hpp - the CPU backend's arithmetic: linear layers, RMSNorm, RoPE, SwiGLU, attention.
+//
+// All fp32. Threading is OpenMP where the build has it (earn::earn links OpenMP::OpenMP_CXX when found); without
+// it every loop runs serially and the results are the same.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <span>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "earn/core/config.hpp"
+#include "earn/core/tensor.hpp"
+
+namespace earn::cpu {
+
+/// y [T, out] = x [T, in] * w^T, with w [out, in] as checkpoints store it.
+/// Eigen threads its GEMM but not its GEMV, so for few rows (decode) the output features are split over the
+/// threads here: each thread streams its own slice of w once, which is what bounds decode by memory bandwidth.
+template <class X>
+inline void linear(const X& x, const Matrix& w, Matrix& y) {
+  y.resize(x.rows(), w.rows());
+  if (x.rows() > 16) {
+    y.noalias() = x * w.transpose();
+    return;
+  }
+  const Index n = w.rows();
+  constexpr Index kChunk = 64;  // output features per task: 64 rows x in floats stays in L2 for d <= 4096
+  const Index chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static)
+  for (Index c = 0; c < chunks; ++c) {
+    const Index c0 = c * kChunk, cn = std::min(kChunk, n - c0);
+    y.middleCols(c0, cn).noalias() = x * w.middleRows(c0, cn).transpose();
+  }
+}
+
+/// out = x * rsqrt(mean(x^2) + eps) * g, row by row (the order of llama2.c and Hugging Face: scale, then gain).
+template <class X>
+inline void rmsnorm(const X& x, const Vector& g, float eps, Matrix& out) {
+  out.resize(x.rows(), x.cols());
+  for (Index i = 0; i < x.rows(); ++i) {
+    const float ms = x.row(i).squaredNorm() / static_cast<float>(x.cols());
+    const float inv = 1.0f / std::sqrt(ms + eps);
+    out.row(i) = (x.row(i) * inv).cwiseProduct(g.transpose());
+  }
+}
+
+/// cos/sin of every (position, frequency) pair one forward pass needs: [T, head_dim/2] each.
+struct RopeTable {
+  Matrix cos, sin;
+  RopeTable(std::span<const int> positions, int head_dim, float theta) : cos(positions.size(), head_dim / 2),
+                                                                          sin(positions.size(), head_dim / 2) {
+    for (int i = 0; i < head_dim / 2; ++i) {
+      // Float throughout, as both references compute it: inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq.
+      const float inv_freq = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
+      for (std::size_t t = 0; t < positions.size(); ++t) {
+        const float angle = static_cast<float>(positions[t]) * inv_freq;
+        cos(Index(t), i) = std::cos(angle);
+        sin(Index(t), i) = std::sin(angle);
+      }
+    }
+  }
+};
+
+/// Rotate every head of x [T, heads*head_dim] in place by the table's angles.
+inline void apply_rope(Matrix& x, int heads, int head_dim, const RopeTable& table, RopeStyle style) {
+  const int half = head_dim / 2;
+  for (Index t = 0; t < x.rows(); ++t) {
+    float* row = x.row(t).data();
+    for (int h = 0; h < heads; ++h) {
+      float* v = row + Index{h} * head_dim;
+      for (int i = 0; i < half; ++i) {
+        // Interleaved pairs (2i, 2i+1) for llama2.c; halves (i, i+d/2) for Hugging Face's rotate_half.
+        const int ia = style == RopeStyle::kInterleaved ? 2 * i : i;
+        const int ib = style == RopeStyle::kInterleaved ? 2 * i + 1 : i + half;
+        const float c = table.cos(t, i), s = table.sin(t, i);
+        const float a = v[ia], b = v[ib];
+        v[ia] = a * c - b * s;
+        v[ib] = a * s + b * c;
+      }
+    }
+  }
+}
+
+/// a <- silu(a) * b, elementwise (SwiGLU's gate).
+inline void swiglu(Matrix& a, const Matrix& b) {
+  a = a.array() / (1.0f + (-a.array()).exp()) * b.array();
+}
+
+/// Softmax of s in place over its visible entries; masked entries hold -inf and become 0.
+/// A row with every key masked yields all zeros (its attention output is 0) instead of NaN.
+template <class S>
+inline void masked_softmax(S&& s) {
+  const float m = s.maxCoeff();
+  if (m == -std::numeric_limits<float>::infinity()) {
+    s.setZero();
+    return;
+  }
+  s = (s.array() - m).exp();
+  s /= s.sum();
+}
+
+/// Prefill attention for one user: queries q [T, n_heads*hd] at q_pos over keys/values k, v [S, kv_dim] at k_pos,
+/// visibility from Policy. out [T, n_heads*hd]. Heads run in parallel; each is two GEMMs over its [T, S] scores.
+template <class Policy, class KM>
+inline void attention_prefill(const Matrix& q, std::span<const int> q_pos, const KM& k, const KM& v,
+                              std::span<const int> k_pos, int n_heads, int n_kv_heads, int hd, Matrix& out) {
+  const Index T = q.rows(), S = k.rows();
+  const int group = n_heads / n_kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  out.resize(T, Index{n_heads} * hd);
+  // The mask depends only on positions: build it once for all heads.
+  Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> visible(T, S);
+  for (Index i = 0; i < T; ++i)
+    for (Index j = 0; j < S; ++j) visible(i, j) = Policy::visible(q_pos[i], k_pos[j]);
+#pragma omp parallel for schedule(dynamic)
+  for (int h = 0; h < n_heads; ++h) {
+    const int kvh = h / group;
+    Matrix s = q.middleCols(Index{h} * hd, hd) * k.middleCols(Index{kvh} * hd, hd).transpose();
+    for (Index i = 0; i < T; ++i) {
+      auto row = s.row(i);
+      for (Index j = 0; j < S; ++j) row[j] = visible(i, j) ? row[j] * scale : -std::numeric_limits<float>::infinity();
+      masked_softmax(row);
+    }
+    out.middleCols(Index{h} * hd, hd).noalias() = s * v.middleCols(Index{kvh} * hd, hd);
+  }
+}
+
+/// Decode attention for one query row q [n_heads*hd] at q_pos over two key segments (a user's shared prefix
+/// and this row's own generated keys), as if they were concatenated. out [n_heads*hd].
+template <class Policy, class KA, class KB>
+inline void attention_decode(const Vector& q, int q_pos, const KA& ka, const KA& va, std::span<const int> ka_pos,
+                             const KB& kb, const KB& vb, int kb_pos0, int n_heads, int n_kv_heads, int hd,
+                             Vector& out) {
+  const Index A = ka.rows(), B = kb.rows();
+  const int group = n_heads / n_kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  Vector s(A + B);
+  out.resize(Index{n_heads} * hd);
+  for (int h = 0; h < n_heads; ++h) {
+    const int kvh = h / group;
+    const auto qh = q.segment(Index{h} * hd, hd);
+    s.head(A).noalias() = ka.middleCols(Index{kvh} * hd, hd) * qh;
+    s.tail(B).noalias() = kb.middleCols(Index{kvh} * hd, hd) * qh;
+    for (Index j = 0; j < A; ++j) s[j] = Policy::visible(q_pos, ka_pos[j]) ? s[j] * scale : kNegInf;
+    for (Index j = 0; j < B; ++j) s[A + j] = Policy::visible(q_pos, kb_pos0 + int(j)) ? s[A + j] * scale : kNegInf;
+    masked_softmax(s);
+    out.segment(Index{h} * hd, hd).noalias() = va.middleCols(Index{kvh} * hd, hd).transpose() * s.head(A);
+    out.segment(Index{h} * hd, hd).noalias() += vb.middleCols(Index{kvh} * hd, hd).transpose() * s.tail(B);
+  }
+}
+
+}  // namespace earn::cpu
