@@ -1,0 +1,50 @@
+// examples/model_source.hpp - where an example's model comes from: a checkpoint path, or a built-in random model.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <filesystem>
+#include <string>
+
+#include "earn/model/weights.hpp"
+
+namespace earn::examples {
+
+/// A random Llama sized for a 2-core CPU: d 512, 8 layers, FFN 1408, vocab 8192 (about 30M parameters).
+inline ModelConfig cpu_sized_llama() {
+  ModelConfig c;
+  c.dim = 512;
+  c.hidden_dim = 1408;
+  c.n_layers = 8;
+  c.n_heads = 8;
+  c.n_kv_heads = 8;
+  c.vocab_size = 8192;
+  c.max_seq_len = 4096;
+  return c;
+}
+
+/// The --model / --seed options and the loading behind them.
+struct ModelSource {
+  std::string path;
+  std::uint64_t seed = 7;
+  std::string desc;
+
+  void add_options(CLI::App& app) {
+    app.add_option("--model", path, "Hugging Face model directory or llama2.c .bin checkpoint (default: random model)");
+    app.add_option("--seed", seed, "seed of the built-in random model");
+  }
+
+  /// Loads the model; a model without registers of its own gets random ones (rp, rs) so EARN schedules are defined.
+  ModelWeights load(int rp, int rs) {
+    ModelWeights w;
+    if (path.empty()) {
+      w = random_weights(cpu_sized_llama(), {.seed = seed, .prefix_registers = rp, .suffix_registers = rs});
+      desc = "built-in random Llama (no checkpoint given)";
+      return w;
+    }
+    throw ConfigError("--model: checkpoint loading is not available in this build");
+  }
+  const std::string& description() const { return desc; }
+};
+
+}  // namespace earn::examples
