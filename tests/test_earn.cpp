@@ -36,14 +36,16 @@ std::vector<int> random_tokens(int n, int vocab, std::uint64_t seed) {
   return t;
 }
 
-// |a - b| <= tol * max(1, |b|) for every element.
+// Relative error of a logit row: max |got - want| over max(1, max |want|) (the logits' own scale); NaN fails.
 void check_close(const Vector& got, const std::vector<double>& want, double tol, const char* what) {
   REQUIRE(got.size() == Index(want.size()));
-  double worst = 0;
+  double err = 0, scale = 1;
   for (Index i = 0; i < got.size(); ++i) {
     REQUIRE(std::isfinite(got[i]));
-    worst = std::max(worst, std::abs(double(got[i]) - want[i]) / std::max(1.0, std::abs(want[i])));
+    err = std::max(err, std::abs(double(got[i]) - want[i]));
+    scale = std::max(scale, std::abs(want[i]));
   }
+  const double worst = err / scale;
   INFO(what << ": worst relative error " << worst);
   CHECK(worst <= tol);
 }

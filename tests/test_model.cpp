@@ -1,0 +1,143 @@
+// The dense model: RoPE conventions, tied/untied heads, sampling, and generate() against the reference.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <map>
+#include <vector>
+
+#include "earn/earn.hpp"
+#include "reference_model.hpp"
+
+using namespace earn;
+
+namespace {
+
+ModelConfig config(RopeStyle style, bool tied) {
+  ModelConfig c;
+  c.dim = 32;
+  c.hidden_dim = 50;
+  c.n_layers = 3;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.vocab_size = 61;
+  c.max_seq_len = 64;
+  c.rope_theta = 10000.0f;
+  c.rope_style = style;
+  c.tied_embeddings = tied;
+  return c;
+}
+
+// Permutes each head's rows of a projection from interleaved pairs (2i, 2i+1) to halves (i, i + d/2), the
+// conversion Hugging Face applies to Meta checkpoints: rotate-half on the permuted weights is interleaved RoPE.
+Matrix interleaved_to_halves(const Matrix& w, int heads, int hd) {
+  Matrix out(w.rows(), w.cols());
+  for (int h = 0; h < heads; ++h)
+    for (int i = 0; i < hd / 2; ++i) {
+      out.row(h * hd + i) = w.row(h * hd + 2 * i);
+      out.row(h * hd + i + hd / 2) = w.row(h * hd + 2 * i + 1);
+    }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("Interleaved RoPE equals rotate-half RoPE on head-permuted q/k weights") {
+  const ModelWeights a = random_weights(config(RopeStyle::kInterleaved, true), {.seed = 4, .scale = 2.0f,
+                                                                               .prefix_registers = 0,
+                                                                               .suffix_registers = 0});
+  ModelWeights b = a;
+  b.config.rope_style = RopeStyle::kRotateHalf;
+  const int hd = a.config.head_dim();
+  for (auto& l : b.layers) {
+    l.wq = interleaved_to_halves(l.wq, a.config.n_heads, hd);
+    l.wk = interleaved_to_halves(l.wk, a.config.n_kv_heads, hd);
+  }
+  Engine<DenseSchedule> ea(a), eb(b);
+  const std::vector<int> prompt{3, 14, 15, 9, 26, 5, 35};
+  auto sa = ea.make_state({.max_prompt = 7, .max_new_tokens = 1});
+  auto sb = eb.make_state({.max_prompt = 7, .max_new_tokens = 1});
+  const Matrix la = ea.prefill_all_logits(sa, 0, prompt), lb = eb.prefill_all_logits(sb, 0, prompt);
+  CHECK((la - lb).cwiseAbs().maxCoeff() <= 1e-5f * std::max(1.0f, la.cwiseAbs().maxCoeff()));
+  // And the style matters: the unpermuted weights under rotate-half give different logits.
+  ModelWeights c = a;
+  c.config.rope_style = RopeStyle::kRotateHalf;
+  Engine<DenseSchedule> ec(c);
+  auto sc = ec.make_state({.max_prompt = 7, .max_new_tokens = 1});
+  CHECK((la - ec.prefill_all_logits(sc, 0, prompt)).cwiseAbs().maxCoeff() > 1e-3f);
+}
+
+TEST_CASE("Every prompt position's logits match the reference, tied and untied heads, both RoPE styles") {
+  for (bool tied : {true, false})
+    for (auto style : {RopeStyle::kRotateHalf, RopeStyle::kInterleaved}) {
+      CAPTURE(tied);
+      const ModelWeights w = random_weights(config(style, tied), {.seed = 6, .scale = 2.0f, .prefix_registers = 0,
+                                                                  .suffix_registers = 0});
+      Engine<DenseSchedule> e(w);
+      const std::vector<int> prompt{1, 2, 3, 5, 8, 13, 21, 34, 55};
+      auto st = e.make_state({.max_prompt = 9, .max_new_tokens = 1});
+      const Matrix got = e.prefill_all_logits(st, 0, prompt);
+      std::vector<earn::test::RefKind> kinds;
+      const auto ref = earn::test::reference_logits(w, earn::test::reference_input(w, prompt, {}, kinds),
+                                                    [](int, int q, int k) { return k <= q; });
+      REQUIRE(got.rows() == 9);
+      // Relative error of a row: max |got - ref| over max(1, max |ref|) (the logits' own scale).
+      double worst = 0;
+      for (int t = 0; t < 9; ++t) {
+        double err = 0, scale = 1;
+        for (int v = 0; v < w.config.vocab_size; ++v) {
+          err = std::max(err, std::abs(got(t, v) - ref[t][v]));
+          scale = std::max(scale, std::abs(ref[t][v]));
+        }
+        worst = std::max(worst, err / scale);
+      }
+      CHECK(worst <= 1e-5);
+    }
+}
+
+TEST_CASE("Greedy generate follows the reference's argmax step by step, and stops on the stop token") {
+  const ModelWeights w = random_weights(config(RopeStyle::kRotateHalf, false), {.seed = 12, .scale = 3.0f,
+                                                                              .prefix_registers = 0,
+                                                                              .suffix_registers = 0});
+  Engine<DenseSchedule> e(w);
+  std::vector<int> seq{7, 1, 4};
+  const auto out = generate(e, seq, {.max_new_tokens = 6});
+  REQUIRE(out.size() == 6);
+  for (int step = 0; step < 6; ++step) {
+    std::vector<earn::test::RefKind> kinds;
+    const auto ref = earn::test::reference_logits(w, earn::test::reference_input(w, seq, {}, kinds),
+                                                  [](int, int q, int k) { return k <= q; });
+    const auto& last = ref.back();
+    const int want = int(std::max_element(last.begin(), last.end()) - last.begin());
+    CHECK(out[step] == want);
+    seq.push_back(want);
+  }
+  const auto stopped = generate(e, std::vector<int>{7, 1, 4}, {.max_new_tokens = 6, .stop_token = out[2]});
+  CHECK(stopped == std::vector<int>(out.begin(), out.begin() + 2));
+}
+
+TEST_CASE("Sampler: temperature 0 is argmax; seeded sampling is reproducible and follows softmax; top-p truncates") {
+  Vector logits(5);
+  logits << 1.0f, 3.0f, 2.0f, 3.0f, -1.0f;
+  CHECK(Sampler(0.0f, 1.0f, 1)(logits) == 1);  // first of the tied maxima
+  Sampler s1(1.0f, 1.0f, 99), s2(1.0f, 1.0f, 99);
+  for (int i = 0; i < 50; ++i) CHECK(s1(logits) == s2(logits));
+  // Frequencies over 20000 draws against softmax probabilities (4-sigma band of a binomial).
+  Sampler s(1.0f, 1.0f, 7);
+  std::map<int, int> count;
+  const int n = 20000;
+  for (int i = 0; i < n; ++i) ++count[s(logits)];
+  double z = 0;
+  for (int i = 0; i < 5; ++i) z += std::exp(logits[i]);
+  for (int i = 0; i < 5; ++i) {
+    const double p = std::exp(logits[i]) / z, sd = std::sqrt(n * p * (1 - p));
+    CHECK(std::abs(count[i] - n * p) <= 4 * sd + 1);
+  }
+  // top_p = 0.5: only the two tied maxima (mass 0.73 together; the first alone is 0.36 < 0.5) can be drawn.
+  Sampler t(1.0f, 0.5f, 3);
+  for (int i = 0; i < 2000; ++i) {
+    const int x = t(logits);
+    CHECK((x == 1 || x == 3));
+  }
+  CHECK_THROWS_AS(Sampler(-1.0f, 1.0f, 1), ConfigError);
+  CHECK_THROWS_AS(Sampler(1.0f, 0.0f, 1), ConfigError);
+}
