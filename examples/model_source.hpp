@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <string>
 
+#include "earn/io/llama2c.hpp"
 #include "earn/model/weights.hpp"
 
 namespace earn::examples {
@@ -42,7 +43,18 @@ struct ModelSource {
       desc = "built-in random Llama (no checkpoint given)";
       return w;
     }
-    throw ConfigError("--model: checkpoint loading is not available in this build");
+    if (std::filesystem::is_directory(path))
+      throw ConfigError("--model: Hugging Face directories are not supported by this build yet");
+    w = io::load_llama2c(path);
+    desc = "llama2.c checkpoint " + path;
+    if (w.registers.count() == 0) {
+      // A checkpoint trained without EARN has no registers: add random ones so every split layer is defined.
+      // Timings and KV sizes are meaningful; the recommendations of such a model are not.
+      const ModelWeights r = random_weights(w.config, {.seed = seed, .prefix_registers = rp, .suffix_registers = rs});
+      w.registers = r.registers;
+      desc += " (+ random registers)";
+    }
+    return w;
   }
   const std::string& description() const { return desc; }
 };

@@ -175,7 +175,9 @@ class Engine<Schedule, Cpu> {
           store.gen_k_row(i, g) = k.row(i);
           store.gen_v_row(i, g) = v.row(i);
         }
-#pragma omp parallel for schedule(static)
+        // Rows in parallel only when each has a long prefix to read (many rows or a long prompt).
+        [[maybe_unused]] const bool big = Index{rows} * (store.prefix_capacity() + g) * c.kv_dim() >= (Index{1} << 16);
+#pragma omp parallel for schedule(static) if (big)
         for (int i = 0; i < rows; ++i) {
           const int u = st.row_user_[i];
           Vector qi = q.row(i).transpose(), out;

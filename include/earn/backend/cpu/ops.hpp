@@ -32,7 +32,9 @@ inline void linear(const X& x, const Matrix& w, Matrix& y) {
   const Index n = w.rows();
   constexpr Index kChunk = 64;  // output features per task: 64 rows x in floats stays in L2 for d <= 4096
   const Index chunks = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static)
+  // Threads only pay for matrices past ~1 MB; below that the fork/join costs more than the product.
+  [[maybe_unused]] const bool big = w.size() >= (Index{1} << 18);
+#pragma omp parallel for schedule(static) if (big)
   for (Index c = 0; c < chunks; ++c) {
     const Index c0 = c * kChunk, cn = std::min(kChunk, n - c0);
     y.middleCols(c0, cn).noalias() = x * w.middleRows(c0, cn).transpose();
@@ -118,7 +120,8 @@ inline void attention_prefill(const Matrix& q, std::span<const int> q_pos, const
   Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> visible(T, S);
   for (Index i = 0; i < T; ++i)
     for (Index j = 0; j < S; ++j) visible(i, j) = Policy::visible(q_pos[i], k_pos[j]);
-#pragma omp parallel for schedule(dynamic)
+  [[maybe_unused]] const bool big = T * S * Index{n_heads} * hd >= (Index{1} << 18);
+#pragma omp parallel for schedule(dynamic) if (big)
   for (int h = 0; h < n_heads; ++h) {
     const int kvh = h / group;
     Matrix s = q.middleCols(Index{h} * hd, hd) * k.middleCols(Index{kvh} * hd, hd).transpose();

@@ -1,0 +1,71 @@
+// generate: text (or token) generation with the dense CPU engine, printing tokens/s.
+//
+// Loads stories260K from ../shared/data/llama2c when present (the real pretrained llama2.c model and its
+// tokenizer), else a built-in deterministic random model whose output is printed as token ids.
+//   generate --steps 256                      greedy, as llama2.c's run.c with -t 0
+//   generate --temperature 0.8 --top-p 0.9 --seed 3 --prompt "Once upon a time"
+#include <CLI/CLI.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <optional>
+
+#include "earn/earn.hpp"
+#include "earn/io/llama2c.hpp"
+#include "earn/tokenizer/llama2c.hpp"
+#include "model_source.hpp"
+
+using namespace earn;
+
+int main(int argc, char** argv) {
+  CLI::App app{"Generate text with earn's CPU engine"};
+  std::string model_path = std::string(EARN_SHARED_DATA_DIR) + "/llama2c/stories260K.bin";
+  std::string tokenizer_path = std::string(EARN_SHARED_DATA_DIR) + "/llama2c/tok512.bin";
+  std::string prompt;
+  int steps = 256;
+  float temperature = 0.0f, top_p = 0.9f;
+  std::uint64_t seed = 42;
+  app.add_option("--model", model_path, "llama2.c checkpoint (default: stories260K from ../shared/data)");
+  app.add_option("--tokenizer", tokenizer_path, "llama2.c tokenizer of the model");
+  app.add_option("--prompt", prompt, "prompt text (empty: start from BOS)");
+  app.add_option("--steps", steps, "forward passes, as run.c's -n")->check(CLI::PositiveNumber);
+  app.add_option("--temperature", temperature, "0: greedy")->check(CLI::NonNegativeNumber);
+  app.add_option("--top-p", top_p, "nucleus sampling mass")->check(CLI::Range(0.0f, 1.0f));
+  app.add_option("--seed", seed, "sampling seed");
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    ModelWeights w;
+    std::optional<Llama2cTokenizer> tok;
+    if (std::filesystem::exists(model_path)) {
+      w = io::load_llama2c(model_path);
+      if (std::filesystem::exists(tokenizer_path)) tok.emplace(tokenizer_path, w.config.vocab_size);
+      std::printf("model: %s (%.2fM parameters)\n", model_path.c_str(), w.parameter_count() / 1e6);
+    } else {
+      ModelConfig c = examples::cpu_sized_llama();
+      w = random_weights(c, {.seed = seed, .scale = 2.0f, .prefix_registers = 0, .suffix_registers = 0});
+      std::printf("model: %s not found; built-in random model (%.1fM parameters), output as token ids\n",
+                  model_path.c_str(), w.parameter_count() / 1e6);
+    }
+    Engine<DenseSchedule> engine(w);
+    std::vector<int> ids = tok ? tok->encode(prompt, /*bos=*/true, /*eos=*/false) : std::vector<int>{1};
+    // run.c's steps count positions: the prompt's tokens and the generated ones together.
+    const int new_tokens = std::max(0, std::min(steps, w.config.max_seq_len) - int(ids.size()) + 1);
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto out = generate(engine, ids, {.max_new_tokens = new_tokens, .temperature = temperature, .top_p = top_p,
+                                            .seed = seed, .stop_token = tok ? Llama2cTokenizer::kBos : -1});
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (tok) {
+      std::printf("%s%s\n", tok->decode(ids).c_str(), tok->decode(out, ids.back()).c_str());
+    } else {
+      for (int t : out) std::printf("%d ", t);
+      std::printf("\n");
+    }
+    std::printf("achieved tok/s: %.1f (%zu tokens in %.3f s, prefill included)\n", out.size() / s, out.size(), s);
+  } catch (const earn::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
