@@ -324,3 +324,28 @@ TEST_CASE("stories260K.bin: truncations at every tensor boundary and many cut po
   longer.push_back(std::byte{0});
   CHECK_THROWS_AS(load_llama2c(longer, "stories260K.bin"), FormatError);
 }
+
+TEST_CASE("random corruption of a synthetic checkpoint loads or throws earn::Error, nothing else") {
+  const Bytes good = write_llama2c(tiny_weights(false));
+  earn::Rng rng(77);
+  int refused = 0;
+  for (int trial = 0; trial < 3000; ++trial) {
+    Bytes b = good;
+    // Mostly the header, where corruption changes the layout; sometimes the body or the length.
+    const int flips = 1 + int(rng.next_u64() % 3);
+    for (int f = 0; f < flips; ++f) {
+      const std::size_t at = rng.uniform() < 0.8f ? rng.next_u64() % 28 : rng.next_u64() % b.size();
+      b[at] = std::byte(rng.next_u64() & 0xFF);
+    }
+    if (rng.uniform() < 0.2f) b.resize(rng.next_u64() % (b.size() + 64));
+    try {
+      const ModelWeights w = load_llama2c(b, "fuzz.bin");
+      CHECK(w.parameter_count() > 0);
+    } catch (const earn::Error&) {
+      ++refused;
+    } catch (const std::exception& e) {
+      FAIL("trial " << trial << " threw a non-earn exception: " << e.what());
+    }
+  }
+  CHECK(refused > 1000);  // header corruption is nearly always caught
+}

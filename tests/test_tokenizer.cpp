@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "earn/core/tensor.hpp"
 #include "earn/tokenizer/llama2c.hpp"
 #include "support.hpp"
 
@@ -313,4 +314,29 @@ TEST_CASE("every truncation of tok512.bin is refused when the model's vocabulary
                     earn::FormatError);
   CHECK_THROWS_AS(Llama2cTokenizer(tok_path, 511), earn::FormatError);
   CHECK_THROWS_AS(Llama2cTokenizer(tok_path, 513), earn::FormatError);
+}
+
+TEST_CASE("random corruption of a tokenizer file parses or throws earn::Error, nothing else") {
+  auto v = base_vocab();
+  v.push_back({-1.0f, " x"});
+  v.push_back({-2.0f, "x"});
+  const Bytes good = tokenizer_file(6, v);
+  earn::Rng rng(78);
+  int refused = 0;
+  for (int trial = 0; trial < 3000; ++trial) {
+    Bytes b = good;
+    for (int f = 0, flips = 1 + int(rng.next_u64() % 3); f < flips; ++f)
+      b[rng.next_u64() % b.size()] = std::byte(rng.next_u64() & 0xFF);
+    if (rng.uniform() < 0.2f) b.resize(rng.next_u64() % (b.size() + 16));
+    try {
+      const Llama2cTokenizer tok(b, "fuzz.bin", rng.uniform() < 0.5f ? 261 : Llama2cTokenizer::kInferVocab);
+      const auto ids = tok.encode("x x\xC3\xA9", true, true);
+      (void)tok.decode(ids);
+    } catch (const earn::Error&) {
+      ++refused;
+    } catch (const std::exception& e) {
+      FAIL("trial " << trial << " threw a non-earn exception: " << e.what());
+    }
+  }
+  CHECK(refused > 100);
 }
