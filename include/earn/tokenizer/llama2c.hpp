@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "earn/core/error.hpp"
-#include "earn/io/llama2c.hpp"
+#include "earn/io/bytes.hpp"
 
 namespace earn {
 
