@@ -114,22 +114,14 @@ class Engine<Schedule, Cpu> {
   /// A state with caches sized by `o`; late layers reserve registers only, never prompt-sized blocks.
   State make_state(StateOptions o) const {
     const ModelConfig& c = w_.config;
-    const int r = registers();
-    if (o.max_users <= 0 || o.max_rows <= 0 || o.max_new_tokens < 0 || o.max_prompt < 0)
-      throw ConfigError("state: max_users and max_rows must be positive, max_prompt and max_new_tokens >= 0");
-    if (o.max_prompt == 0) o.max_prompt = c.max_seq_len - o.max_new_tokens - r;
-    if (o.max_prompt <= 0 || Index{o.max_prompt} + r + o.max_new_tokens > c.max_seq_len)
-      throw ConfigError("state: prompt " + std::to_string(o.max_prompt) + " + registers " + std::to_string(r) +
-                        " + new tokens " + std::to_string(o.max_new_tokens) + " exceed the context of " +
-                        std::to_string(c.max_seq_len));
+    o = detail::resolve_state_options(o, c, registers());
     State st;
     st.opts_ = o;
     st.kv_dim_ = c.kv_dim();
     st.input_len_.assign(o.max_users, 0);
     st.layers_.reserve(c.n_layers);
-    const Index max_input = Index{o.max_prompt} + r;
     for (int l = 0; l < c.n_layers; ++l) {
-      const Index cap = schedule_.visit(l, [&]<class L>(L) { return L::cache::prefix_capacity(max_input, r); });
+      const Index cap = detail::layer_prefix_capacity(schedule_, l, o, registers());
       st.layers_.emplace_back(cap, o.max_users, o.max_rows, o.max_new_tokens, c.kv_dim());
     }
     return st;
