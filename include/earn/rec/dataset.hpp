@@ -172,11 +172,11 @@ class Dataset {
   // A 1-based id: canonical decimal digits, at least 1, at most 9 digits (so it cannot overflow int).
   static int parse_id(const std::string& file, std::string_view s, const std::string& field) {
     for (char ch : s)
-      if (ch < '0' || ch > '9') detail::throw_format(file, field, "\"" + std::string(s) + "\" is not a positive integer");
-    if (s.size() > 9) detail::throw_format(file, field, "\"" + std::string(s) + "\" is too large");
+      if (ch < '0' || ch > '9') earn::detail::throw_format(file, field, "\"" + std::string(s) + "\" is not a positive integer");
+    if (s.size() > 9) earn::detail::throw_format(file, field, "\"" + std::string(s) + "\" is too large");
     int v = 0;
     std::from_chars(s.data(), s.data() + s.size(), v);
-    if (v == 0) detail::throw_format(file, field, "id 0: ids in this file are 1-based");
+    if (v == 0) earn::detail::throw_format(file, field, "id 0: ids in this file are 1-based");
     return v;
   }
 
@@ -207,19 +207,19 @@ class Dataset {
         fields.push_back(line.substr(i, j - i));
         i = j;
       }
-      if (fields.empty()) detail::throw_format(file, where, "empty line, expected `user_id [item_id ...]`");
+      if (fields.empty()) earn::detail::throw_format(file, where, "empty line, expected `user_id [item_id ...]`");
       const int user = parse_id(file, fields[0], where + " field 1 (user id)");
       const int expected = static_cast<int>(seqs.size()) + 1;
       if (user < expected)
-        detail::throw_format(file, where + " field 1 (user id)",
+        earn::detail::throw_format(file, where + " field 1 (user id)",
                              "user " + std::to_string(user) + " is duplicated or out of order (expected user " +
                                  std::to_string(expected) + ")");
       if (user > expected)
-        detail::throw_format(file, where + " field 1 (user id)",
+        earn::detail::throw_format(file, where + " field 1 (user id)",
                              "user " + std::to_string(user) + " is out of order: expected user " +
                                  std::to_string(expected) + " (one line per user, ids 1, 2, 3, ...)");
       if (n_users >= 0 && user > n_users)
-        detail::throw_format(file, where + " field 1 (user id)",
+        earn::detail::throw_format(file, where + " field 1 (user id)",
                              "user " + std::to_string(user) + " is not in the training file (" +
                                  std::to_string(n_users) + " users)");
       std::vector<int> items;
@@ -228,16 +228,16 @@ class Dataset {
         const std::string field = where + " field " + std::to_string(f + 1) + " (item id)";
         const int item = parse_id(file, fields[f], field);
         if (item > n_items)
-          detail::throw_format(file, field,
+          earn::detail::throw_format(file, field,
                                "item " + std::to_string(item) + " has no codes (the codes file has " +
                                    std::to_string(n_items) + " items)");
         items.push_back(item - 1);
       }
       seqs.push_back(std::move(items));
     }
-    if (seqs.empty()) detail::throw_format(file, "line 1", "no users");
+    if (seqs.empty()) earn::detail::throw_format(file, "line 1", "no users");
     if (n_users >= 0 && static_cast<int>(seqs.size()) != n_users)
-      detail::throw_format(file, "line " + std::to_string(line_no + 1),
+      earn::detail::throw_format(file, "line " + std::to_string(line_no + 1),
                            "file ends after user " + std::to_string(seqs.size()) + ", the training file has " +
                                std::to_string(n_users) + " users");
     return seqs;
@@ -324,8 +324,8 @@ class Dataset {
     CodesHandler h;
     const bool ok = nlohmann::json::sax_parse(text, &h);
     if (!ok || !h.error.empty())
-      detail::throw_format(file, h.error.empty() ? "json" : h.error_field, h.error.empty() ? "invalid" : h.error);
-    if (h.entries.empty()) detail::throw_format(file, "root", "no items");
+      earn::detail::throw_format(file, h.error.empty() ? "json" : h.error_field, h.error.empty() ? "invalid" : h.error);
+    if (h.entries.empty()) earn::detail::throw_format(file, "root", "no items");
     // Keys must be exactly 0..N-1: sorted, key i sits at index i; a repeat or a gap shows at the first mismatch.
     std::stable_sort(h.entries.begin(), h.entries.end(),
                      [](const auto& a, const auto& b) { return a.first < b.first; });
@@ -333,9 +333,9 @@ class Dataset {
     for (std::size_t i = 0; i < h.entries.size(); ++i) {
       const int k = h.entries[i].first;
       if (k < static_cast<int>(i))
-        detail::throw_format(file, "key \"" + std::to_string(k) + "\"", "duplicate item key");
+        earn::detail::throw_format(file, "key \"" + std::to_string(k) + "\"", "duplicate item key");
       if (k > static_cast<int>(i))
-        detail::throw_format(file, "key \"" + std::to_string(i) + "\"",
+        earn::detail::throw_format(file, "key \"" + std::to_string(i) + "\"",
                              "missing: item keys must be 0..N-1 for N = " + std::to_string(h.entries.size()) +
                                  " items, found key " + std::to_string(k));
       codes[i] = h.entries[i].second;

@@ -1,0 +1,220 @@
+// earn/rec/beam_search.hpp - trie-constrained beam search of exactly 4 code tokens, for several users at once.
+//
+// Per user: prefill the prompt once; every beam of that user reads the same prompt KV and holds only its own
+// generated tokens (the engine's State::set_rows / reorder). Scores are summed log-probabilities: at each step the
+// row's logits go through log_softmax over the full vocabulary, then only the trie's allowed tokens are kept
+// (the same as masking every other token to -inf, without writing the mask). Steps:
+//   prefill -> logits of token 1 -> top B first tokens -> set_rows
+//   decode tokens 1 -> logits of token 2 -> top B (beam, token) per user -> reorder(parents)
+//   decode tokens 2 -> logits of token 3 -> top B -> reorder
+//   decode tokens 3 -> logits of token 4 -> top K complete items (token 4 is never decoded)
+// A user whose prefix has fewer than B continuations simply keeps fewer beams. Ties are broken by candidate
+// order (earlier beam first, then smaller token id), so results are deterministic.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "earn/core/error.hpp"
+#include "earn/model/engine_fwd.hpp"
+#include "earn/rec/item_vocab.hpp"
+#include "earn/rec/trie.hpp"
+
+namespace earn::rec {
+
+/// Width and output size of the search.
+struct BeamOptions {
+  int beam = 20;  ///< beams per user, 1..kMaxBeam
+  int top_k = 0;  ///< recommendations returned per user, 1..beam; 0: beam
+  static constexpr int kMaxBeam = 64;
+};
+
+/// One recommended identifier with its summed log-probability.
+struct Recommendation {
+  int identifier = 0;
+  double score = 0;   ///< sum over the 4 tokens of log p(token | prompt, earlier tokens)
+  ItemTokens tokens{};
+};
+
+/// Time and memory of the searches run so far.
+struct BeamStats {
+  double prefill_s = 0;           ///< in engine.prefill
+  double decode_s = 0;            ///< in engine.decode and state reorder
+  double select_s = 0;            ///< log_softmax, trie lookups and top-B selection
+  std::int64_t users = 0;         ///< users searched
+  std::int64_t peak_kv_bytes = 0;  ///< largest KV footprint seen after a decode step (0 if the state cannot say)
+};
+
+namespace detail {
+// log(sum(exp(x))) of one logits row, in double. NaN, +inf or all -inf logits are refused: their log-probs would be
+// NaN, which has no place in a ranking (and would break the sort's ordering).
+template <class Row>
+double log_sum_exp(const Row& x) {
+  double m = -INFINITY;
+  for (std::int64_t i = 0; i < static_cast<std::int64_t>(x.size()); ++i) {
+    const double v = x[i];
+    if (std::isnan(v)) throw Error("beam search: the model produced a NaN logit");
+    m = std::max(m, v);
+  }
+  if (!std::isfinite(m)) throw Error("beam search: the model's logits are all -inf or include +inf");
+  double s = 0;
+  for (std::int64_t i = 0; i < static_cast<std::int64_t>(x.size()); ++i) s += std::exp(double(x[i]) - m);
+  return m + std::log(s);
+}
+}  // namespace detail
+
+/// Reusable beam searcher over one engine and one trie; owns a decoding state sized for `max_users` prompts.
+/// \code
+///   earn::rec::BeamSearch search(engine, trie, {.beam = 20}, /*max_users=*/8, /*max_prompt=*/pb.length(20));
+///   auto recs = search.run(prompts);   // recs[u][j]: user u's j-th best identifier
+/// \endcode
+template <class EngineT>
+class BeamSearch {
+ public:
+  using State = typename EngineT::State;
+
+  BeamSearch(const EngineT& engine, const CodeTrie& trie, BeamOptions opt, int max_users, int max_prompt)
+      : engine_(engine), trie_(trie), opt_(opt) {
+    if (opt_.beam < 1 || opt_.beam > BeamOptions::kMaxBeam)
+      throw ConfigError("beam search: beam " + std::to_string(opt_.beam) + " is outside [1, " +
+                        std::to_string(BeamOptions::kMaxBeam) + "]");
+    if (opt_.top_k == 0) opt_.top_k = opt_.beam;
+    if (opt_.top_k < 1 || opt_.top_k > opt_.beam)
+      throw ConfigError("beam search: top_k " + std::to_string(opt_.top_k) + " is outside [1, beam = " +
+                        std::to_string(opt_.beam) + "]");
+    if (max_users < 1 || max_users > std::numeric_limits<int>::max() / opt_.beam)
+      throw ConfigError("beam search: max_users " + std::to_string(max_users) + " is outside [1, INT_MAX / beam]");
+    if (trie.vocab_size() > engine.config().vocab_size)
+      throw ConfigError("beam search: the trie's code tokens need a vocabulary of " +
+                        std::to_string(trie.vocab_size()) + " ids, the model has " +
+                        std::to_string(engine.config().vocab_size));
+    // Token 4 is chosen from the logits of decoding token 3, so 3 generated rows per beam suffice.
+    state_ = engine.make_state(StateOptions{max_users, max_users * opt_.beam, max_prompt, kCodeLevels - 1});
+  }
+
+  const BeamOptions& options() const { return opt_; }
+  const State& state() const { return state_; }
+  const BeamStats& stats() const { return stats_; }
+  int max_users() const { return state_.options().max_users; }
+
+  /// Top-K identifiers for each prompt (prompts.size() <= max_users), best first; fewer when the catalogue has
+  /// fewer than K items.
+  std::vector<std::vector<Recommendation>> run(std::span<const std::vector<int>> prompts) {
+    using Clock = std::chrono::steady_clock;
+    const int n_users = static_cast<int>(prompts.size());
+    if (n_users > max_users())
+      throw RangeError("beam search: " + std::to_string(n_users) + " prompts, the searcher holds " +
+                       std::to_string(max_users()));
+    std::vector<std::vector<Recommendation>> out(n_users);
+    if (n_users == 0) return out;
+
+    // Step 0: every user's prompt once, then its best first tokens from the root.
+    std::vector<Beam> beams;
+    for (int u = 0; u < n_users; ++u) {
+      auto t0 = Clock::now();
+      const auto logits = engine_.prefill(state_, u, prompts[u]);
+      auto t1 = Clock::now();
+      const double lse = detail::log_sum_exp(logits);
+      candidates_.clear();
+      const TrieChildren ch = trie_.children(0, 0);
+      for (std::size_t j = 0; j < ch.size(); ++j)
+        candidates_.push_back({double(logits[ch.tokens[j]]) - lse, -1, ch.tokens[j], ch.first_child + int(j)});
+      select(opt_.beam, u, 0, nullptr, beams);
+      stats_.prefill_s += std::chrono::duration<double>(t1 - t0).count();
+      stats_.select_s += std::chrono::duration<double>(Clock::now() - t1).count();
+    }
+    stats_.users += n_users;
+    if (beams.empty()) return out;  // an empty catalogue: nothing to recommend
+
+    std::vector<int> row_user(beams.size()), tokens(beams.size()), parent;
+    for (std::size_t r = 0; r < beams.size(); ++r) row_user[r] = beams[r].user;
+    state_.set_rows(row_user);
+    for (int depth = 1; depth < kCodeLevels; ++depth) {
+      for (std::size_t r = 0; r < beams.size(); ++r) tokens[r] = beams[r].tokens[depth - 1];
+      auto t0 = Clock::now();
+      const auto logits = engine_.decode(state_, std::span<const int>(tokens.data(), beams.size()));
+      auto t1 = Clock::now();
+      if constexpr (requires { state_.kv_bytes(); })
+        stats_.peak_kv_bytes = std::max<std::int64_t>(stats_.peak_kv_bytes, state_.kv_bytes());
+      // Candidates of each user are its rows' children; rows of one user are contiguous, in user order.
+      const bool last = depth == kCodeLevels - 1;
+      std::vector<Beam> next;
+      std::size_t r = 0;
+      while (r < beams.size()) {
+        const int u = beams[r].user;
+        candidates_.clear();
+        for (; r < beams.size() && beams[r].user == u; ++r) {
+          const auto row = logits.row(static_cast<std::int64_t>(r));
+          const double lse = detail::log_sum_exp(row);
+          const TrieChildren ch = trie_.children(depth, beams[r].node);
+          for (std::size_t j = 0; j < ch.size(); ++j)
+            candidates_.push_back(
+                {beams[r].score + (double(row[ch.tokens[j]]) - lse), int(r), ch.tokens[j], ch.first_child + int(j)});
+        }
+        select(last ? opt_.top_k : opt_.beam, u, depth, &beams, next);
+      }
+      auto t2 = Clock::now();
+      if (!last) {
+        parent.resize(next.size());
+        for (std::size_t i = 0; i < next.size(); ++i) parent[i] = next[i].parent;
+        state_.reorder(parent);
+        tokens.resize(next.size());
+      }
+      auto t3 = Clock::now();
+      stats_.decode_s += std::chrono::duration<double>((t1 - t0) + (t3 - t2)).count();
+      stats_.select_s += std::chrono::duration<double>(t2 - t1).count();
+      beams = std::move(next);
+    }
+    for (const Beam& b : beams) out[b.user].push_back({trie_.identifier(b.node), b.score, b.tokens});
+    return out;
+  }
+
+ private:
+  struct Beam {
+    double score;
+    int node;    // trie node at depth = tokens chosen so far
+    int user;
+    int parent;  // row this beam continues (the previous step's row index)
+    ItemTokens tokens;
+  };
+  struct Candidate {
+    double score;
+    int parent;  // row index, -1 at step 0
+    int token;
+    int node;
+  };
+
+  // Appends the best `width` of candidates_ (score descending, candidate order on ties) to `out` as beams of
+  // user `u` that chose their token number `depth`; `prev` holds the beams the candidates extend (null at step 0).
+  void select(int width, int u, int depth, const std::vector<Beam>* prev, std::vector<Beam>& out) {
+    order_.resize(candidates_.size());
+    std::iota(order_.begin(), order_.end(), 0);
+    const std::size_t n = std::min(order_.size(), std::size_t(width));
+    std::partial_sort(order_.begin(), order_.begin() + n, order_.end(), [&](int a, int b) {
+      return candidates_[a].score != candidates_[b].score ? candidates_[a].score > candidates_[b].score : a < b;
+    });
+    for (std::size_t i = 0; i < n; ++i) {
+      const Candidate& c = candidates_[order_[i]];
+      Beam b{c.score, c.node, u, c.parent, prev ? (*prev)[c.parent].tokens : ItemTokens{}};
+      b.tokens[depth] = c.token;
+      out.push_back(b);
+    }
+  }
+
+  const EngineT& engine_;
+  const CodeTrie& trie_;
+  BeamOptions opt_;
+  State state_;
+  BeamStats stats_;
+  std::vector<Candidate> candidates_;
+  std::vector<int> order_;
+};
+
+}  // namespace earn::rec
