@@ -265,7 +265,8 @@ class HfTensors {
         if (l == listed.end())
           earn::detail::throw_format(files_[idx].name(), n, "tensor not listed in " + iname);
         if (l->second != shard)
-          earn::detail::throw_format(files_[idx].name(), n, "tensor also present in shard '" + l->second + "'");
+          earn::detail::throw_format(files_[idx].name(), n, "tensor is in this shard, but " + iname + " lists it in '" +
+                                                                 l->second + "'");
         where_.emplace(n, idx);
       }
     }
