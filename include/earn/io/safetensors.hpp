@@ -5,7 +5,7 @@
 //    "__metadata__": {"<key>": "<string>", ...}}
 // then the data section; offsets are relative to its start, data is little-endian and row-major.
 //
-// Every check of the reference implementation (the `safetensors` Rust crate) is made before any tensor is read:
+// Checked before any tensor is read (at least as strictly as the reference `safetensors` Rust crate):
 // N within the file and at most 100 MB, JSON nested no deeper than the format needs and without duplicate keys,
 // known dtypes, non-negative shapes whose element and byte counts fit 64 bits, end - begin equal to the byte
 // count, and the tensors tiling the data section exactly (sorted by offset: no overlap, no gap, no trailing byte).
