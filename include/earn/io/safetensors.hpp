@@ -42,7 +42,7 @@
 
 #include "earn/core/error.hpp"
 #include "earn/core/tensor.hpp"
-#include "earn/io/llama2c.hpp"  // earn::io::detail byte helpers: read_file_bytes, checked_mul, copy_le_f32
+#include "earn/io/bytes.hpp"  // read_file_bytes, checked_mul, copy_le_f32
 
 namespace earn::io {
 
