@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <string>
 
+#include "earn/io/hf.hpp"
 #include "earn/io/llama2c.hpp"
 #include "earn/model/weights.hpp"
 
@@ -43,10 +44,13 @@ struct ModelSource {
       desc = "built-in random Llama (no checkpoint given)";
       return w;
     }
-    if (std::filesystem::is_directory(path))
-      throw ConfigError("--model: Hugging Face directories are not supported by this build yet");
-    w = io::load_llama2c(path);
-    desc = "llama2.c checkpoint " + path;
+    if (std::filesystem::is_directory(path)) {
+      w = io::load_hf(path);
+      desc = "Hugging Face model " + path;
+    } else {
+      w = io::load_llama2c(path);
+      desc = "llama2.c checkpoint " + path;
+    }
     if (w.registers.count() == 0) {
       // A checkpoint trained without EARN has no registers: add random ones so every split layer is defined.
       // Timings and KV sizes are meaningful; the recommendations of such a model are not.
