@@ -52,24 +52,6 @@ struct BeamStats {
   std::int64_t peak_kv_bytes = 0;  ///< largest KV footprint seen after a decode step (0 if the state cannot say)
 };
 
-namespace detail {
-// log(sum(exp(x))) of one logits row, in double. NaN, +inf or all -inf logits are refused: their log-probs would be
-// NaN, which has no place in a ranking (and would break the sort's ordering).
-template <class Row>
-double log_sum_exp(const Row& x) {
-  double m = -INFINITY;
-  for (std::int64_t i = 0; i < static_cast<std::int64_t>(x.size()); ++i) {
-    const double v = x[i];
-    if (std::isnan(v)) throw Error("beam search: the model produced a NaN logit");
-    m = std::max(m, v);
-  }
-  if (!std::isfinite(m)) throw Error("beam search: the model's logits are all -inf or include +inf");
-  double s = 0;
-  for (std::int64_t i = 0; i < static_cast<std::int64_t>(x.size()); ++i) s += std::exp(double(x[i]) - m);
-  return m + std::log(s);
-}
-}  // namespace detail
-
 /// Reusable beam searcher over one engine and one trie; owns a decoding state sized for `max_users` prompts.
 /// \code
 ///   earn::rec::BeamSearch search(engine, trie, {.beam = 20}, /*max_users=*/8, /*max_prompt=*/pb.length(20));
@@ -121,7 +103,7 @@ class BeamSearch {
       auto t0 = Clock::now();
       const auto logits = engine_.prefill(state_, u, prompts[u]);
       auto t1 = Clock::now();
-      const double lse = detail::log_sum_exp(logits);
+      const double lse = log_sum_exp(logits);
       candidates_.clear();
       const TrieChildren ch = trie_.children(0, 0);
       for (std::size_t j = 0; j < ch.size(); ++j)
@@ -152,7 +134,7 @@ class BeamSearch {
         candidates_.clear();
         for (; r < beams.size() && beams[r].user == u; ++r) {
           const auto row = logits.row(static_cast<std::int64_t>(r));
-          const double lse = detail::log_sum_exp(row);
+          const double lse = log_sum_exp(row);
           const TrieChildren ch = trie_.children(depth, beams[r].node);
           for (std::size_t j = 0; j < ch.size(); ++j)
             candidates_.push_back(
@@ -177,6 +159,22 @@ class BeamSearch {
   }
 
  private:
+  // log(sum(exp(x))) of one logits row, in double. NaN, +inf or all -inf logits are refused: their log-probs would be
+  // NaN, which has no place in a ranking (and would break the sort's ordering).
+  template <class Row>
+  static double log_sum_exp(const Row& x) {
+    double m = -INFINITY;
+    for (std::int64_t i = 0; i < static_cast<std::int64_t>(x.size()); ++i) {
+      const double v = x[i];
+      if (std::isnan(v)) throw Error("beam search: the model produced a NaN logit");
+      m = std::max(m, v);
+    }
+    if (!std::isfinite(m)) throw Error("beam search: the model's logits are all -inf or include +inf");
+    double s = 0;
+    for (std::int64_t i = 0; i < static_cast<std::int64_t>(x.size()); ++i) s += std::exp(double(x[i]) - m);
+    return m + std::log(s);
+  }
+
   struct Beam {
     double score;
     int node;    // trie node at depth = tokens chosen so far

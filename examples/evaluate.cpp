@@ -1,0 +1,176 @@
+// evaluate: the generative-recommendation loop end to end. Loads an LC-Rec data set (Amazon Beauty by default),
+// builds each user's prompt from the last 20 items, beam-searches 4 code tokens constrained by the item trie
+// under EARN's split-layer schedule, and reports Recall@K / NDCG@K, users/s and the KV cache footprint.
+//
+//   evaluate                                       built-in random model: timings and KV are meaningful,
+//                                                  the accuracy is chance level (it says so)
+//   evaluate --k 2 --split valid --limit 500       EARN with split layer 2 on 500 validation users
+//   evaluate --model ckpt.bin --tokenizer tok.bin  a checkpoint whose last 1024 ids are the code tokens
+//   evaluate --csv out.csv --json out.json
+//
+// Code tokens are ids base + level*256 + code with base = vocab - 1024 (earn/rec/item_vocab.hpp). With --tokenizer
+// the prompt is the LC-Rec instruction text; otherwise the fixed template ids 0..3 of a code-token model.
+#include <CLI/CLI.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "earn/earn.hpp"
+#include "earn/rec/rec.hpp"
+#include "earn/tokenizer/llama2c.hpp"
+#include "model_source.hpp"
+
+using namespace earn;
+using namespace earn::rec;
+
+namespace {
+
+// One-line progress bar on stderr, redrawn at most every 0.2 s.
+class Progress {
+ public:
+  explicit Progress(std::int64_t total) : total_(total), start_(Clock::now()), last_(start_) {}
+  void update(std::int64_t done, bool force = false) {
+    const auto now = Clock::now();
+    if (!force && std::chrono::duration<double>(now - last_).count() < 0.2) return;
+    last_ = now;
+    const double s = std::chrono::duration<double>(now - start_).count();
+    const int width = 30, fill = total_ ? int(width * done / total_) : width;
+    std::fprintf(stderr, "\r[%s%s] %lld/%lld users  %.1f users/s ", std::string(fill, '#').c_str(),
+                 std::string(width - fill, ' ').c_str(), static_cast<long long>(done),
+                 static_cast<long long>(total_), s > 0 ? done / s : 0.0);
+    if (done == total_) std::fprintf(stderr, "\n");
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  std::int64_t total_;
+  Clock::time_point start_, last_;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Generative recommendation with EARN: Recall/NDCG, users/s and KV bytes on an LC-Rec data set"};
+  examples::ModelSource src;
+  src.add_options(app);
+  std::string data = "../shared/data/amazon-beauty", split = "test", tokenizer, csv, json_out;
+  int k = -1, rp = 1, rs = 1, beam = 20, batch = 8, limit = 0;
+  std::vector<int> ks{5, 10, 20};
+  app.add_option("--data", data, "data set directory (sequential_*.txt and the codes JSON)");
+  app.add_option("--split", split, "valid or test")->check(CLI::IsMember({"valid", "test"}));
+  app.add_option("--k", k, "EARN split layer (default: L, the dense model)");
+  app.add_option("--prefix-registers", rp, "r_p when the model has none of its own")->check(CLI::NonNegativeNumber);
+  app.add_option("--suffix-registers", rs, "r_s when the model has none of its own")->check(CLI::NonNegativeNumber);
+  app.add_option("--beam", beam, "beam width (also the number of recommendations)")->check(CLI::Range(1, 64));
+  app.add_option("--batch", batch, "users per beam-search call")->check(CLI::PositiveNumber);
+  app.add_option("--limit", limit, "evaluate the first N users with targets (0: all)")->check(CLI::NonNegativeNumber);
+  app.add_option("--ks", ks, "cut-offs K of Recall@K and NDCG@K")->check(CLI::PositiveNumber);
+  app.add_option("--tokenizer", tokenizer, "llama2.c tokenizer file: use the LC-Rec instruction text as prompt");
+  app.add_option("--csv", csv, "write the metric table as CSV");
+  app.add_option("--json", json_out, "write metrics, speed and KV bytes as JSON");
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    const ModelWeights w = src.load(rp, rs);
+    const ModelConfig& c = w.config;
+    if (k < 0) k = c.n_layers;
+    const ItemVocab vocab(c.vocab_size - kCodeLevels * kCodesPerLevel);  // throws when the model is too small
+    std::optional<Llama2cTokenizer> tok;
+    if (!tokenizer.empty()) tok.emplace(tokenizer);
+    const PromptBuilder pb = tok ? PromptBuilder::text(*tok, vocab) : PromptBuilder::code_tokens(vocab);
+
+    auto t0 = std::chrono::steady_clock::now();
+    const Dataset ds = Dataset::load(data);
+    const DatasetCounts counts = ds.counts();
+    const CodeTrie trie(ds.catalogue(), vocab);
+    std::vector<const Case*> cases;
+    for (const Case& cs : ds.cases(split == "test" ? DataSplit::kTest : DataSplit::kValid))
+      if (!cs.targets.empty() && (limit == 0 || int(cases.size()) < limit)) cases.push_back(&cs);
+    const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+    std::cout << "model:   " << src.description() << ", " << c.n_layers << " layers, d " << c.dim << ", vocab "
+              << c.vocab_size << "\n";
+    if (src.path.empty())
+      std::cout << "         (random weights: recommendations are chance level; speed and KV bytes are real)\n";
+    std::cout << "data:    " << data << ": " << counts.users << " users, " << counts.items << " items ("
+              << counts.identifiers << " distinct codes), loaded in " << load_s << " s\n";
+    std::cout << "split:   " << split << ", " << cases.size() << " users with targets"
+              << (limit ? " (limited)" : "") << "\n";
+    std::cout << "EARN:    k = " << k << " of " << c.n_layers << (k == c.n_layers ? " (dense)" : "") << ", registers "
+              << w.registers.prefix.rows() << " + " << w.registers.suffix.rows() << ", beam " << beam << ", prompt "
+              << (tok ? "LC-Rec text" : "code template") << " (" << pb.length(ds.history_len()) << " tokens at most)\n";
+
+    const Engine<EarnSchedule> engine(w, EarnSchedule{k});
+    BeamSearch search(engine, trie, {.beam = beam}, batch, pb.length(ds.history_len()));
+    MetricAccumulator acc(ks);
+    Progress bar(static_cast<std::int64_t>(cases.size()));
+    std::vector<std::vector<int>> prompts;
+    const auto t1 = std::chrono::steady_clock::now();
+    for (std::size_t i = 0; i < cases.size(); i += batch) {
+      const std::size_t n = std::min<std::size_t>(batch, cases.size() - i);
+      prompts.resize(n);
+      for (std::size_t j = 0; j < n; ++j) prompts[j] = pb.build(ds.catalogue(), cases[i + j]->history);
+      const auto recs = search.run(prompts);
+      for (std::size_t j = 0; j < n; ++j) {
+        std::vector<int> ranked;
+        for (const Recommendation& r : recs[j]) ranked.push_back(r.identifier);
+        acc.add(ranked, cases[i + j]->targets);
+      }
+      bar.update(static_cast<std::int64_t>(i + n), i + n == cases.size());
+    }
+    const double eval_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+    const BeamStats& st = search.stats();
+    const double users_per_s = eval_s > 0 ? acc.users() / eval_s : 0.0;
+
+    std::printf("\n%6s %10s %10s\n", "K", "Recall@K", "NDCG@K");
+    for (int kk : acc.ks()) std::printf("%6d %10.4f %10.4f\n", kk, acc.recall(kk), acc.ndcg(kk));
+    std::printf("\nusers %d in %.2f s: %.2f users/s (prefill %.2f s, decode %.2f s, select %.2f s)\n", acc.users(),
+                eval_s, users_per_s, st.prefill_s, st.decode_s, st.select_s);
+    std::printf("KV cache: peak %.1f KiB for a batch of up to %d users (%.1f KiB per user)\n",
+                st.peak_kv_bytes / 1024.0, batch, st.peak_kv_bytes / 1024.0 / std::max(1, std::min<int>(batch, acc.users())));
+
+    if (!csv.empty()) {
+      std::ofstream out(csv);
+      out << "K,recall,ndcg,users,split,k,layers\n";
+      for (int kk : acc.ks())
+        out << kk << "," << acc.recall(kk) << "," << acc.ndcg(kk) << "," << acc.users() << "," << split << "," << k
+            << "," << c.n_layers << "\n";
+      if (!out) throw IoError(csv + ": write failed");
+    }
+    if (!json_out.empty()) {
+      nlohmann::json j;
+      j["model"] = src.description();
+      j["random_model"] = src.path.empty();
+      j["data"] = data;
+      j["split"] = split;
+      j["split_layer"] = k;
+      j["layers"] = c.n_layers;
+      j["registers"] = {w.registers.prefix.rows(), w.registers.suffix.rows()};
+      j["beam"] = beam;
+      j["users"] = acc.users();
+      for (int kk : acc.ks()) {
+        j["recall"][std::to_string(kk)] = acc.recall(kk);
+        j["ndcg"][std::to_string(kk)] = acc.ndcg(kk);
+      }
+      j["seconds"] = {{"total", eval_s}, {"prefill", st.prefill_s}, {"decode", st.decode_s}, {"select", st.select_s}};
+      j["users_per_s"] = users_per_s;
+      j["peak_kv_bytes"] = st.peak_kv_bytes;
+      j["batch"] = batch;
+      std::ofstream out(json_out);
+      out << j.dump(2) << "\n";
+      if (!out) throw IoError(json_out + ": write failed");
+    }
+  } catch (const Error& e) {
+    std::cerr << "evaluate: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}
