@@ -1,0 +1,250 @@
+// bench/cuda/bench_cuda_llama.cu - earn's CUDA engine at Llama-7B dimensions (random bf16 weights made on the
+// GPU): LLMRec beam search shape (B users, prompt P, beam 20, 4 new tokens = prefill + 3 decode steps with a
+// beam reorder between steps), dense vs EARN k in {2, 4, 6, 8} with 1 + 1 registers. Per setting: prefill ms,
+// decode ms, total, KV bytes, and the roofline floor from the copy bandwidth and bf16 GEMM rate measured on this
+// card in the same run. Timed with CUDA events on the state's stream (host planning included), median of reps.
+//
+//   bench_cuda_llama [--json out.json] [--reps 3] [--layers 32] [--users 1,4,32] [--prompts 256,512]
+//
+// Not timed: sampling / top-k of the logits (they stay on the device; beam parents here are random).
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "earn/cuda.cuh"
+
+using namespace earn;
+
+namespace {
+
+std::vector<int> parse_list(const char* s) {
+  std::vector<int> v;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) v.push_back(std::stoi(item));
+  return v;
+}
+
+float median(std::vector<float> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Event timer on one stream.
+struct Timer {
+  cudaEvent_t a, b;
+  Timer() {
+    EARN_CUDA_CHECK(cudaEventCreate(&a));
+    EARN_CUDA_CHECK(cudaEventCreate(&b));
+  }
+  ~Timer() {
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+  }
+  void start(cudaStream_t s) { EARN_CUDA_CHECK(cudaEventRecord(a, s)); }
+  float stop(cudaStream_t s) {
+    EARN_CUDA_CHECK(cudaEventRecord(b, s));
+    EARN_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    EARN_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    return ms;
+  }
+};
+
+// Copy bandwidth (bytes read + written per second) of a large device-to-device copy.
+double measure_bandwidth() {
+  const std::size_t n = std::size_t(2) << 30;  // 2 GiB each way
+  cuda::DeviceBuffer<char> src(n), dst(n);
+  EARN_CUDA_CHECK(cudaMemset(src.data(), 1, n));
+  cuda::Stream s;
+  Timer t;
+  std::vector<float> ms;
+  for (int i = 0; i < 12; ++i) {
+    t.start(s.get());
+    EARN_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), n, cudaMemcpyDeviceToDevice, s.get()));
+    const float m = t.stop(s.get());
+    if (i >= 2) ms.push_back(m);
+  }
+  return 2.0 * double(n) / (median(ms) * 1e-3);
+}
+
+// bf16 GEMM rate (FLOP/s) of an 8192^3 product on random data, fp32 accumulation, through cuBLAS.
+double measure_gemm_rate() {
+  const int n = 8192;
+  cuda::DeviceBuffer<__nv_bfloat16> a(std::size_t(n) * n), b(std::size_t(n) * n), c(std::size_t(n) * n);
+  cuda::kernel::fill_uniform<__nv_bfloat16><<<4096, 256>>>(a.data(), Index{n} * n, 1, 0.0f, 1.0f);
+  cuda::kernel::fill_uniform<__nv_bfloat16><<<4096, 256>>>(b.data(), Index{n} * n, 2, 0.0f, 1.0f);
+  EARN_CUDA_CHECK_LAUNCH();
+  cuda::BlasHandle h;
+  cuda::Stream s;
+  EARN_CUDA_CHECK(cublasSetStream(h.get(), s.get()));
+  Timer t;
+  std::vector<float> ms;
+  for (int i = 0; i < 12; ++i) {
+    t.start(s.get());
+    cuda::linear<__nv_bfloat16, __nv_bfloat16>(h.get(), a.data(), b.data(), c.data(), n, n, n);
+    const float m = t.stop(s.get());
+    if (i >= 2) ms.push_back(m);
+  }
+  return 2.0 * double(n) * n * n / (median(ms) * 1e-3);
+}
+
+struct Result {
+  int B, P, k;  // k = -1: dense
+  float prefill_ms, decode_ms;
+  Index kv_bytes;
+  double prefill_floor_ms, decode_floor_ms;
+  double flops, bytes;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string json;
+  int reps = 3, layers = 32;
+  std::vector<int> Bs = {1, 4, 32}, Ps = {256, 512};
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i];
+    if (a == "--json") json = argv[i + 1];
+    else if (a == "--reps") reps = std::atoi(argv[i + 1]);
+    else if (a == "--layers") layers = std::atoi(argv[i + 1]);
+    else if (a == "--users") Bs = parse_list(argv[i + 1]);
+    else if (a == "--prompts") Ps = parse_list(argv[i + 1]);
+    else {
+      std::fprintf(stderr, "unknown argument %s\n", a.c_str());
+      return 2;
+    }
+  }
+  if (cuda::device_count() == 0) {
+    std::printf("skipped: no CUDA device\n");
+    return 77;
+  }
+  try {
+    cudaDeviceProp prop{};
+    EARN_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    const double bw = measure_bandwidth(), rate = measure_gemm_rate();
+    std::printf("card: %s, %d SMs; measured copy bandwidth %.0f GB/s (read + write), bf16 GEMM %.0f TFLOP/s\n",
+                prop.name, prop.multiProcessorCount, bw / 1e9, rate / 1e12);
+
+    ModelConfig c;
+    c.dim = 4096;
+    c.hidden_dim = 11008;
+    c.n_layers = layers;
+    c.n_heads = 32;
+    c.n_kv_heads = 32;
+    c.vocab_size = 33024;
+    c.max_seq_len = 1024;
+    c.tied_embeddings = false;
+    const int beam = 20, new_tokens = 4, steps = new_tokens - 1, r = 2;
+    auto weights = std::make_shared<const cuda::DeviceWeights<dtype::Bf16>>(
+        cuda::DeviceWeights<dtype::Bf16>::random(c, {.seed = 7, .scale = 1.0f, .prefix_registers = 1, .suffix_registers = 1}));
+    const double wbytes = double(weights->bytes());
+    std::printf("model: Llama-7B dims, %d layers, %.2f GB of bf16 weights\n", layers, wbytes / 1e9);
+
+    const int hd = c.head_dim(), qd = c.n_heads * hd, kvd = c.kv_dim();
+    const double layer_params = double(c.dim) * (qd + 2 * kvd) + double(c.dim) * qd + 3.0 * c.dim * c.hidden_dim;
+    const double head_params = double(c.vocab_size) * c.dim;
+    std::vector<Result> results;
+    Rng rng(11);
+
+    for (int B : Bs)
+      for (int P : Ps)
+        for (int k : {-1, 2, 4, 6, 8}) {
+          if (k > layers) continue;
+          const int kk = k < 0 ? layers : k;  // dense = every layer early (registers included: P + 2 rows)
+          Engine<EarnSchedule, CudaBf16> engine(weights, EarnSchedule{kk});
+          auto st = engine.make_state({.max_users = B, .max_rows = B * beam, .max_prompt = P, .max_new_tokens = new_tokens});
+          std::vector<int> users(B), row_user(B * beam);
+          std::vector<std::vector<int>> prompts(B);
+          for (int u = 0; u < B; ++u) {
+            users[u] = u;
+            prompts[u].resize(P);
+            for (int& t : prompts[u]) t = int(rng.next_u64() % std::uint64_t(c.vocab_size));
+            for (int j = 0; j < beam; ++j) row_user[u * beam + j] = u;
+          }
+          std::vector<int> tokens(B * beam), parent(B * beam);
+          Timer t;
+          std::vector<float> pre, dec;
+          for (int rep = 0; rep <= reps; ++rep) {  // rep 0 warms up (cuBLAS heuristics, scratch allocation)
+            t.start(st.stream());
+            engine.prefill_batch_device(st, users, prompts);
+            const float p_ms = t.stop(st.stream());
+            st.set_rows(row_user);
+            t.start(st.stream());
+            for (int g = 0; g < steps; ++g) {
+              for (auto& x : tokens) x = int(rng.next_u64() % std::uint64_t(c.vocab_size));
+              engine.decode_device(st, tokens);
+              if (g + 1 < steps) {  // beams fork within their user
+                for (int i = 0; i < B * beam; ++i) parent[i] = (i / beam) * beam + int(rng.next_u64() % beam);
+                st.reorder(parent);
+              }
+            }
+            const float d_ms = t.stop(st.stream());
+            if (rep > 0) {
+              pre.push_back(p_ms);
+              dec.push_back(d_ms);
+            }
+          }
+          Result res{B, P, k, median(pre), median(dec), st.kv_bytes(), 0, 0, 0, 0};
+          // Floors. Prefill: weights read once + KV written, against the GEMM FLOPs (+ causal attention pairs).
+          const double n_in = P + r;
+          double pf = 2.0 * head_params * B, pre_kv_rows = 0;
+          for (int l = 0; l < layers; ++l) {
+            const double rows = l < kk ? n_in : r;
+            pf += 2.0 * layer_params * rows * B + 4.0 * hd * c.n_heads * (rows * (rows + 1) / 2) * B;
+            pre_kv_rows += rows * B;
+          }
+          const double row_bytes = 2.0 * kvd * 2;  // K and V, bf16
+          const double pb = wbytes + pre_kv_rows * row_bytes;
+          res.prefill_floor_ms = std::max(pb / bw, pf / rate) * 1e3;
+          // Decode step g: weights + the prefix KV (once per user) + generated KV read; logits written.
+          const double R = double(B) * beam;
+          double dfloor = 0, dflops_all = 0, dbytes_all = 0;
+          for (int g = 0; g < steps; ++g) {
+            double f = 2.0 * (layer_params * layers + head_params) * R, kvb = 0;
+            for (int l = 0; l < layers; ++l) {
+              const double S = l < kk ? n_in : r;
+              f += 4.0 * hd * c.n_heads * R * (S + g + 1);
+              kvb += (S * B + R * (g + 1)) * row_bytes;
+            }
+            const double b = wbytes + kvb + R * c.vocab_size * 4.0;
+            dfloor += std::max(b / bw, f / rate) * 1e3;
+            dflops_all += f;
+            dbytes_all += b;
+          }
+          res.decode_floor_ms = dfloor;
+          res.flops = pf + dflops_all;
+          res.bytes = pb + dbytes_all;
+          results.push_back(res);
+          const double total = res.prefill_ms + res.decode_ms, floor = res.prefill_floor_ms + res.decode_floor_ms;
+          std::printf("B=%2d P=%3d %-6s prefill %8.2f ms (floor %7.2f)  decode %7.2f ms (floor %6.2f)  total %8.2f ms  "
+                      "floor %8.2f  x%.2f  KV %.3f GB\n",
+                      B, P, k < 0 ? "dense" : ("k=" + std::to_string(k)).c_str(), res.prefill_ms,
+                      res.prefill_floor_ms, res.decode_ms, res.decode_floor_ms, total, floor, total / floor,
+                      double(res.kv_bytes) / 1e9);
+          std::fflush(stdout);
+        }
+
+    if (!json.empty()) {
+      std::ofstream f(json);
+      f << "{\"card\": \"" << prop.name << "\", \"copy_bandwidth_Bps\": " << bw << ", \"bf16_gemm_flops\": " << rate
+        << ", \"layers\": " << layers << ", \"weight_bytes\": " << wbytes << ", \"results\": [\n";
+      for (std::size_t i = 0; i < results.size(); ++i) {
+        const Result& x = results[i];
+        f << "  {\"B\": " << x.B << ", \"P\": " << x.P << ", \"k\": " << x.k << ", \"prefill_ms\": " << x.prefill_ms
+          << ", \"decode_ms\": " << x.decode_ms << ", \"kv_bytes\": " << x.kv_bytes
+          << ", \"prefill_floor_ms\": " << x.prefill_floor_ms << ", \"decode_floor_ms\": " << x.decode_floor_ms
+          << ", \"flops\": " << x.flops << ", \"bytes\": " << x.bytes << "}" << (i + 1 < results.size() ? ",\n" : "\n");
+      }
+      f << "]}\n";
+    }
+  } catch (const earn::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

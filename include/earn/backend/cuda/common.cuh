@@ -1,0 +1,189 @@
+// earn/backend/cuda/common.cuh - what every CUDA part of earn shares: the error type and checks, owning device
+// buffers, the storage-type traits of the dtype tags, and the cuBLAS handle.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <string>
+#include <utility>
+
+#include "earn/backend/cuda/tag.hpp"
+#include "earn/core/error.hpp"
+
+namespace earn {
+
+/// A CUDA runtime or cuBLAS call failed (or a kernel launch was refused); the message names the call, the source
+/// line and the library's reason. Errors of kernels already running surface at the next checked call.
+class CudaError : public Error {
+ public:
+  using Error::Error;
+};
+
+namespace cuda::detail {
+inline void check(cudaError_t e, const char* expr, const char* file, int line) {
+  if (e != cudaSuccess)
+    throw CudaError(std::string(file) + ":" + std::to_string(line) + ": " + expr + ": " + cudaGetErrorName(e) +
+                    " (" + cudaGetErrorString(e) + ")");
+}
+inline void check(cublasStatus_t s, const char* expr, const char* file, int line) {
+  if (s != CUBLAS_STATUS_SUCCESS)
+    throw CudaError(std::string(file) + ":" + std::to_string(line) + ": " + expr + ": " + cublasGetStatusName(s) +
+                    " (" + cublasGetStatusString(s) + ")");
+}
+}  // namespace cuda::detail
+
+}  // namespace earn
+
+/// Throw earn::CudaError when a cudaError_t or cublasStatus_t expression is not success.
+#define EARN_CUDA_CHECK(expr) ::earn::cuda::detail::check((expr), #expr, __FILE__, __LINE__)
+/// After a kernel launch: a refused launch (bad configuration, no device) becomes earn::CudaError.
+#define EARN_CUDA_CHECK_LAUNCH() EARN_CUDA_CHECK(cudaGetLastError())
+
+namespace earn::cuda {
+
+/// Storage type and cuBLAS data type of a dtype tag.
+template <class DType>
+struct DTypeTraits;
+template <>
+struct DTypeTraits<dtype::F32> {
+  using type = float;
+  static constexpr cudaDataType_t blas = CUDA_R_32F;
+};
+template <>
+struct DTypeTraits<dtype::Bf16> {
+  using type = __nv_bfloat16;
+  static constexpr cudaDataType_t blas = CUDA_R_16BF;
+};
+template <>
+struct DTypeTraits<dtype::F16> {
+  using type = __half;
+  static constexpr cudaDataType_t blas = CUDA_R_16F;
+};
+/// The element type stored for dtype tag `DType`.
+template <class DType>
+using storage_t = typename DTypeTraits<DType>::type;
+
+/// cuBLAS data type of a storage type.
+template <class T>
+constexpr cudaDataType_t blas_type() {
+  if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return CUDA_R_16BF;
+  else return CUDA_R_16F;
+}
+
+__host__ __device__ inline float to_float(float x) { return x; }
+__host__ __device__ inline float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__host__ __device__ inline float to_float(__half x) { return __half2float(x); }
+
+/// Round-to-nearest-even conversion from float to a storage type.
+template <class T>
+__host__ __device__ inline T from_float(float x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(x);
+  else return __float2half_rn(x);
+}
+
+/// Owning device allocation of `n` elements (plain cudaMalloc: no managed memory). Move-only.
+template <class T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(std::size_t n) { reserve(n); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      p_ = std::exchange(o.p_, nullptr);
+      n_ = std::exchange(o.n_, 0);
+    }
+    return *this;
+  }
+  ~DeviceBuffer() { release(); }
+
+  /// Make room for at least `n` elements; a growing buffer loses its contents (scratch use).
+  void reserve(std::size_t n) {
+    if (n <= n_) return;
+    release();
+    if (n == 0) return;
+    void* p = nullptr;
+    EARN_CUDA_CHECK(cudaMalloc(&p, n * sizeof(T)));
+    p_ = static_cast<T*>(p);
+    n_ = n;
+  }
+  /// Fill every byte with `byte` (0xFF poisons floats, bf16 and fp16 alike with NaN).
+  void fill_bytes(int byte, cudaStream_t stream) {
+    if (n_) EARN_CUDA_CHECK(cudaMemsetAsync(p_, byte, n_ * sizeof(T), stream));
+  }
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+  std::size_t size() const { return n_; }
+  bool empty() const { return n_ == 0; }
+
+ private:
+  void release() noexcept {
+    if (p_) cudaFree(p_);  // a destructor must not throw; a failing free leaves nothing to recover
+    p_ = nullptr;
+    n_ = 0;
+  }
+  T* p_ = nullptr;
+  std::size_t n_ = 0;
+};
+
+/// Owning cuBLAS handle. Move-only.
+class BlasHandle {
+ public:
+  BlasHandle() { EARN_CUDA_CHECK(cublasCreate(&h_)); }
+  BlasHandle(const BlasHandle&) = delete;
+  BlasHandle& operator=(const BlasHandle&) = delete;
+  BlasHandle(BlasHandle&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
+  BlasHandle& operator=(BlasHandle&& o) noexcept {
+    std::swap(h_, o.h_);
+    return *this;
+  }
+  ~BlasHandle() {
+    if (h_) cublasDestroy(h_);
+  }
+  cublasHandle_t get() const { return h_; }
+
+ private:
+  cublasHandle_t h_ = nullptr;
+};
+
+/// Owning non-blocking CUDA stream. Move-only.
+class Stream {
+ public:
+  Stream() { EARN_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  Stream(Stream&& o) noexcept : s_(std::exchange(o.s_, nullptr)) {}
+  Stream& operator=(Stream&& o) noexcept {
+    std::swap(s_, o.s_);
+    return *this;
+  }
+  ~Stream() {
+    if (s_) cudaStreamDestroy(s_);
+  }
+  cudaStream_t get() const { return s_; }
+  void synchronize() const { EARN_CUDA_CHECK(cudaStreamSynchronize(s_)); }
+
+ private:
+  cudaStream_t s_ = nullptr;
+};
+
+/// Number of CUDA devices, 0 when there is none or no driver (never throws: callers decide to skip).
+inline int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no device" error
+    return 0;
+  }
+  return n;
+}
+
+}  // namespace earn::cuda

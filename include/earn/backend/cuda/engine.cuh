@@ -1,0 +1,677 @@
+// earn/backend/cuda/engine.cuh - earn::Engine<Schedule, CudaT<DType>>: the CPU engine's API on an NVIDIA GPU.
+//
+// Switching backends is the template argument only:
+//   earn::Engine<earn::EarnSchedule>                  the CPU engine
+//   earn::Engine<earn::EarnSchedule, earn::Cuda>      this one, fp32
+//   earn::Engine<earn::EarnSchedule, earn::CudaBf16>  this one, bf16 storage with fp32 accumulation
+//
+// One forward pass: embed -> per layer [RMSNorm -> fused QKV GEMM -> bias + RoPE + KV store -> attention ->
+// Wo GEMM accumulating into the residual -> RMSNorm -> fused gate/up GEMM -> SwiGLU -> W2 GEMM accumulating into
+// the residual] -> final norm -> classifier GEMM. Attention runs per user segment as two batched cuBLAS GEMMs
+// (Q K^T over the user's cached prefix, P V) around a softmax kernel that applies the layer policy's `visible`
+// hook; in decode the beams of a user are one segment, so its prompt K/V is read once per step for all of them,
+// and each beam's generated keys are handled by two small kernels. Rows the policy drops (EARN's late layers
+// drop prompt rows) leave the residual stream by a row gather, as in the CPU engine.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <numeric>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "earn/attention/row_kind.hpp"
+#include "earn/backend/cuda/blas.cuh"
+#include "earn/backend/cuda/common.cuh"
+#include "earn/backend/cuda/kernels.cuh"
+#include "earn/backend/cuda/kv_store.cuh"
+#include "earn/backend/cuda/weights.cuh"
+#include "earn/core/error.hpp"
+#include "earn/core/tensor.hpp"
+#include "earn/model/engine_fwd.hpp"
+#include "earn/model/weights.hpp"
+
+namespace earn {
+
+namespace cuda {
+/// Logits left on the device: [rows, cols] fp32, row-major; valid until the next call on the same state.
+struct DeviceLogits {
+  const float* data = nullptr;  ///< [rows, cols]
+  int rows = 0;
+  int cols = 0;
+};
+}  // namespace cuda
+
+/// Per-layer device KV caches, scratch and bookkeeping of one decoding session: a batch of users, each with its
+/// prompt cached once, and decode rows (beams) that each hold only their generated tokens. Owns the CUDA stream
+/// its work runs on.
+template <class DType>
+class CudaState {
+ public:
+  using T = cuda::storage_t<DType>;
+  CudaState() = default;
+
+  /// Decode rows and the user each belongs to; rows of one user share its prompt KV. Resets generated tokens.
+  void set_rows(std::span<const int> row_user) {
+    if (row_user.empty() || static_cast<int>(row_user.size()) > opts_.max_rows)
+      throw RangeError("state: " + std::to_string(row_user.size()) + " decode rows, the state holds 1.." +
+                       std::to_string(opts_.max_rows));
+    for (int u : row_user) {
+      if (u < 0 || u >= opts_.max_users) throw RangeError("state: row user " + std::to_string(u) + " out of range");
+      if (input_len_[u] == 0) throw RangeError("state: user " + std::to_string(u) + " has not been prefilled");
+    }
+    row_user_.assign(row_user.begin(), row_user.end());
+    gen_len_ = 0;
+  }
+
+  /// Beam reordering: new row i continues old row parent[i] (user and generated KV follow the parent).
+  void reorder(std::span<const int> parent) {
+    if (parent.empty() || static_cast<int>(parent.size()) > opts_.max_rows)
+      throw RangeError("state: reorder to " + std::to_string(parent.size()) + " rows, the state holds 1.." +
+                       std::to_string(opts_.max_rows));
+    std::vector<int> users(parent.size());
+    for (std::size_t i = 0; i < parent.size(); ++i) {
+      if (parent[i] < 0 || parent[i] >= rows())
+        throw RangeError("state: reorder parent " + std::to_string(parent[i]) + " is not a current row");
+      users[i] = row_user_[parent[i]];
+    }
+    if (gen_len_ > 0) {
+      const int n = static_cast<int>(parent.size());
+      parent_.reserve(parent.size());
+      reorder_scratch_.reserve(std::size_t(2) * n * gen_len_ * kv_dim_);
+      EARN_CUDA_CHECK(cudaMemcpyAsync(parent_.data(), parent.data(), parent.size() * sizeof(int),
+                                      cudaMemcpyHostToDevice, stream()));
+      for (auto& layer : layers_) layer.reorder(parent_.data(), n, gen_len_, reorder_scratch_.data(), stream());
+    }
+    row_user_ = std::move(users);
+  }
+
+  int rows() const { return static_cast<int>(row_user_.size()); }
+  int gen_len() const { return gen_len_; }
+  std::span<const int> row_user() const { return row_user_; }
+  /// Input rows (registers + prompt) prefilled for `user`; 0 before prefill.
+  int input_len(int user) const { return input_len_.at(user); }
+  const StateOptions& options() const { return opts_; }
+  const kv::Store<CudaT<DType>>& layer_cache(int l) const { return layers_.at(l); }
+  int n_layers() const { return static_cast<int>(layers_.size()); }
+  cudaStream_t stream() const { return stream_.get(); }
+  /// Wait for every call issued on this state.
+  void synchronize() const { stream_.synchronize(); }
+
+  /// Bytes of K and V held now: every user's prefix rows plus every row's generated rows, over all layers.
+  Index kv_bytes() const {
+    Index rows_held = 0;
+    for (const auto& layer : layers_) {
+      for (int u = 0; u < opts_.max_users; ++u) rows_held += layer.prefix_len(u);
+      rows_held += Index{rows()} * gen_len_;
+    }
+    return rows_held * 2 * kv_dim_ * Index{sizeof(T)};
+  }
+  /// Bytes reserved for K and V over all layers.
+  Index kv_capacity_bytes() const {
+    Index e = 0;
+    for (const auto& layer : layers_) e += layer.capacity_elements();
+    return e * Index{sizeof(T)};
+  }
+
+  /// Tests: fill the KV cache with NaN now, and every scratch and output buffer with NaN before each call, so an
+  /// element that a kernel should have written but did not shows up as NaN in the results.
+  void enable_poison() {
+    for (auto& layer : layers_) layer.poison(stream());
+    poison_ = true;
+  }
+
+ private:
+  template <class, class>
+  friend class Engine;
+
+  // Grow the scratch for a call of `rows` residual rows, `scores` attention scores and `out_rows` logit rows.
+  void reserve(const ModelConfig& c, std::size_t rows, std::size_t scores, std::size_t out_rows) {
+    const std::size_t qd = std::size_t(c.n_heads) * c.head_dim(), width = qd + 2 * std::size_t(c.kv_dim());
+    rows = std::max<std::size_t>(rows, 1);
+    x_.reserve(rows * c.dim);
+    x2_.reserve(rows * c.dim);
+    h_.reserve(rows * c.dim);
+    qkv_.reserve(rows * width);
+    q_.reserve(rows * qd);
+    att_.reserve(rows * qd);
+    gu_.reserve(rows * 2 * std::size_t(c.hidden_dim));
+    act_.reserve(rows * std::size_t(c.hidden_dim));
+    scores_.reserve(std::max<std::size_t>(scores, 1));
+    if constexpr (!std::is_same_v<T, float>) probs_.reserve(std::max<std::size_t>(scores, 1));
+    logits_.reserve(std::max<std::size_t>(out_rows, 1) * c.vocab_size);
+    if (poison_) {
+      for (auto* b : {&x_, &x2_, &qkv_, &gu_, &scores_, &logits_}) b->fill_bytes(0xFF, stream());
+      for (auto* b : {&h_, &q_, &att_, &act_, &probs_}) b->fill_bytes(0xFF, stream());
+    }
+  }
+  T* probs() {
+    if constexpr (std::is_same_v<T, float>) return scores_.data();  // softmax runs in place
+    else return probs_.data();
+  }
+
+  StateOptions opts_;
+  int kv_dim_ = 0;
+  std::vector<kv::Store<CudaT<DType>>> layers_;
+  std::vector<int> input_len_;  // per user
+  std::vector<int> row_user_;   // per decode row
+  int gen_len_ = 0;
+  bool poison_ = false;
+  cuda::Stream stream_;
+  // Scratch, grown on demand: x/x2 the fp32 residual stream [rows, dim]; h the normalised rows [rows, dim];
+  // qkv [rows, qd + 2 kv_dim] and gu [rows, 2 hidden] GEMM outputs in fp32; q, att [rows, qd]; act [rows, hidden];
+  // scores / probs per attention call; logits [out_rows, vocab].
+  cuda::DeviceBuffer<float> x_, x2_, qkv_, gu_, scores_, logits_;
+  cuda::DeviceBuffer<T> h_, q_, att_, act_, probs_, reorder_scratch_;
+  cuda::DeviceBuffer<int> ints_, parent_;
+  cuda::DeviceBuffer<cuda::Segment> segs_;
+  cuda::DeviceBuffer<void*> ptrs_;
+};
+
+/// The CUDA engine. Copies the weights to the device (the host weights may go away afterwards), or shares one
+/// device copy with other engines (several schedules over one 7B model).
+/// \code
+///   earn::Engine<earn::EarnSchedule, earn::CudaBf16> engine(host_weights, earn::EarnSchedule{6});
+///   auto st = engine.make_state({.max_users = 32, .max_rows = 640, .max_prompt = 512, .max_new_tokens = 4});
+///   earn::Matrix first = engine.prefill_batch(st, users, prompts);  // [users, vocab]
+/// \endcode
+template <class Schedule, class DType>
+class Engine<Schedule, CudaT<DType>> {
+ public:
+  using schedule_type = Schedule;
+  using backend_type = CudaT<DType>;
+  using State = CudaState<DType>;
+  using T = cuda::storage_t<DType>;
+
+  explicit Engine(const ModelWeights& w, Schedule schedule = Schedule{})
+      : Engine(std::make_shared<const cuda::DeviceWeights<DType>>(cuda::DeviceWeights<DType>::upload(w)), schedule) {}
+  explicit Engine(std::shared_ptr<const cuda::DeviceWeights<DType>> w, Schedule schedule = Schedule{})
+      : wp_(std::move(w)), w_(*wp_), schedule_(schedule) {
+    w_.config.validate();
+    schedule_.validate(w_.config.n_layers, w_.register_count());
+  }
+
+  const ModelConfig& config() const { return w_.config; }
+  const cuda::DeviceWeights<DType>& device_weights() const { return w_; }
+  const Schedule& schedule() const { return schedule_; }
+  int registers() const { return w_.register_count(); }
+
+  /// A state with caches sized by `o`; late layers reserve registers only, never prompt-sized blocks.
+  State make_state(StateOptions o) const {
+    const ModelConfig& c = w_.config;
+    o = detail::resolve_state_options(o, c, registers());
+    State st;
+    st.opts_ = o;
+    st.kv_dim_ = c.kv_dim();
+    st.input_len_.assign(o.max_users, 0);
+    st.layers_.reserve(c.n_layers);
+    for (int l = 0; l < c.n_layers; ++l)
+      st.layers_.emplace_back(detail::layer_prefix_capacity(schedule_, l, o, registers()), o.max_users, o.max_rows,
+                              o.max_new_tokens, c.kv_dim());
+    return st;
+  }
+
+  /// Prefill user `user` with [R_prefix; tokens; R_suffix]. Returns logits [vocab] predicting the first generated
+  /// token, read at the last row that reaches the final layer (as the CPU engine). Ends any decoding in progress.
+  Vector prefill(State& st, int user, std::span<const int> tokens) const {
+    const int users[1] = {user};
+    const std::vector<int> prompts[1] = {std::vector<int>(tokens.begin(), tokens.end())};
+    const Matrix m = to_host(st, run_prefill(st, users, prompts, /*all_rows=*/false));
+    return m.row(0).transpose();
+  }
+
+  /// Like prefill, but logits [rows, vocab] for every row of the user that reaches the final layer.
+  Matrix prefill_all_logits(State& st, int user, std::span<const int> tokens) const {
+    const int users[1] = {user};
+    const std::vector<int> prompts[1] = {std::vector<int>(tokens.begin(), tokens.end())};
+    return to_host(st, run_prefill(st, users, prompts, /*all_rows=*/true));
+  }
+
+  /// Prefill several users in one pass (their rows share every GEMM): logits [users, vocab], row i predicting
+  /// user users[i]'s first generated token. Ends any decoding in progress.
+  Matrix prefill_batch(State& st, std::span<const int> users, std::span<const std::vector<int>> prompts) const {
+    return to_host(st, run_prefill(st, users, prompts, false));
+  }
+  /// prefill_batch, with the logits left on the device (no copy, no synchronisation).
+  cuda::DeviceLogits prefill_batch_device(State& st, std::span<const int> users,
+                                          std::span<const std::vector<int>> prompts) const {
+    return run_prefill(st, users, prompts, false);
+  }
+
+  /// One decode step: tokens[i] is fed to decode row i (see State::set_rows). Returns logits [rows, vocab].
+  Matrix decode(State& st, std::span<const int> tokens) const { return to_host(st, decode_device(st, tokens)); }
+
+  /// decode, with the logits left on the device (no copy, no synchronisation).
+  cuda::DeviceLogits decode_device(State& st, std::span<const int> tokens) const {
+    const ModelConfig& c = w_.config;
+    const int rows = st.rows();
+    if (static_cast<int>(tokens.size()) != rows)
+      throw RangeError("decode: " + std::to_string(tokens.size()) + " tokens for " + std::to_string(rows) +
+                       " decode rows (call set_rows first)");
+    if (st.gen_len_ >= st.opts_.max_new_tokens)
+      throw RangeError("decode: the state holds " + std::to_string(st.opts_.max_new_tokens) + " generated tokens");
+    check_tokens(tokens);
+    // Rows sorted by user (stable): each user's beams become one contiguous attention segment.
+    std::vector<int> perm(rows), inv(rows);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::stable_sort(perm.begin(), perm.end(), [&](int a, int b) { return st.row_user_[a] < st.row_user_[b]; });
+    for (int r = 0; r < rows; ++r) inv[perm[r]] = r;
+    Rows rw;
+    rw.m = rows;
+    std::vector<int> codes(rows);
+    for (int r = 0; r < rows; ++r) {
+      const int u = st.row_user_[perm[r]];
+      codes[r] = tokens[perm[r]];
+      rw.pos.push_back(st.input_len_[u] + st.gen_len_);
+      if (r == 0 || u != rw.seg_user.back()) {
+        rw.seg_user.push_back(u);
+        rw.seg_off.push_back(r);
+        rw.seg_n.push_back(0);
+      }
+      ++rw.seg_n.back();
+      rw.row_seg.push_back(static_cast<int>(rw.seg_user.size()) - 1);
+    }
+    const int G = st.gen_len_ + 1;
+    Plan plan;
+    const int i_codes = plan.add_ints(codes), i_perm = plan.add_ints(perm), i_inv = plan.add_ints(inv);
+    const int i_pos = plan.add_ints(rw.pos), i_seg = plan.add_ints(rw.row_seg);
+    for (int l = 0; l < c.n_layers; ++l) {
+      std::vector<cuda::Segment> segs(rw.seg_user.size());
+      for (std::size_t s = 0; s < segs.size(); ++s) {
+        const int u = rw.seg_user[s];
+        segs[s].q_off = rw.seg_off[s];
+        segs[s].nq = rw.seg_n[s];
+        segs[s].S = st.layers_[l].prefix_len(u);
+        segs[s].G = G;
+        segs[s].gen_pos0 = st.input_len_[u];
+        segs[s].kpos = st.layers_[l].prefix_positions(u);
+      }
+      plan.add_layer(std::move(segs), rw.seg_user, c.n_heads);
+    }
+    st.reserve(c, rows, plan.max_scores, rows);
+    plan.upload(st, *this);
+    const int* ints = st.ints_.data();
+    embed(st, ints + i_codes, rows);
+    for (int l = 0; l < c.n_layers; ++l) {
+      schedule_.visit(l, [&]<class L>(L) {
+        layer<typename L::policy>(st, l, plan, l, rows, ints + i_pos, ints + i_seg, ints + i_perm, G);
+      });
+    }
+    ++st.gen_len_;
+    return logits(st, ints + i_inv, rows);
+  }
+
+ private:
+  // The rows of one forward pass grouped into per-user segments (host side).
+  struct Rows {
+    int m = 0;
+    std::vector<int> pos, row_seg;               // per row
+    std::vector<int> seg_user, seg_off, seg_n;  // per segment
+    std::vector<RowKind> kind;                   // per row (prefill)
+  };
+
+  // Everything a call uploads, built on the host and copied once: row arrays (ints), attention segments and the
+  // batched GEMMs' pointer arrays of every layer. Pointers into the state's scratch are set at upload time, when
+  // the scratch has its final size: entries hold offsets until then.
+  struct Plan {
+    struct Group {
+      int S, nq, count, entry;  // shape, entries [entry, entry + count) of the layer's pointer arrays
+    };
+    struct LayerPlan {
+      int seg_off = 0, nseg = 0, ptr_off = 0, entries = 0;
+      std::vector<Group> groups;
+    };
+    std::vector<int> ints;
+    std::vector<cuda::Segment> segs;
+    std::vector<std::vector<int>> seg_user;  // per layer: user of each segment
+    std::vector<LayerPlan> layers;
+    std::size_t max_scores = 0;
+
+    int add_ints(const std::vector<int>& v) {
+      const int off = static_cast<int>(ints.size());
+      ints.insert(ints.end(), v.begin(), v.end());
+      return off;
+    }
+    // Score strides, offsets and GEMM groups of one attention call.
+    void add_layer(std::vector<cuda::Segment> s, const std::vector<int>& users, int heads) {
+      LayerPlan lp;
+      lp.seg_off = static_cast<int>(segs.size());
+      lp.nseg = static_cast<int>(s.size());
+      long long off = 0;
+      for (auto& sg : s) {
+        sg.ld = (sg.S + sg.G + 7) / 8 * 8;  // 32-byte aligned score rows for the P V GEMM's operand
+        sg.score_off = off;
+        off += static_cast<long long>(heads) * sg.nq * sg.ld;
+      }
+      max_scores = std::max(max_scores, static_cast<std::size_t>(off));
+      // Batched GEMMs need one shape per call: group segments by (S, nq); segments without prefix keys skip them.
+      std::vector<int> order(s.size());
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+        return s[a].S != s[b].S ? s[a].S < s[b].S : s[a].nq < s[b].nq;
+      });
+      int entry = 0;
+      for (std::size_t i = 0; i < order.size();) {
+        const cuda::Segment& first = s[order[i]];
+        std::size_t j = i;
+        while (j < order.size() && s[order[j]].S == first.S && s[order[j]].nq == first.nq) ++j;
+        if (first.S > 0) {
+          lp.groups.push_back({first.S, first.nq, static_cast<int>(j - i) * heads, entry});
+          entry += static_cast<int>(j - i) * heads;
+        }
+        for (std::size_t t = i; t < j; ++t) order_of_entry.push_back(order[t]);
+        i = j;
+      }
+      lp.entries = entry;
+      lp.ptr_off = ptr_count;
+      ptr_count += 6 * entry;
+      layers.push_back(std::move(lp));
+      segs.insert(segs.end(), s.begin(), s.end());
+      seg_user.push_back(users);
+      layer_order.push_back(std::move(order_of_entry));
+      order_of_entry.clear();
+    }
+
+    // Upload segments, ints and pointer arrays (one copy each, ordered on the state's stream).
+    template <class E>
+    void upload(State& st, const E& engine) {
+      const ModelConfig& c = engine.config();
+      const int hd = c.head_dim(), heads = c.n_heads, group = c.n_heads / c.n_kv_heads;
+      const std::size_t qd = std::size_t(heads) * hd;
+      std::vector<void*> ptrs(ptr_count);
+      for (std::size_t l = 0; l < layers.size(); ++l) {
+        const LayerPlan& lp = layers[l];
+        auto& store = st.layers_[l];
+        void** a1 = ptrs.data() + lp.ptr_off;
+        void** b1 = a1 + lp.entries;
+        void** c1 = b1 + lp.entries;
+        void** a2 = c1 + lp.entries;
+        void** b2 = a2 + lp.entries;
+        void** c2 = b2 + lp.entries;
+        int e = 0;
+        for (int si : layer_order[l]) {
+          const cuda::Segment& sg = segs[lp.seg_off + si];
+          if (sg.S == 0) continue;
+          const int u = seg_user[l][si];
+          for (int h = 0; h < heads; ++h, ++e) {
+            const std::size_t kv_col = std::size_t(h / group) * hd;
+            const std::size_t score = std::size_t(sg.score_off) + std::size_t(h) * sg.nq * sg.ld;
+            a1[e] = store.prefix_k(u) + kv_col;
+            b1[e] = st.q_.data() + std::size_t(sg.q_off) * qd + std::size_t(h) * hd;
+            c1[e] = st.scores_.data() + score;
+            a2[e] = store.prefix_v(u) + kv_col;
+            b2[e] = st.probs() + score;
+            c2[e] = st.att_.data() + std::size_t(sg.q_off) * qd + std::size_t(h) * hd;
+          }
+        }
+      }
+      st.ints_.reserve(std::max<std::size_t>(ints.size(), 1));
+      st.segs_.reserve(std::max<std::size_t>(segs.size(), 1));
+      st.ptrs_.reserve(std::max<std::size_t>(ptrs.size(), 1));
+      const cudaStream_t s = st.stream();
+      EARN_CUDA_CHECK(cudaMemcpyAsync(st.ints_.data(), ints.data(), ints.size() * sizeof(int), cudaMemcpyHostToDevice, s));
+      EARN_CUDA_CHECK(cudaMemcpyAsync(st.segs_.data(), segs.data(), segs.size() * sizeof(cuda::Segment),
+                                      cudaMemcpyHostToDevice, s));
+      EARN_CUDA_CHECK(cudaMemcpyAsync(st.ptrs_.data(), ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice, s));
+      // Pageable copies return once the host data is staged, so these vectors may go out of scope.
+    }
+
+    std::vector<std::vector<int>> layer_order;  // per layer: segment index of each GEMM entry block
+    std::vector<int> order_of_entry;
+    int ptr_count = 0;
+  };
+
+  void check_tokens(std::span<const int> tokens) const {
+    for (int t : tokens)
+      if (t < 0 || t >= w_.config.vocab_size)
+        throw RangeError("token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                         std::to_string(w_.config.vocab_size) + ")");
+  }
+
+  void embed(State& st, const int* codes, int rows) const {
+    const int dim = w_.config.dim;
+    cuda::kernel::embed<T><<<cuda::kernel::grid_for(Index{rows} * dim), cuda::kernel::kThreads, 0, st.stream()>>>(
+        codes, w_.tok_embeddings.data(), w_.registers.data(), rows, dim, st.x_.data());
+    EARN_CUDA_CHECK_LAUNCH();
+  }
+
+  void gather(State& st, const int* idx, int rows) const {
+    const int dim = w_.config.dim;
+    cuda::kernel::gather_rows<float><<<cuda::kernel::grid_for(Index{rows} * dim), cuda::kernel::kThreads, 0,
+                                       st.stream()>>>(st.x_.data(), idx, rows, dim, st.x2_.data());
+    EARN_CUDA_CHECK_LAUNCH();
+    std::swap(st.x_, st.x2_);
+  }
+
+  void rmsnorm(State& st, const float* gain, int rows) const {
+    if (rows == 0) return;
+    cuda::kernel::rmsnorm<T><<<rows, cuda::kernel::kThreads, 0, st.stream()>>>(st.x_.data(), gain, w_.config.norm_eps,
+                                                                             w_.config.dim, st.h_.data());
+    EARN_CUDA_CHECK_LAUNCH();
+  }
+
+  // One decoder block over `rows` residual rows. row_src (decode) maps a row to its generated-KV block, and G is
+  // the number of generated keys each row sees; in prefill row_src is null and K/V go to the users' prefix blocks.
+  template <class Policy>
+  void layer(State& st, int l, const Plan& plan, int pl, int rows, const int* pos, const int* row_seg,
+             const int* row_src, int G) const {
+    const ModelConfig& c = w_.config;
+    const cuda::DeviceLayer<DType>& lw = w_.layers[l];
+    kv::Store<CudaT<DType>>& store = st.layers_[l];
+    const int hd = c.head_dim(), qd = c.n_heads * hd, kvd = c.kv_dim(), width = qd + 2 * kvd;
+    const cudaStream_t s = st.stream();
+    cublasHandle_t h = blas_.get();
+    EARN_CUDA_CHECK(cublasSetStream(h, s));
+    const typename Plan::LayerPlan& lp = plan.layers[pl];
+    const cuda::Segment* segs = st.segs_.data() + lp.seg_off;
+    namespace k = cuda::kernel;
+
+    rmsnorm(st, lw.attn_norm.data(), rows);
+    cuda::linear<T, float>(h, st.h_.data(), lw.wqkv.data(), st.qkv_.data(), rows, c.dim, width);
+    const bool decode = row_src != nullptr;
+    k::qkv_post<T><<<k::grid_for(Index{rows} * ((c.n_heads + c.n_kv_heads) * (hd / 2) + kvd)), k::kThreads, 0, s>>>(
+        st.qkv_.data(), lw.bqkv.empty() ? nullptr : lw.bqkv.data(), pos, row_seg, segs, row_src, st.gen_len_,
+        store.max_new(), rows, c.n_heads, c.n_kv_heads, hd, c.rope_theta,
+        c.rope_style == RopeStyle::kInterleaved ? 1 : 0, st.q_.data(), decode ? store.gen_k() : store.prefix_k_base(),
+        decode ? store.gen_v() : store.prefix_v_base(), decode ? nullptr : store.prefix_pos_base());
+    EARN_CUDA_CHECK_LAUNCH();
+
+    // Attention: Q K^T over the prefix (batched GEMMs), generated keys, masked softmax, P V, generated values.
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    void** ptrs = st.ptrs_.data() + lp.ptr_off;
+    const int E = lp.entries;
+    for (const auto& g : lp.groups) {
+      // scores^T [S, nq] = K [S, hd] . Q^T, column-major view of row-major scores [nq, ld].
+      const cuda::BatchedGemm qk{CUBLAS_OP_T, CUBLAS_OP_N, g.S, g.nq, hd, cuda::blas_type<T>(), cuda::blas_type<T>(),
+                                 CUDA_R_32F, kvd, qd, (g.S + G + 7) / 8 * 8, scale, 0.0f};
+      cuda::gemm_batched(h, qk, ptrs + g.entry, ptrs + E + g.entry, ptrs + 2 * E + g.entry, g.count);
+    }
+    if (G > 0) {
+      k::gen_scores<T><<<k::grid_for(Index{rows} * c.n_heads * G * 32), k::kThreads, 0, s>>>(
+          st.q_.data(), store.gen_k(), row_src, row_seg, segs, rows, c.n_heads, c.n_kv_heads, hd, G, store.max_new(),
+          scale, st.scores_.data());
+      EARN_CUDA_CHECK_LAUNCH();
+    }
+    k::softmax_rows<Policy, T><<<dim3(rows, c.n_heads), 128, 0, s>>>(st.scores_.data(), st.probs(), pos, row_seg, segs);
+    EARN_CUDA_CHECK_LAUNCH();
+    for (const auto& g : lp.groups) {
+      // att^T [hd, nq] = V^T [hd, S] . P^T [S, nq].
+      const cuda::BatchedGemm pv{CUBLAS_OP_N, CUBLAS_OP_N, hd, g.nq, g.S, cuda::blas_type<T>(), cuda::blas_type<T>(),
+                                 cuda::blas_type<T>(), kvd, (g.S + G + 7) / 8 * 8, qd, 1.0f, 0.0f};
+      cuda::gemm_batched(h, pv, ptrs + 3 * E + g.entry, ptrs + 4 * E + g.entry, ptrs + 5 * E + g.entry, g.count);
+    }
+    if (G > 0) {
+      k::gen_pv<T><<<k::grid_for(Index{rows} * c.n_heads * 32), k::kThreads, 0, s>>>(
+          st.probs(), store.gen_v(), row_src, row_seg, segs, rows, c.n_heads, c.n_kv_heads, hd, G, store.max_new(),
+          st.att_.data());
+      EARN_CUDA_CHECK_LAUNCH();
+    }
+
+    // x += att Wo^T; x += W2 (silu(W1 n(x)) * W3 n(x)), the residual adds fused into the GEMMs (beta = 1).
+    cuda::linear<T, float>(h, st.att_.data(), lw.wo.data(), st.x_.data(), rows, qd, c.dim, 1.0f);
+    rmsnorm(st, lw.ffn_norm.data(), rows);
+    cuda::linear<T, float>(h, st.h_.data(), lw.w13.data(), st.gu_.data(), rows, c.dim, 2 * c.hidden_dim);
+    k::swiglu<T><<<k::grid_for(Index{rows} * c.hidden_dim), k::kThreads, 0, s>>>(st.gu_.data(), rows, c.hidden_dim,
+                                                                               st.act_.data());
+    EARN_CUDA_CHECK_LAUNCH();
+    cuda::linear<T, float>(h, st.act_.data(), lw.w2.data(), st.x_.data(), rows, c.hidden_dim, c.dim, 1.0f);
+  }
+
+  // Logits of residual rows idx[0..n): final norm, classifier GEMM into the state's logits buffer.
+  cuda::DeviceLogits logits(State& st, const int* idx, int n) const {
+    const ModelConfig& c = w_.config;
+    gather(st, idx, n);
+    rmsnorm(st, w_.final_norm.data(), n);
+    cublasHandle_t h = blas_.get();
+    EARN_CUDA_CHECK(cublasSetStream(h, st.stream()));
+    cuda::linear<T, float>(h, st.h_.data(), w_.classifier(), st.logits_.data(), n, c.dim, c.vocab_size);
+    return {st.logits_.data(), n, c.vocab_size};
+  }
+
+  Matrix to_host(State& st, cuda::DeviceLogits d) const {
+    Matrix m(d.rows, d.cols);
+    EARN_CUDA_CHECK(cudaMemcpyAsync(m.data(), d.data, std::size_t(d.rows) * d.cols * sizeof(float),
+                                    cudaMemcpyDeviceToHost, st.stream()));
+    st.synchronize();
+    return m;
+  }
+
+  // Prefill of several users: every layer over their rows at once; logits of each user's last surviving row
+  // (all_rows: every surviving row, one user only).
+  cuda::DeviceLogits run_prefill(State& st, std::span<const int> users, std::span<const std::vector<int>> prompts,
+                                 bool all_rows) const {
+    const ModelConfig& c = w_.config;
+    if (users.empty() || users.size() != prompts.size())
+      throw ConfigError("prefill: " + std::to_string(users.size()) + " users with " +
+                        std::to_string(prompts.size()) + " prompts");
+    std::vector<bool> seen(st.opts_.max_users, false);
+    for (std::size_t i = 0; i < users.size(); ++i) {
+      const int user = users[i];
+      if (user < 0 || user >= st.opts_.max_users)
+        throw RangeError("prefill: user " + std::to_string(user) + " outside the state's " +
+                         std::to_string(st.opts_.max_users) + " users");
+      if (seen[user]) throw ConfigError("prefill: user " + std::to_string(user) + " appears twice in one batch");
+      seen[user] = true;
+      if (prompts[i].empty()) throw ConfigError("prefill: the prompt is empty");
+      if (static_cast<Index>(prompts[i].size()) > st.opts_.max_prompt)
+        throw RangeError("prefill: prompt of " + std::to_string(prompts[i].size()) + " tokens exceeds the state's " +
+                         std::to_string(st.opts_.max_prompt));
+      check_tokens(prompts[i]);
+    }
+    const int rp = w_.prefix_registers, rs = w_.suffix_registers;
+
+    // The input rows [R_prefix; prompt; R_suffix] of every user, one segment each.
+    Rows rw;
+    std::vector<int> codes;
+    for (std::size_t i = 0; i < users.size(); ++i) {
+      const int n = rp + static_cast<int>(prompts[i].size()) + rs;
+      rw.seg_user.push_back(users[i]);
+      rw.seg_off.push_back(rw.m);
+      rw.seg_n.push_back(n);
+      for (int j = 0; j < n; ++j) {
+        rw.pos.push_back(j);
+        rw.row_seg.push_back(static_cast<int>(i));
+        if (j < rp) {
+          codes.push_back(-(j + 1));
+          rw.kind.push_back(RowKind::kPrefixRegister);
+        } else if (j < n - rs) {
+          codes.push_back(prompts[i][j - rp]);
+          rw.kind.push_back(RowKind::kPrompt);
+        } else {
+          codes.push_back(-(rp + (j - (n - rs)) + 1));
+          rw.kind.push_back(RowKind::kSuffixRegister);
+        }
+      }
+      rw.m += n;
+      st.input_len_[users[i]] = n;
+    }
+    st.row_user_.clear();
+    st.gen_len_ = 0;
+
+    // Plan every layer on the host: the rows each policy keeps (a gather where the set shrinks), segments, GEMMs.
+    Plan plan;
+    const int i_codes = plan.add_ints(codes);
+    struct Phase {
+      int rows, i_pos, i_seg, i_gather;  // i_gather < 0: same rows as the layer below
+    };
+    std::vector<Phase> phase(c.n_layers);
+    std::size_t max_rows = static_cast<std::size_t>(rw.m);
+    Phase cur{rw.m, plan.add_ints(rw.pos), plan.add_ints(rw.row_seg), -1};
+    for (int l = 0; l < c.n_layers; ++l) {
+      std::vector<int> keep;
+      schedule_.visit(l, [&]<class L>(L) {
+        for (int r = 0; r < rw.m; ++r)
+          if (L::policy::keeps(rw.kind[r])) keep.push_back(r);
+      });
+      cur.i_gather = -1;
+      if (static_cast<int>(keep.size()) != rw.m) {
+        Rows kept;
+        kept.m = static_cast<int>(keep.size());
+        for (std::size_t s = 0; s < rw.seg_user.size(); ++s) {
+          kept.seg_user.push_back(rw.seg_user[s]);
+          kept.seg_off.push_back(0);
+          kept.seg_n.push_back(0);
+        }
+        for (int j = 0; j < kept.m; ++j) {
+          const int r = keep[j], s = rw.row_seg[r];
+          if (kept.seg_n[s]++ == 0) kept.seg_off[s] = j;
+          kept.pos.push_back(rw.pos[r]);
+          kept.row_seg.push_back(s);
+          kept.kind.push_back(rw.kind[r]);
+        }
+        for (std::size_t s = 0; s < kept.seg_n.size(); ++s)
+          if (kept.seg_n[s] == 0)
+            throw ConfigError("prefill: layer " + std::to_string(l) + "'s attention policy drops every row of user " +
+                              std::to_string(kept.seg_user[s]) + "; nothing would reach the top");
+        cur = Phase{kept.m, plan.add_ints(kept.pos), plan.add_ints(kept.row_seg), plan.add_ints(keep)};
+        rw = std::move(kept);
+      }
+      phase[l] = cur;
+      std::vector<cuda::Segment> segs(rw.seg_user.size());
+      const Index cap = st.layers_[l].prefix_capacity();
+      for (std::size_t s = 0; s < segs.size(); ++s) {
+        const int u = rw.seg_user[s];
+        st.layers_[l].set_prefix_len(u, rw.seg_n[s]);  // throws when the layer's cache cannot hold the rows
+        segs[s].q_off = rw.seg_off[s];
+        segs[s].nq = rw.seg_n[s];
+        segs[s].S = rw.seg_n[s];
+        segs[s].G = 0;
+        segs[s].slot0 = static_cast<int>(u * cap);
+        segs[s].gen_pos0 = st.input_len_[u];
+        segs[s].kpos = st.layers_[l].prefix_positions(u);
+      }
+      plan.add_layer(std::move(segs), rw.seg_user, c.n_heads);
+    }
+    // The rows whose logits are returned: each user's last surviving row, or all rows of the one user.
+    std::vector<int> out;
+    for (std::size_t s = 0; s < rw.seg_user.size(); ++s) {
+      if (all_rows)
+        for (int j = 0; j < rw.seg_n[s]; ++j) out.push_back(rw.seg_off[s] + j);
+      else
+        out.push_back(rw.seg_off[s] + rw.seg_n[s] - 1);
+    }
+    const int i_out = plan.add_ints(out);
+
+    st.reserve(c, max_rows, plan.max_scores, out.size());
+    plan.upload(st, *this);
+    const int* ints = st.ints_.data();
+    embed(st, ints + i_codes, static_cast<int>(max_rows));
+    for (int l = 0; l < c.n_layers; ++l) {
+      const Phase& p = phase[l];
+      if (p.i_gather >= 0) gather(st, ints + p.i_gather, p.rows);
+      schedule_.visit(l, [&]<class L>(L) {
+        layer<typename L::policy>(st, l, plan, l, p.rows, ints + p.i_pos, ints + p.i_seg, nullptr, 0);
+      });
+    }
+    return logits(st, ints + i_out, static_cast<int>(out.size()));
+  }
+
+  std::shared_ptr<const cuda::DeviceWeights<DType>> wp_;
+  const cuda::DeviceWeights<DType>& w_;
+  Schedule schedule_;
+  cuda::BlasHandle blas_;
+};
+
+}  // namespace earn

@@ -1,0 +1,280 @@
+// earn/backend/cuda/kernels.cuh - the CUDA backend's element-wise and row kernels: embeddings, RMSNorm, the fused
+// bias + RoPE + KV-store step after the QKV GEMM, SwiGLU, row gathers, and the attention pieces around cuBLAS
+// (generated-key scores, the policy-masked softmax, generated-value accumulation). GEMMs live in blas.cuh.
+//
+// Numerics: the residual stream and every GEMM output are fp32; storage type T (float, bf16, fp16) is used for
+// what the GEMMs read (normalised rows, attention inputs, weights) and for the KV cache.
+#pragma once
+
+#include <cstdint>
+
+#include "earn/backend/cuda/common.cuh"
+
+namespace earn::cuda {
+
+/// One user's slice of an attention call (plain data, copied to the device). Queries are rows
+/// [q_off, q_off + nq) of Q; keys are the user's S cached prefix rows, then G generated rows of each query row.
+struct Segment {
+  int q_off = 0;          ///< first query row
+  int nq = 0;             ///< query rows
+  int S = 0;              ///< prefix keys
+  int G = 0;              ///< generated keys per query row (0 in prefill)
+  int ld = 0;             ///< stride of a score row, >= S + G (rounded up for aligned GEMM operands)
+  int slot0 = 0;          ///< prefill: KV slot of this segment's first row in the layer's prefix store
+  int gen_pos0 = 0;       ///< position of generated key 0: the user's input length
+  long long score_off = 0;  ///< first score of this segment; scores are [n_heads][nq][ld]
+  const int* kpos = nullptr;  ///< [S] positions of the prefix keys
+};
+
+namespace kernel {
+
+constexpr int kThreads = 256;
+
+inline unsigned grid_for(long long n, int threads = kThreads) {
+  const long long b = (n + threads - 1) / threads;
+  return static_cast<unsigned>(b < 1 ? 1 : (b > 65535LL * 8 ? 65535LL * 8 : b));  // grid-stride loops cover the rest
+}
+
+__device__ inline float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ inline float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+/// Sum (or max) over the block; every thread gets the result. Ends with a barrier so `red` can be reused.
+template <bool kMax>
+__device__ inline float block_reduce(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  v = kMax ? warp_max(v) : warp_sum(v);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float r = lane < warps ? red[lane] : (kMax ? -INFINITY : 0.0f);
+  r = kMax ? warp_max(r) : warp_sum(r);
+  __syncthreads();
+  return r;
+}
+
+/// x[r] = row codes[r] of the token embedding (code >= 0) or register -code-1 (code < 0), widened to fp32.
+template <class T>
+__global__ void embed(const int* codes, const T* emb, const T* reg, int rows, int dim, float* x) {
+  const long long n = static_cast<long long>(rows) * dim;
+  for (long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; t < n;
+       t += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long r = t / dim, d = t % dim;
+    const int code = codes[r];
+    x[t] = to_float(code >= 0 ? emb[code * static_cast<long long>(dim) + d] : reg[(-code - 1) * static_cast<long long>(dim) + d]);
+  }
+}
+
+/// dst[i] = src[idx[i]] for rows of `dim` elements.
+template <class T>
+__global__ void gather_rows(const T* src, const int* idx, int rows, int dim, T* dst) {
+  const long long n = static_cast<long long>(rows) * dim;
+  for (long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; t < n;
+       t += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long r = t / dim, d = t % dim;
+    dst[t] = src[idx[r] * static_cast<long long>(dim) + d];
+  }
+}
+
+/// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * g, one block per row (scale then gain, as the CPU backend).
+template <class T>
+__global__ void rmsnorm(const float* x, const float* g, float eps, int dim, T* out) {
+  __shared__ float red[32];
+  const float* xr = x + static_cast<long long>(blockIdx.x) * dim;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
+  ss = block_reduce<false>(ss, red);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
+  T* o = out + static_cast<long long>(blockIdx.x) * dim;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = from_float<T>(xr[i] * inv * g[i]);
+}
+
+/// After the fused QKV GEMM (qkv [rows, qd + 2 kvd] fp32): add biases, rotate q and k by each row's position,
+/// store q into q_out [rows, qd] and k, v into KV slots. A row's slot is row_src[r] * max_new + gen_step when
+/// row_src is given (decode: the row's generated block), else its segment's slot0 + its index in the segment
+/// (prefill: the user's prefix block), where the key's position also goes to kpos_out.
+template <class T>
+__global__ void qkv_post(const float* qkv, const float* bias, const int* pos, const int* row_seg, const Segment* segs,
+                         const int* row_src, int gen_step, int max_new, int rows, int nh, int nkv, int hd, float theta,
+                         int interleaved, T* q_out, T* k_out, T* v_out, int* kpos_out) {
+  const int half = hd / 2, qd = nh * hd, kvd = nkv * hd, width = qd + 2 * kvd;
+  const int pairs = (nh + nkv) * half;
+  const long long per_row = pairs + kvd, n = static_cast<long long>(rows) * per_row;
+  for (long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; t < n;
+       t += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int r = static_cast<int>(t / per_row), e = static_cast<int>(t % per_row);
+    const float* src = qkv + static_cast<long long>(r) * width;
+    long long slot;
+    if (row_src) {
+      slot = static_cast<long long>(row_src[r]) * max_new + gen_step;
+    } else {
+      const Segment& sg = segs[row_seg[r]];
+      slot = sg.slot0 + (r - sg.q_off);
+    }
+    if (e < pairs) {
+      const int head = e / half, i = e % half;
+      const int base = head < nh ? head * hd : qd + (head - nh) * hd;
+      // Interleaved pairs (2i, 2i+1) for llama2.c; halves (i, i+d/2) for Hugging Face's rotate_half.
+      const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
+      float a = src[base + ia], b = src[base + ib];
+      if (bias) {
+        a += bias[base + ia];
+        b += bias[base + ib];
+      }
+      // Float throughout, as the CPU backend: inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq.
+      const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(hd));
+      const float angle = static_cast<float>(pos[r]) * inv_freq;
+      const float c = cosf(angle), s = sinf(angle);
+      const float ra = a * c - b * s, rb = a * s + b * c;
+      T* dst = head < nh ? q_out + static_cast<long long>(r) * qd + head * hd
+                         : k_out + slot * kvd + (head - nh) * hd;
+      dst[ia] = from_float<T>(ra);
+      dst[ib] = from_float<T>(rb);
+      if (e == 0 && kpos_out) kpos_out[slot] = pos[r];
+    } else {
+      const int j = e - pairs;
+      const float v = src[qd + kvd + j] + (bias ? bias[qd + kvd + j] : 0.0f);
+      v_out[slot * kvd + j] = from_float<T>(v);
+    }
+  }
+}
+
+/// a[r, i] = silu(gu[r, i]) * gu[r, H + i]: the gate and up halves of the fused w1|w3 GEMM.
+template <class T>
+__global__ void swiglu(const float* gu, int rows, int H, T* a) {
+  const long long n = static_cast<long long>(rows) * H;
+  for (long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; t < n;
+       t += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long r = t / H, i = t % H;
+    const float g = gu[r * 2 * H + i], u = gu[r * 2 * H + H + i];
+    a[t] = from_float<T>(g / (1.0f + expf(-g)) * u);
+  }
+}
+
+/// Scores of each query row against its own generated keys: scores[.., S + j] = scale * q . k_gen[j].
+/// One warp per (row, head, j); every segment has the same G (one decode step).
+template <class T>
+__global__ void gen_scores(const T* q, const T* gen_k, const int* row_src, const int* row_seg, const Segment* segs,
+                           int rows, int nh, int nkv, int hd, int G, int max_new, float scale, float* scores) {
+  const long long warps = static_cast<long long>(rows) * nh * G;
+  const int lane = threadIdx.x & 31, qd = nh * hd, kvd = nkv * hd;
+  for (long long w = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) >> 5; w < warps;
+       w += (static_cast<long long>(gridDim.x) * blockDim.x) >> 5) {
+    const int r = static_cast<int>(w / (static_cast<long long>(nh) * G)), h = static_cast<int>((w / G) % nh),
+              j = static_cast<int>(w % G);
+    const int kvh = h / (nh / nkv);
+    const T* qv = q + static_cast<long long>(r) * qd + h * hd;
+    const T* kv = gen_k + (static_cast<long long>(row_src[r]) * max_new + j) * kvd + kvh * hd;
+    float acc = 0.0f;
+    for (int d = lane; d < hd; d += 32) acc += to_float(qv[d]) * to_float(kv[d]);
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      const Segment& sg = segs[row_seg[r]];
+      scores[sg.score_off + (static_cast<long long>(h) * sg.nq + (r - sg.q_off)) * sg.ld + sg.S + j] = acc * scale;
+    }
+  }
+}
+
+/// Softmax of one (row, head) score row over its S + G keys, masked by Policy::visible on positions; writes the
+/// probabilities in T at the same offsets (in place when T is float). A row that sees no key gets all zeros
+/// (attention output 0), as the CPU backend. Grid: (rows, heads).
+template <class Policy, class T>
+__global__ void softmax_rows(float* scores, T* probs, const int* pos, const int* row_seg, const Segment* segs) {
+  __shared__ float red[32];
+  const int r = blockIdx.x, h = blockIdx.y;
+  const Segment sg = segs[row_seg[r]];
+  const int len = sg.S + sg.G, qpos = pos[r];
+  const long long off = sg.score_off + (static_cast<long long>(h) * sg.nq + (r - sg.q_off)) * sg.ld;
+  float* s = scores + off;
+  T* p = probs + off;
+  auto visible = [&](int j) {
+    const int kp = j < sg.S ? sg.kpos[j] : sg.gen_pos0 + (j - sg.S);
+    return Policy::visible(qpos, kp);
+  };
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j < len; j += blockDim.x)
+    if (visible(j)) m = fmaxf(m, s[j]);
+  m = block_reduce<true>(m, red);
+  if (m == -INFINITY) {  // uniform across the block: every thread got the same reduction
+    for (int j = threadIdx.x; j < len; j += blockDim.x) p[j] = from_float<T>(0.0f);
+    return;
+  }
+  float z = 0.0f;
+  for (int j = threadIdx.x; j < len; j += blockDim.x)
+    if (visible(j)) z += expf(s[j] - m);
+  z = block_reduce<false>(z, red);
+  for (int j = threadIdx.x; j < len; j += blockDim.x)
+    p[j] = from_float<T>(visible(j) ? expf(s[j] - m) / z : 0.0f);
+}
+
+/// out[r, head h] (+)= sum_j p[.., S + j] * v_gen[j]: the generated keys' share of the attention output, added to
+/// what the prefix GEMM wrote (or written alone when the segment has no prefix). One warp per (row, head).
+template <class T>
+__global__ void gen_pv(const T* probs, const T* gen_v, const int* row_src, const int* row_seg, const Segment* segs,
+                       int rows, int nh, int nkv, int hd, int G, int max_new, T* out) {
+  const long long warps = static_cast<long long>(rows) * nh;
+  const int lane = threadIdx.x & 31, qd = nh * hd, kvd = nkv * hd;
+  for (long long w = (blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x) >> 5; w < warps;
+       w += (static_cast<long long>(gridDim.x) * blockDim.x) >> 5) {
+    const int r = static_cast<int>(w / nh), h = static_cast<int>(w % nh), kvh = h / (nh / nkv);
+    const Segment& sg = segs[row_seg[r]];
+    const T* p = probs + sg.score_off + (static_cast<long long>(h) * sg.nq + (r - sg.q_off)) * sg.ld + sg.S;
+    const T* v = gen_v + static_cast<long long>(row_src[r]) * max_new * kvd + kvh * hd;
+    T* o = out + static_cast<long long>(r) * qd + h * hd;
+    for (int d = lane; d < hd; d += 32) {
+      float acc = sg.S > 0 ? to_float(o[d]) : 0.0f;
+      for (int j = 0; j < G; ++j) acc += to_float(p[j]) * to_float(v[static_cast<long long>(j) * kvd + d]);
+      o[d] = from_float<T>(acc);
+    }
+  }
+}
+
+/// dst [rows, gen_len, kvd] = the first gen_len generated rows of src row parent[i] (src [*, max_new, kvd]).
+template <class T>
+__global__ void gather_generated(const T* src, const int* parent, int rows, int gen_len, int max_new, int kvd, T* dst) {
+  const long long n = static_cast<long long>(rows) * gen_len * kvd;
+  for (long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; t < n;
+       t += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long i = t / (static_cast<long long>(gen_len) * kvd), rest = t % (static_cast<long long>(gen_len) * kvd);
+    dst[t] = src[static_cast<long long>(parent[i]) * max_new * kvd + rest];
+  }
+}
+
+/// The inverse layout move: dst [*, max_new, kvd] rows i, steps < gen_len from src [rows, gen_len, kvd].
+template <class T>
+__global__ void scatter_generated(const T* src, int rows, int gen_len, int max_new, int kvd, T* dst) {
+  const long long n = static_cast<long long>(rows) * gen_len * kvd;
+  for (long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; t < n;
+       t += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long i = t / (static_cast<long long>(gen_len) * kvd), rest = t % (static_cast<long long>(gen_len) * kvd);
+    dst[i * max_new * kvd + rest] = src[t];
+  }
+}
+
+/// dst[i] = T(src[i]).
+template <class T>
+__global__ void convert(const float* src, long long n, T* dst) {
+  for (long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; t < n;
+       t += static_cast<long long>(gridDim.x) * blockDim.x)
+    dst[t] = from_float<T>(src[t]);
+}
+
+/// dst[i] = center + U(-bound, bound), from a counter-based hash of (seed, i): the same values for any grid.
+template <class T>
+__global__ void fill_uniform(T* dst, long long n, unsigned long long seed, float center, float bound) {
+  for (long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; t < n;
+       t += static_cast<long long>(gridDim.x) * blockDim.x) {
+    unsigned long long z = seed + 0x9E3779B97F4A7C15ull * static_cast<unsigned long long>(t + 1);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float u = static_cast<float>(z >> 40) * (1.0f / 16777216.0f);
+    dst[t] = from_float<T>(center + (2.0f * u - 1.0f) * bound);
+  }
+}
+
+}  // namespace kernel
+}  // namespace earn::cuda

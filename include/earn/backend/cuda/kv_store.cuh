@@ -1,0 +1,109 @@
+// earn/backend/cuda/kv_store.cuh - device storage of one layer's KV cache (prefix per user, generated per row).
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "earn/backend/cuda/common.cuh"
+#include "earn/backend/cuda/kernels.cuh"
+#include "earn/core/tensor.hpp"
+#include "earn/kv/layout.hpp"
+
+namespace earn::kv {
+
+/// One layer's cache on the device, in storage type T. K rows are stored after RoPE, so decode never re-rotates
+/// them. The prefix block of a user is written by prefill and read by every decode row (beam) of that user.
+template <class DType>
+class Store<CudaT<DType>> {
+ public:
+  using T = cuda::storage_t<DType>;
+
+  Store() = default;
+  /// `prefix_capacity` rows per user; `max_new` generated rows per decode row.
+  Store(Index prefix_capacity, int max_users, int max_rows, int max_new, int kv_dim)
+      : prefix_capacity_(prefix_capacity), max_users_(max_users), max_rows_(max_rows), max_new_(max_new),
+        kv_dim_(kv_dim), prefix_len_(max_users, 0) {
+    const std::size_t pre = std::size_t(prefix_capacity) * max_users * kv_dim;
+    const std::size_t gen = std::size_t(max_rows) * max_new * kv_dim;
+    prefix_k_.reserve(pre);
+    prefix_v_.reserve(pre);
+    prefix_pos_.reserve(std::size_t(prefix_capacity) * max_users);
+    gen_k_.reserve(gen);
+    gen_v_.reserve(gen);
+  }
+
+  Index prefix_capacity() const { return prefix_capacity_; }
+  int max_new() const { return max_new_; }
+  int kv_dim() const { return kv_dim_; }
+  int prefix_len(int user) const { return prefix_len_.at(user); }
+
+  /// [prefix_capacity, kv_dim] device blocks of a user's prefix K / V and its [prefix_capacity] key positions.
+  T* prefix_k(int user) { return prefix_k_.data() + std::size_t(user) * prefix_capacity_ * kv_dim_; }
+  T* prefix_v(int user) { return prefix_v_.data() + std::size_t(user) * prefix_capacity_ * kv_dim_; }
+  const T* prefix_k(int user) const { return prefix_k_.data() + std::size_t(user) * prefix_capacity_ * kv_dim_; }
+  const T* prefix_v(int user) const { return prefix_v_.data() + std::size_t(user) * prefix_capacity_ * kv_dim_; }
+  const int* prefix_positions(int user) const { return prefix_pos_.data() + std::size_t(user) * prefix_capacity_; }
+  /// Base of the whole prefix storage [max_users * prefix_capacity, kv_dim]; user u's block starts at row
+  /// u * prefix_capacity.
+  T* prefix_k_base() { return prefix_k_.data(); }
+  T* prefix_v_base() { return prefix_v_.data(); }
+  int* prefix_pos_base() { return prefix_pos_.data(); }
+  /// Generated K / V: [max_rows * max_new, kv_dim], row r's step g at r * max_new + g.
+  T* gen_k() { return gen_k_.data(); }
+  T* gen_v() { return gen_v_.data(); }
+  const T* gen_k() const { return gen_k_.data(); }
+  const T* gen_v() const { return gen_v_.data(); }
+
+  /// Record that prefill wrote `rows` prefix rows for `user` (the kernel wrote the numbers).
+  void set_prefix_len(int user, int rows) {
+    if (rows > prefix_capacity_)
+      throw RangeError("kv cache: " + std::to_string(rows) + " prefix rows exceed the layer's capacity of " +
+                       std::to_string(prefix_capacity_));
+    prefix_len_.at(user) = rows;
+  }
+
+  /// New row i continues old row parent[i] (`parent` a device array of `rows` entries): copy its first `gen_len`
+  /// generated rows, through `scratch` (at least 2 * rows * gen_len * kv_dim elements).
+  void reorder(const int* parent, int rows, int gen_len, T* scratch, cudaStream_t stream) {
+    if (gen_len == 0) return;
+    const long long n = static_cast<long long>(rows) * gen_len * kv_dim_;
+    const unsigned grid = cuda::kernel::grid_for(n);
+    T* sk = scratch;
+    T* sv = scratch + n;
+    cuda::kernel::gather_generated<T><<<grid, cuda::kernel::kThreads, 0, stream>>>(gen_k_.data(), parent, rows, gen_len,
+                                                                                  max_new_, kv_dim_, sk);
+    EARN_CUDA_CHECK_LAUNCH();
+    cuda::kernel::gather_generated<T><<<grid, cuda::kernel::kThreads, 0, stream>>>(gen_v_.data(), parent, rows, gen_len,
+                                                                                  max_new_, kv_dim_, sv);
+    EARN_CUDA_CHECK_LAUNCH();
+    cuda::kernel::scatter_generated<T><<<grid, cuda::kernel::kThreads, 0, stream>>>(sk, rows, gen_len, max_new_,
+                                                                                   kv_dim_, gen_k_.data());
+    EARN_CUDA_CHECK_LAUNCH();
+    cuda::kernel::scatter_generated<T><<<grid, cuda::kernel::kThreads, 0, stream>>>(sv, rows, gen_len, max_new_,
+                                                                                   kv_dim_, gen_v_.data());
+    EARN_CUDA_CHECK_LAUNCH();
+  }
+
+  /// Poison every cached number with NaN, so a read of a row nobody wrote shows up in the outputs (tests).
+  void poison(cudaStream_t stream) {
+    prefix_k_.fill_bytes(0xFF, stream);
+    prefix_v_.fill_bytes(0xFF, stream);
+    gen_k_.fill_bytes(0xFF, stream);
+    gen_v_.fill_bytes(0xFF, stream);
+  }
+
+  /// Elements reserved by this layer (prefix blocks of every user + generated blocks), K and V.
+  Index capacity_elements() const {
+    return 2 * (prefix_capacity_ * max_users_ + Index{max_rows_} * max_new_) * kv_dim_;
+  }
+
+ private:
+  Index prefix_capacity_ = 0;
+  int max_users_ = 0, max_rows_ = 0, max_new_ = 0, kv_dim_ = 0;
+  cuda::DeviceBuffer<T> prefix_k_, prefix_v_;  // [max_users * prefix_capacity, kv_dim]
+  cuda::DeviceBuffer<int> prefix_pos_;         // [max_users * prefix_capacity]: position of each prefix row
+  std::vector<int> prefix_len_;                // per user: rows written (host mirror)
+  cuda::DeviceBuffer<T> gen_k_, gen_v_;        // [max_rows * max_new, kv_dim]
+};
+
+}  // namespace earn::kv
