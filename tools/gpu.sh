@@ -35,7 +35,7 @@ if [ "$mode" = all ] || [ "$mode" = test ]; then
   echo "tests rc=$rc"
   [ $rc = 0 ] || status=1
   echo "== compute-sanitizer memcheck (all tests)"
-  (cd "$root" && timeout 420 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/test_cuda_engine") \
+  (cd "$root" && timeout "${EARN_SANITIZER_TIMEOUT:-300}" compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/test_cuda_engine") \
     >"$OUT/memcheck.log" 2>&1
   echo "memcheck rc=$?"; tail -4 "$OUT/memcheck.log"
   echo "== compute-sanitizer racecheck (fp32 engine tests)"
@@ -45,10 +45,12 @@ if [ "$mode" = all ] || [ "$mode" = test ]; then
 fi
 if [ "$mode" = all ] || [ "$mode" = bench ]; then
   echo "== earn GPU benchmark"
-  "$bin/bench_cuda_llama" --json "$OUT/bench_earn.json" "$@" 2>&1 | tee "$OUT/bench_earn.log" || status=1
+  timeout "${EARN_BENCH_TIMEOUT:-300}" "$bin/bench_cuda_llama" --json "$OUT/bench_earn.json" "$@" 2>&1 |
+    tee "$OUT/bench_earn.log" || status=1
 fi
 if [ "$mode" = all ] || [ "$mode" = peers ]; then
   echo "== peers: Hugging Face generate and eager PyTorch EARN"
-  python3 "$root/tools/gpu_peers.py" --json "$OUT/bench_peers.json" 2>&1 | tee "$OUT/bench_peers.log" || status=1
+  timeout "${EARN_PEERS_TIMEOUT:-300}" python3 "$root/tools/gpu_peers.py" --json "$OUT/bench_peers.json" 2>&1 |
+    tee "$OUT/bench_peers.log" || status=1
 fi
 exit $status
