@@ -51,7 +51,9 @@ class EagerEarn:
         self.head = model.lm_head
         c = model.config
         self.H, self.hd = c.num_attention_heads, c.hidden_size // c.num_attention_heads
-        self.inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, self.hd, 2, device="cuda").float() / self.hd))
+        # transformers 5 moved rope_theta into rope_parameters
+        theta = getattr(c, "rope_theta", None) or (getattr(c, "rope_parameters", None) or {}).get("rope_theta", 1e4)
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.hd, 2, device="cuda").float() / self.hd))
         self.regs = regs  # [2, dim]
 
     def attn_block(self, layer, x, pos, cache, causal):
@@ -119,7 +121,7 @@ def main():
 
     cfg = LlamaConfig(vocab_size=33024, hidden_size=4096, intermediate_size=11008, num_hidden_layers=a.layers,
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=1024,
-                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+                      rms_norm_eps=1e-5, tie_word_embeddings=False)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg)
@@ -139,6 +141,9 @@ def main():
         except torch.OutOfMemoryError:
             ms = None
             print(f"{peer:6s} B={B:2d} P={P:3d} k={k:2d}  out of memory", flush=True)
+        except Exception as e:  # keep the other peers' numbers
+            ms = None
+            print(f"{peer:6s} B={B:2d} P={P:3d} k={k:2d}  failed: {type(e).__name__}: {e}", flush=True)
         out.append({"peer": peer, "B": B, "P": P, "k": k, "ms": ms})
         torch.cuda.empty_cache()
 

@@ -143,8 +143,8 @@ class CudaState {
     if constexpr (!std::is_same_v<T, float>) probs_.reserve(std::max<std::size_t>(scores, 1));
     logits_.reserve(std::max<std::size_t>(out_rows, 1) * c.vocab_size);
     if (poison_) {
-      for (auto* b : {&x_, &x2_, &qkv_, &gu_, &scores_, &logits_}) b->fill_bytes(0xFF, stream());
-      for (auto* b : {&h_, &q_, &att_, &act_, &probs_}) b->fill_bytes(0xFF, stream());
+      for (auto* b : {&x_, &x2_, &scores_, &logits_}) b->fill_bytes(0xFF, stream());
+      for (auto* b : {&h_, &qkv_, &gu_, &q_, &att_, &act_, &probs_}) b->fill_bytes(0xFF, stream());
     }
   }
   T* probs() {
@@ -161,10 +161,10 @@ class CudaState {
   bool poison_ = false;
   cuda::Stream stream_;
   // Scratch, grown on demand: x/x2 the fp32 residual stream [rows, dim]; h the normalised rows [rows, dim];
-  // qkv [rows, qd + 2 kv_dim] and gu [rows, 2 hidden] GEMM outputs in fp32; q, att [rows, qd]; act [rows, hidden];
+  // qkv [rows, qd + 2 kv_dim] and gu [rows, 2 hidden] GEMM outputs; q, att [rows, qd]; act [rows, hidden];
   // scores / probs per attention call; logits [out_rows, vocab].
-  cuda::DeviceBuffer<float> x_, x2_, qkv_, gu_, scores_, logits_;
-  cuda::DeviceBuffer<T> h_, q_, att_, act_, probs_, reorder_scratch_;
+  cuda::DeviceBuffer<float> x_, x2_, scores_, logits_;
+  cuda::DeviceBuffer<T> h_, qkv_, gu_, q_, att_, act_, probs_, reorder_scratch_;
   cuda::DeviceBuffer<int> ints_, parent_;
   cuda::DeviceBuffer<cuda::Segment> segs_;
   cuda::DeviceBuffer<void*> ptrs_;
@@ -469,7 +469,7 @@ class Engine<Schedule, CudaT<DType>> {
     namespace k = cuda::kernel;
 
     rmsnorm(st, lw.attn_norm.data(), rows);
-    cuda::linear<T, float>(h, st.h_.data(), lw.wqkv.data(), st.qkv_.data(), rows, c.dim, width);
+    cuda::linear<T, T>(h, st.h_.data(), lw.wqkv.data(), st.qkv_.data(), rows, c.dim, width);
     const bool decode = row_src != nullptr;
     k::qkv_post<T><<<k::grid_for(Index{rows} * ((c.n_heads + c.n_kv_heads) * (hd / 2) + kvd)), k::kThreads, 0, s>>>(
         st.qkv_.data(), lw.bqkv.empty() ? nullptr : lw.bqkv.data(), pos, row_seg, segs, row_src, st.gen_len_,
@@ -512,7 +512,7 @@ class Engine<Schedule, CudaT<DType>> {
     // x += att Wo^T; x += W2 (silu(W1 n(x)) * W3 n(x)), the residual adds fused into the GEMMs (beta = 1).
     cuda::linear<T, float>(h, st.att_.data(), lw.wo.data(), st.x_.data(), rows, qd, c.dim, 1.0f);
     rmsnorm(st, lw.ffn_norm.data(), rows);
-    cuda::linear<T, float>(h, st.h_.data(), lw.w13.data(), st.gu_.data(), rows, c.dim, 2 * c.hidden_dim);
+    cuda::linear<T, T>(h, st.h_.data(), lw.w13.data(), st.gu_.data(), rows, c.dim, 2 * c.hidden_dim);
     k::swiglu<T><<<k::grid_for(Index{rows} * c.hidden_dim), k::kThreads, 0, s>>>(st.gu_.data(), rows, c.hidden_dim,
                                                                                st.act_.data());
     EARN_CUDA_CHECK_LAUNCH();

@@ -2,8 +2,9 @@
 // bias + RoPE + KV-store step after the QKV GEMM, SwiGLU, row gathers, and the attention pieces around cuBLAS
 // (generated-key scores, the policy-masked softmax, generated-value accumulation). GEMMs live in blas.cuh.
 //
-// Numerics: the residual stream and every GEMM output are fp32; storage type T (float, bf16, fp16) is used for
-// what the GEMMs read (normalised rows, attention inputs, weights) and for the KV cache.
+// Numerics: the residual stream, attention scores and logits are fp32; storage type T (float, bf16, fp16) holds
+// weights, KV cache, GEMM inputs and the q/k/v and gate/up GEMM outputs (halving their traffic; the math on them,
+// RoPE and SwiGLU, runs in fp32 registers).
 #pragma once
 
 #include <cstdint>
@@ -92,12 +93,12 @@ __global__ void rmsnorm(const float* x, const float* g, float eps, int dim, T* o
   for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = from_float<T>(xr[i] * inv * g[i]);
 }
 
-/// After the fused QKV GEMM (qkv [rows, qd + 2 kvd] fp32): add biases, rotate q and k by each row's position,
+/// After the fused QKV GEMM (qkv [rows, qd + 2 kvd], in T): add biases, rotate q and k by each row's position,
 /// store q into q_out [rows, qd] and k, v into KV slots. A row's slot is row_src[r] * max_new + gen_step when
 /// row_src is given (decode: the row's generated block), else its segment's slot0 + its index in the segment
 /// (prefill: the user's prefix block), where the key's position also goes to kpos_out.
 template <class T>
-__global__ void qkv_post(const float* qkv, const float* bias, const int* pos, const int* row_seg, const Segment* segs,
+__global__ void qkv_post(const T* qkv, const float* bias, const int* pos, const int* row_seg, const Segment* segs,
                          const int* row_src, int gen_step, int max_new, int rows, int nh, int nkv, int hd, float theta,
                          int interleaved, T* q_out, T* k_out, T* v_out, int* kpos_out) {
   const int half = hd / 2, qd = nh * hd, kvd = nkv * hd, width = qd + 2 * kvd;
@@ -106,7 +107,7 @@ __global__ void qkv_post(const float* qkv, const float* bias, const int* pos, co
   for (long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; t < n;
        t += static_cast<long long>(gridDim.x) * blockDim.x) {
     const int r = static_cast<int>(t / per_row), e = static_cast<int>(t % per_row);
-    const float* src = qkv + static_cast<long long>(r) * width;
+    const T* src = qkv + static_cast<long long>(r) * width;
     long long slot;
     if (row_src) {
       slot = static_cast<long long>(row_src[r]) * max_new + gen_step;
@@ -119,7 +120,7 @@ __global__ void qkv_post(const float* qkv, const float* bias, const int* pos, co
       const int base = head < nh ? head * hd : qd + (head - nh) * hd;
       // Interleaved pairs (2i, 2i+1) for llama2.c; halves (i, i+d/2) for Hugging Face's rotate_half.
       const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
-      float a = src[base + ia], b = src[base + ib];
+      float a = to_float(src[base + ia]), b = to_float(src[base + ib]);
       if (bias) {
         a += bias[base + ia];
         b += bias[base + ib];
@@ -136,7 +137,7 @@ __global__ void qkv_post(const float* qkv, const float* bias, const int* pos, co
       if (e == 0 && kpos_out) kpos_out[slot] = pos[r];
     } else {
       const int j = e - pairs;
-      const float v = src[qd + kvd + j] + (bias ? bias[qd + kvd + j] : 0.0f);
+      const float v = to_float(src[qd + kvd + j]) + (bias ? bias[qd + kvd + j] : 0.0f);
       v_out[slot * kvd + j] = from_float<T>(v);
     }
   }
@@ -144,12 +145,12 @@ __global__ void qkv_post(const float* qkv, const float* bias, const int* pos, co
 
 /// a[r, i] = silu(gu[r, i]) * gu[r, H + i]: the gate and up halves of the fused w1|w3 GEMM.
 template <class T>
-__global__ void swiglu(const float* gu, int rows, int H, T* a) {
+__global__ void swiglu(const T* gu, int rows, int H, T* a) {
   const long long n = static_cast<long long>(rows) * H;
   for (long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; t < n;
        t += static_cast<long long>(gridDim.x) * blockDim.x) {
     const long long r = t / H, i = t % H;
-    const float g = gu[r * 2 * H + i], u = gu[r * 2 * H + H + i];
+    const float g = to_float(gu[r * 2 * H + i]), u = to_float(gu[r * 2 * H + H + i]);
     a[t] = from_float<T>(g / (1.0f + expf(-g)) * u);
   }
 }
