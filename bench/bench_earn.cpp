@@ -33,6 +33,13 @@ double prefill_flops(const ModelWeights& w, int k, int P) {
   return k * layer_flops(c, n, n) + (c.n_layers - k) * layer_flops(c, r, r) + 2.0 * c.dim * c.vocab_size;
 }
 
+// Bytes prefill must move at least once: every weight, plus the K/V rows it writes.
+double prefill_bytes(const ModelWeights& w, int k, int P) {
+  const ModelConfig& c = w.config;
+  const double r = w.registers.count(), n = P + r;
+  return bench::decode_bytes(w, 0) + (k * n + (c.n_layers - k) * r) * 2.0 * c.kv_dim() * 4.0;
+}
+
 // Predicted decode bytes per token at split layer k: all weights + the KV rows each layer reads.
 double decode_bytes(const ModelWeights& w, int k, int P, double g) {
   const ModelConfig& c = w.config;
@@ -50,6 +57,7 @@ void BM_Prefill_Earn(benchmark::State& state) {
   auto st = e.make_state({.max_prompt = P, .max_new_tokens = 1});
   for (auto _ : state) benchmark::DoNotOptimize(e.prefill(st, 0, prompt).data());
   state.counters["pred_flop"] = prefill_flops(w, k, P);
+  state.counters["pred_bytes"] = prefill_bytes(w, k, P);
   state.counters["FLOP/s"] = benchmark::Counter(prefill_flops(w, k, P), benchmark::Counter::kIsIterationInvariantRate);
   state.counters["kv_bytes"] = double(st.kv_bytes());
 }
@@ -73,6 +81,10 @@ void BM_Decode_Earn(benchmark::State& state) {
     }
     tok[0] = argmax(e.decode(st, tok).row(0));
   }
+  const double keys = P + w.registers.count() + kSteps / 2.0;
+  state.counters["pred_flop"] = k * layer_flops(w.config, 1, keys) + (w.config.n_layers - k) *
+                                layer_flops(w.config, 1, w.registers.count() + kSteps / 2.0) +
+                                2.0 * w.config.dim * w.config.vocab_size;
   state.counters["pred_bytes"] = decode_bytes(w, k, P, kSteps / 2.0);
   state.counters["bytes/s"] =
       benchmark::Counter(decode_bytes(w, k, P, kSteps / 2.0), benchmark::Counter::kIsIterationInvariantRate);

@@ -1,40 +1,52 @@
 #!/usr/bin/env python3
-"""Predicted vs measured speedups of EARN over dense from bench_earn's JSON output.
+"""Predicted vs measured speedups of EARN over dense, from bench_earn's and bench_model's JSON output.
 
-    ./build/bench/bench_earn --benchmark_out=earn.json --benchmark_out_format=json
-    python3 tools/bench_table.py earn.json            # prints the markdown table of bench/README.md
+    ./build/bench/bench_model --benchmark_out=model.json --benchmark_out_format=json
+    ./build/bench/bench_earn  --benchmark_out=earn.json  --benchmark_out_format=json
+    python3 tools/bench_table.py earn.json model.json     # prints the markdown table of bench/README.md
 
-Each benchmark carries the cost model's prediction for its split layer k (pred_flop for prefill, pred_bytes for
-decode). Predicted speedup = prediction(dense) / prediction(k); measured = median time(dense) / median time(k).
+Every bench_earn run carries its cost model: pred_flop and pred_bytes for its split layer k. The roofline time is
+max(pred_flop / F, pred_bytes / B), with F the Eigen GEMM rate (BM_Gemm_Eigen) and B the streaming bandwidth
+(BM_Gemv_Stream) measured on the same machine. Predicted speedup = roofline(dense) / roofline(k); measured speedup =
+median time(dense) / median time(k); measured/floor = median time / roofline time.
 """
 import json
-import statistics
 import sys
 from collections import defaultdict
 
 
-def main(path):
-    data = json.load(open(path))
-    runs = defaultdict(list)
-    pred = {}
-    for b in data["benchmarks"]:
+def medians(path):
+    out = {}
+    for b in json.load(open(path))["benchmarks"]:
         if b.get("run_type") == "aggregate" and b.get("aggregate_name") != "median":
             continue
-        name = b["run_name"] if "run_name" in b else b["name"]
-        kind, p, k = name.split("/")[0], int(name.split("/")[1]), int(name.split("/")[2])
-        runs[(kind, p, k)].append(b["real_time"])
-        pred[(kind, p, k)] = b.get("pred_flop", b.get("pred_bytes"))
-    dense_k = max(k for (_, _, k) in runs)
-    print("| phase | P | k | median ms | measured speedup | predicted speedup | measured/predicted |")
-    print("|---|---|---|---|---|---|---|")
-    for (kind, p, k) in sorted(runs):
-        t = statistics.median(runs[(kind, p, k)])
-        td = statistics.median(runs[(kind, p, dense_k)])
-        ms, ps = td / t, pred[(kind, p, dense_k)] / pred[(kind, p, k)]
-        phase = "prefill" if "Prefill" in kind else "decode"
-        label = f"{k} (dense)" if k == dense_k else str(k)
-        print(f"| {phase} | {p} | {label} | {t:.3f} | {ms:.2f}x | {ps:.2f}x | {ms / ps:.2f} |")
+        name = b.get("run_name", b["name"]).replace("/real_time", "")
+        out[name] = b
+    return out
+
+
+def main(earn_path, model_path):
+    model = medians(model_path)
+    F = model["BM_Gemm_Eigen"]["FLOP/s"]
+    B = model["BM_Gemv_Stream"]["bytes/s"]
+    print(f"Ceilings measured in the same session: GEMM {F / 1e9:.0f} GFLOP/s, streaming read {B / 1e9:.1f} GB/s.\n")
+    runs = defaultdict(dict)
+    for name, b in medians(earn_path).items():
+        kind, p, k = name.split("/")[:3]
+        runs[(kind, int(p))][int(k)] = b
+    print("| phase | P | k | median ms | roofline ms | measured/floor | measured speedup | predicted speedup |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (kind, p) in sorted(runs, key=lambda x: (x[0], x[1])):
+        ks = runs[(kind, p)]
+        dense = max(ks)
+        roof = {k: max(b["pred_flop"] / F, b["pred_bytes"] / B) * 1e3 for k, b in ks.items()}
+        for k in sorted(ks):
+            t = ks[k]["real_time"]
+            phase = "prefill" if "Prefill" in kind else "decode"
+            label = f"{k} (dense)" if k == dense else str(k)
+            print(f"| {phase} | {p} | {label} | {t:.2f} | {roof[k]:.2f} | {t / roof[k]:.2f} | "
+                  f"{ks[dense]['real_time'] / t:.2f}x | {roof[dense] / roof[k]:.2f}x |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])
