@@ -1,7 +1,10 @@
 // earn/model/engine_fwd.hpp - the primary template of earn::Engine and its options (no backend code).
 #pragma once
 
+#include <span>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "earn/backend/cpu/tag.hpp"
 #include "earn/core/config.hpp"
@@ -39,6 +42,69 @@ Index layer_prefix_capacity(const Schedule& schedule, int l, const StateOptions&
   const Index max_input = Index{o.max_prompt} + registers;
   return schedule.visit(l, [&]<class L>(L) { return Index{L::cache::prefix_capacity(max_input, registers)}; });
 }
+
+/// Row bookkeeping every backend's decoding state shares: which users are prefilled (and how long their input
+/// is), the decode rows (beams) and the user each belongs to, and how many tokens they have generated. Backends
+/// derive from it and add their caches; the checks live here once so every backend rejects the same bad input.
+class RowBook {
+ public:
+  int rows() const { return static_cast<int>(row_user_.size()); }
+  int gen_len() const { return gen_len_; }
+  std::span<const int> row_user() const { return row_user_; }
+  /// Input rows (registers + prompt) prefilled for `user`; 0 before prefill.
+  int input_len(int user) const { return input_len_.at(user); }
+  const StateOptions& options() const { return opts_; }
+
+ protected:
+  // Sizes from resolved options; no user prefilled, no decode rows.
+  void init_rows(const StateOptions& o) {
+    opts_ = o;
+    input_len_.assign(o.max_users, 0);
+    row_user_.clear();
+    gen_len_ = 0;
+  }
+  // set_rows: check every row's user (in range, prefilled), then take them and reset the generated tokens.
+  void assign_rows(std::span<const int> row_user) {
+    if (row_user.empty() || static_cast<int>(row_user.size()) > opts_.max_rows)
+      throw RangeError("state: " + std::to_string(row_user.size()) + " decode rows, the state holds 1.." +
+                       std::to_string(opts_.max_rows));
+    for (int u : row_user) {
+      if (u < 0 || u >= opts_.max_users) throw RangeError("state: row user " + std::to_string(u) + " out of range");
+      if (input_len_[u] == 0) throw RangeError("state: user " + std::to_string(u) + " has not been prefilled");
+    }
+    row_user_.assign(row_user.begin(), row_user.end());
+    gen_len_ = 0;
+  }
+  // reorder: the users of new rows i = parent[i], after checking `parent` (the caller moves its KV, then commits
+  // them with row_user_ = result, so a throw leaves the state as it was).
+  std::vector<int> reordered_users(std::span<const int> parent) const {
+    if (parent.empty() || static_cast<int>(parent.size()) > opts_.max_rows)
+      throw RangeError("state: reorder to " + std::to_string(parent.size()) + " rows, the state holds 1.." +
+                       std::to_string(opts_.max_rows));
+    std::vector<int> users(parent.size());
+    for (std::size_t i = 0; i < parent.size(); ++i) {
+      if (parent[i] < 0 || parent[i] >= rows())
+        throw RangeError("state: reorder parent " + std::to_string(parent[i]) + " is not a current row");
+      users[i] = row_user_[parent[i]];
+    }
+    return users;
+  }
+  // KV rows held over `layers` (each with prefix_len(user)): every user's prefix plus every row's generated rows.
+  template <class Layers>
+  Index kv_rows_held(const Layers& layers) const {
+    Index held = 0;
+    for (const auto& layer : layers) {
+      for (int u = 0; u < opts_.max_users; ++u) held += layer.prefix_len(u);
+      held += Index{rows()} * gen_len_;
+    }
+    return held;
+  }
+
+  StateOptions opts_;
+  std::vector<int> input_len_;  // per user
+  std::vector<int> row_user_;   // per decode row
+  int gen_len_ = 0;
+};
 
 }  // namespace detail
 

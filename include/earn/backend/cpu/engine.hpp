@@ -18,55 +18,26 @@ namespace earn {
 
 /// Per-layer KV caches and bookkeeping of one decoding session on the host: a batch of users, each with its
 /// prompt cached once, and decode rows (beams) that each hold only their generated tokens.
-class CpuState {
+class CpuState : public detail::RowBook {
  public:
   CpuState() = default;
 
   /// Decode rows and the user each belongs to; rows of one user share its prompt KV. Resets generated tokens.
-  void set_rows(std::span<const int> row_user) {
-    if (row_user.empty() || static_cast<int>(row_user.size()) > opts_.max_rows)
-      throw RangeError("state: " + std::to_string(row_user.size()) + " decode rows, the state holds 1.." +
-                       std::to_string(opts_.max_rows));
-    for (int u : row_user) {
-      if (u < 0 || u >= opts_.max_users) throw RangeError("state: row user " + std::to_string(u) + " out of range");
-      if (input_len_[u] == 0) throw RangeError("state: user " + std::to_string(u) + " has not been prefilled");
-    }
-    row_user_.assign(row_user.begin(), row_user.end());
-    gen_len_ = 0;
-  }
+  void set_rows(std::span<const int> row_user) { assign_rows(row_user); }
 
   /// Beam reordering: new row i continues old row parent[i] (user and generated KV follow the parent).
   void reorder(std::span<const int> parent) {
-    if (parent.empty() || static_cast<int>(parent.size()) > opts_.max_rows)
-      throw RangeError("state: reorder to " + std::to_string(parent.size()) + " rows, the state holds 1.." +
-                       std::to_string(opts_.max_rows));
-    std::vector<int> users(parent.size());
-    for (std::size_t i = 0; i < parent.size(); ++i) {
-      if (parent[i] < 0 || parent[i] >= rows())
-        throw RangeError("state: reorder parent " + std::to_string(parent[i]) + " is not a current row");
-      users[i] = row_user_[parent[i]];
-    }
+    std::vector<int> users = reordered_users(parent);
     for (auto& layer : layers_) layer.reorder(parent, gen_len_);
     row_user_ = std::move(users);
   }
 
-  int rows() const { return static_cast<int>(row_user_.size()); }
-  int gen_len() const { return gen_len_; }
-  std::span<const int> row_user() const { return row_user_; }
-  /// Input rows (registers + prompt) prefilled for `user`; 0 before prefill.
-  int input_len(int user) const { return input_len_.at(user); }
-  const StateOptions& options() const { return opts_; }
   const kv::Store<Cpu>& layer_cache(int l) const { return layers_.at(l); }
   int n_layers() const { return static_cast<int>(layers_.size()); }
 
   /// Bytes of K and V held now: every user's prefix rows plus every row's generated rows, over all layers.
   Index kv_bytes() const {
-    Index rows_held = 0;
-    for (const auto& layer : layers_) {
-      for (int u = 0; u < opts_.max_users; ++u) rows_held += layer.prefix_len(u);
-      rows_held += Index{rows()} * gen_len_;
-    }
-    return rows_held * 2 * kv_dim_ * Index{sizeof(float)};
+    return kv_rows_held(layers_) * 2 * kv_dim_ * Index{sizeof(float)};
   }
   /// Bytes reserved for K and V over all layers.
   Index kv_capacity_bytes() const {
@@ -78,12 +49,8 @@ class CpuState {
  private:
   template <class, class>
   friend class Engine;
-  StateOptions opts_;
   int kv_dim_ = 0;
   std::vector<kv::Store<Cpu>> layers_;
-  std::vector<int> input_len_;  // per user
-  std::vector<int> row_user_;   // per decode row
-  int gen_len_ = 0;
 };
 
 /// The CPU engine. Keeps a reference to the weights, which must outlive it.
@@ -116,9 +83,8 @@ class Engine<Schedule, Cpu> {
     const ModelConfig& c = w_.config;
     o = detail::resolve_state_options(o, c, registers());
     State st;
-    st.opts_ = o;
+    st.init_rows(o);
     st.kv_dim_ = c.kv_dim();
-    st.input_len_.assign(o.max_users, 0);
     st.layers_.reserve(c.n_layers);
     for (int l = 0; l < c.n_layers; ++l) {
       const Index cap = detail::layer_prefix_capacity(schedule_, l, o, registers());
