@@ -61,7 +61,7 @@ int main(int argc, char** argv) {
   CLI::App app{"Generative recommendation with EARN: Recall/NDCG, users/s and KV bytes on an LC-Rec data set"};
   examples::ModelSource src;
   src.add_options(app);
-  std::string data = "../shared/data/amazon-beauty", split = "test", tokenizer, csv, json_out;
+  std::string data = std::string(EARN_SHARED_DATA_DIR) + "/amazon-beauty", split = "test", tokenizer, csv, json_out;
   int k = -1, rp = 1, rs = 1, beam = 20, batch = 8, limit = 0;
   std::vector<int> ks{5, 10, 20};
   app.add_option("--data", data, "data set directory (sequential_*.txt and the codes JSON)");
