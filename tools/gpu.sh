@@ -3,8 +3,12 @@
 # compute-sanitizer memcheck and racecheck over them, then the GPU benchmark and its Python peers (Hugging Face
 # generate, an eager PyTorch EARN). Logs and result files go to $OUT (default ./out/gpu).
 #
-#   tools/gpu.sh [all|test|bench|peers] [bench args...]
-#   EARN_GPU_BIN=dir   use prebuilt test_cuda_engine / bench_cuda_llama from dir (built with nvcc elsewhere)
+#   tools/gpu.sh [all|test|micro|profile|bench|peers] [bench args...]
+#   micro     the attention microbenchmarks (bench_cuda_attention, Google Benchmark)
+#   profile   ncu kernel times of the B = 32, P = 512 dense decode steps (4 layers, scaled to 32), then the same
+#             settings with and without decode graphs
+#   EARN_GPU_BIN=dir   use prebuilt test_cuda_engine / bench_cuda_llama / bench_cuda_attention from dir (built with
+#                      nvcc elsewhere; a libbenchmark.so* placed there is found through LD_LIBRARY_PATH)
 set -uo pipefail
 mode=${1:-all}
 shift || true
@@ -18,12 +22,14 @@ if [ -z "$bin" ]; then
   # Needs what tools/deps.sh installs (Eigen, nlohmann-json, doctest) next to the CUDA toolkit.
   cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEARN_ENABLE_CUDA=ON \
     -DEARN_BUILD_EXAMPLES=OFF >"$OUT/configure.log" 2>&1 || { tail -20 "$OUT/configure.log"; exit 1; }
-  cmake --build "$root/build-gpu" --target test_cuda_engine bench_cuda_llama >"$OUT/build.log" 2>&1 ||
-    { tail -40 "$OUT/build.log"; exit 1; }
+  cmake --build "$root/build-gpu" --target test_cuda_engine bench_cuda_llama bench_cuda_attention \
+    >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   bin=$root/build-gpu/bin
   mkdir -p "$bin"
-  cp "$root/build-gpu/tests/cuda/test_cuda_engine" "$root/build-gpu/bench/cuda/bench_cuda_llama" "$bin/"
+  cp "$root/build-gpu/tests/cuda/test_cuda_engine" "$root/build-gpu/bench/cuda/bench_cuda_llama" \
+    "$root/build-gpu/bench/cuda/bench_cuda_attention" "$bin/"
 fi
+export LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 
 status=0
@@ -42,6 +48,29 @@ if [ "$mode" = all ] || [ "$mode" = test ]; then
   (cd "$root" && timeout 300 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/test_cuda_engine" \
     -tc='*F32*') >"$OUT/racecheck.log" 2>&1
   echo "racecheck rc=$?"; tail -4 "$OUT/racecheck.log"
+fi
+if [ "$mode" = all ] || [ "$mode" = micro ]; then
+  echo "== attention microbenchmarks"
+  timeout 200 "$bin/bench_cuda_attention" --benchmark_out="$OUT/bench_attention.json" --benchmark_out_format=json \
+    --benchmark_counters_tabular=true 2>&1 | tee "$OUT/bench_attention.log" || status=1
+fi
+if [ "$mode" = profile ]; then
+  echo "== ncu: B=32 P=512 dense decode, 3 steps, 4 layers (times x8 = 32 layers), kernels launched one by one"
+  timeout 300 ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
+    "$bin/bench_cuda_llama" --layers 4 --users 32 --prompts 512 --ks -1 --reps 1 --profile 1 --graphs 0 \
+    >"$OUT/ncu_decode.csv" 2>"$OUT/ncu_decode.err"
+  echo "ncu rc=$?"; tail -3 "$OUT/ncu_decode.err"
+  python3 "$root/bench/cuda/ncu_summary.py" "$OUT/ncu_decode.csv" 8 | tee "$OUT/ncu_decode.txt"
+  echo "== ncu: B=32 P=512 dense prefill, 4 layers (times x8)"
+  timeout 200 ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \
+    "$bin/bench_cuda_llama" --layers 4 --users 32 --prompts 512 --ks -1 --reps 1 --profile 2 \
+    >"$OUT/ncu_prefill.csv" 2>"$OUT/ncu_prefill.err"
+  echo "ncu rc=$?"; tail -3 "$OUT/ncu_prefill.err"
+  python3 "$root/bench/cuda/ncu_summary.py" "$OUT/ncu_prefill.csv" 8 | tee "$OUT/ncu_prefill.txt"
+  echo "== decode with and without graphs (B=1,32; P=512; dense, k=6)"
+  for g in 0 1; do
+    timeout 200 "$bin/bench_cuda_llama" --users 1,32 --prompts 512 --ks -1,6 --graphs $g 2>&1 | tee "$OUT/graphs_$g.log"
+  done
 fi
 if [ "$mode" = all ] || [ "$mode" = bench ]; then
   echo "== earn GPU benchmark"

@@ -5,6 +5,10 @@
 // card in the same run. Timed with CUDA events on the state's stream (host planning included), median of reps.
 //
 //   bench_cuda_llama [--json out.json] [--reps 3] [--layers 32] [--users 1,4,32] [--prompts 256,512]
+//                    [--ks -1,2,4,6,8] [--graphs 1] [--profile 0]
+// --ks: schedules (-1 dense); --graphs 0: decode steps launch kernel by kernel instead of replaying CUDA graphs;
+// --profile 1 (2): only the last repetition's decode steps (prefill) run between cudaProfilerStart/Stop, for
+// `ncu --profile-from-start off`.
 //
 // Not timed: sampling / top-k of the logits (they stay on the device; beam parents here are random).
 #include <algorithm>
@@ -14,6 +18,8 @@
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include <cuda_profiler_api.h>
 
 #include "earn/cuda.cuh"
 
@@ -105,8 +111,8 @@ struct Result {
 
 int main(int argc, char** argv) {
   std::string json;
-  int reps = 3, layers = 32;
-  std::vector<int> Bs = {1, 4, 32}, Ps = {256, 512};
+  int reps = 3, layers = 32, graphs = 1, profile = 0;
+  std::vector<int> Bs = {1, 4, 32}, Ps = {256, 512}, Ks = {-1, 2, 4, 6, 8};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--json") json = argv[i + 1];
@@ -114,6 +120,9 @@ int main(int argc, char** argv) {
     else if (a == "--layers") layers = std::atoi(argv[i + 1]);
     else if (a == "--users") Bs = parse_list(argv[i + 1]);
     else if (a == "--prompts") Ps = parse_list(argv[i + 1]);
+    else if (a == "--ks") Ks = parse_list(argv[i + 1]);
+    else if (a == "--graphs") graphs = std::atoi(argv[i + 1]);
+    else if (a == "--profile") profile = std::atoi(argv[i + 1]);
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -143,7 +152,8 @@ int main(int argc, char** argv) {
     auto weights = std::make_shared<const cuda::DeviceWeights<dtype::Bf16>>(
         cuda::DeviceWeights<dtype::Bf16>::random(c, {.seed = 7, .scale = 1.0f, .prefix_registers = 1, .suffix_registers = 1}));
     const double wbytes = double(weights->bytes());
-    std::printf("model: Llama-7B dims, %d layers, %.2f GB of bf16 weights\n", layers, wbytes / 1e9);
+    std::printf("model: Llama-7B dims, %d layers, %.2f GB of bf16 weights; decode %s\n", layers, wbytes / 1e9,
+                graphs ? "replays CUDA graphs" : "launches kernel by kernel");
 
     const int hd = c.head_dim(), qd = c.n_heads * hd, kvd = c.kv_dim();
     const double layer_params = double(c.dim) * (qd + 2 * kvd) + double(c.dim) * qd + 3.0 * c.dim * c.hidden_dim;
@@ -153,11 +163,12 @@ int main(int argc, char** argv) {
 
     for (int B : Bs)
       for (int P : Ps)
-        for (int k : {-1, 2, 4, 6, 8}) {
+        for (int k : Ks) {
           if (k > layers) continue;
           const int kk = k < 0 ? layers : k;  // dense = every layer early (registers included: P + 2 rows)
           Engine<EarnSchedule, CudaBf16> engine(weights, EarnSchedule{kk});
           auto st = engine.make_state({.max_users = B, .max_rows = B * beam, .max_prompt = P, .max_new_tokens = new_tokens});
+          st.use_graphs(graphs != 0);
           std::vector<int> users(B), row_user(B * beam);
           std::vector<std::vector<int>> prompts(B);
           for (int u = 0; u < B; ++u) {
@@ -170,10 +181,15 @@ int main(int argc, char** argv) {
           Timer t;
           std::vector<float> pre, dec;
           for (int rep = 0; rep <= reps; ++rep) {  // rep 0 warms up (cuBLAS heuristics, scratch allocation)
+            const bool prof_pre = profile == 2 && rep == reps;
+            if (prof_pre) EARN_CUDA_CHECK(cudaProfilerStart());
             t.start(st.stream());
             engine.prefill_batch_device(st, users, prompts);
             const float p_ms = t.stop(st.stream());
+            if (prof_pre) EARN_CUDA_CHECK(cudaProfilerStop());
             st.set_rows(row_user);
+            const bool prof = profile == 1 && rep == reps;
+            if (prof) EARN_CUDA_CHECK(cudaProfilerStart());
             t.start(st.stream());
             for (int g = 0; g < steps; ++g) {
               for (auto& x : tokens) x = int(rng.next_u64() % std::uint64_t(c.vocab_size));
@@ -184,6 +200,7 @@ int main(int argc, char** argv) {
               }
             }
             const float d_ms = t.stop(st.stream());
+            if (prof) EARN_CUDA_CHECK(cudaProfilerStop());
             if (rep > 0) {
               pre.push_back(p_ms);
               dec.push_back(d_ms);

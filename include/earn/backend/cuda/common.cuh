@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "earn/backend/cuda/tag.hpp"
 #include "earn/core/error.hpp"
@@ -185,5 +186,64 @@ inline int device_count() {
   }
   return n;
 }
+
+
+/// Executable CUDA graphs of launch sequences that repeat (a decode step of one shape), keyed by everything the
+/// sequence bakes into its launches: shapes, device pointers, the engine. A key seen before replays its graph;
+/// a new key captures the sequence from `record` on the stream, then launches it. Keeps the last kMax graphs.
+class GraphCache {
+ public:
+  static constexpr std::size_t kMax = 16;
+  GraphCache() = default;
+  GraphCache(const GraphCache&) = delete;
+  GraphCache& operator=(const GraphCache&) = delete;
+  GraphCache(GraphCache&& o) noexcept : entries_(std::move(o.entries_)) { o.entries_.clear(); }
+  GraphCache& operator=(GraphCache&& o) noexcept {
+    std::swap(entries_, o.entries_);
+    return *this;
+  }
+  ~GraphCache() { clear(); }
+
+  template <class Record>
+  void run(std::vector<long long> key, cudaStream_t s, Record&& record) {
+    for (auto& e : entries_)
+      if (e.key == key) {
+        EARN_CUDA_CHECK(cudaGraphLaunch(e.exec, s));
+        return;
+      }
+    cudaGraph_t graph = nullptr;
+    EARN_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    try {
+      record();
+    } catch (...) {
+      if (cudaStreamEndCapture(s, &graph) == cudaSuccess && graph) cudaGraphDestroy(graph);
+      cudaGetLastError();  // the failed capture's error is the exception in flight, not the next call's
+      throw;
+    }
+    EARN_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    EARN_CUDA_CHECK(e);
+    if (entries_.size() >= kMax) {
+      cudaGraphExecDestroy(entries_.front().exec);
+      entries_.erase(entries_.begin());
+    }
+    entries_.push_back({std::move(key), exec});
+    EARN_CUDA_CHECK(cudaGraphLaunch(exec, s));
+  }
+  std::size_t size() const { return entries_.size(); }
+  void clear() noexcept {
+    for (auto& e : entries_) cudaGraphExecDestroy(e.exec);
+    entries_.clear();
+  }
+
+ private:
+  struct Entry {
+    std::vector<long long> key;
+    cudaGraphExec_t exec;
+  };
+  std::vector<Entry> entries_;
+};
 
 }  // namespace earn::cuda

@@ -15,6 +15,9 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <functional>
 #include <cmath>
 #include <memory>
 #include <numeric>
@@ -23,6 +26,7 @@
 #include <vector>
 
 #include "earn/attention/row_kind.hpp"
+#include "earn/backend/cuda/attention.cuh"
 #include "earn/backend/cuda/blas.cuh"
 #include "earn/backend/cuda/common.cuh"
 #include "earn/backend/cuda/kernels.cuh"
@@ -48,35 +52,17 @@ struct DeviceLogits {
 /// prompt cached once, and decode rows (beams) that each hold only their generated tokens. Owns the CUDA stream
 /// its work runs on.
 template <class DType>
-class CudaState {
+class CudaState : public detail::RowBook {
  public:
   using T = cuda::storage_t<DType>;
   CudaState() = default;
 
   /// Decode rows and the user each belongs to; rows of one user share its prompt KV. Resets generated tokens.
-  void set_rows(std::span<const int> row_user) {
-    if (row_user.empty() || static_cast<int>(row_user.size()) > opts_.max_rows)
-      throw RangeError("state: " + std::to_string(row_user.size()) + " decode rows, the state holds 1.." +
-                       std::to_string(opts_.max_rows));
-    for (int u : row_user) {
-      if (u < 0 || u >= opts_.max_users) throw RangeError("state: row user " + std::to_string(u) + " out of range");
-      if (input_len_[u] == 0) throw RangeError("state: user " + std::to_string(u) + " has not been prefilled");
-    }
-    row_user_.assign(row_user.begin(), row_user.end());
-    gen_len_ = 0;
-  }
+  void set_rows(std::span<const int> row_user) { assign_rows(row_user); }
 
   /// Beam reordering: new row i continues old row parent[i] (user and generated KV follow the parent).
   void reorder(std::span<const int> parent) {
-    if (parent.empty() || static_cast<int>(parent.size()) > opts_.max_rows)
-      throw RangeError("state: reorder to " + std::to_string(parent.size()) + " rows, the state holds 1.." +
-                       std::to_string(opts_.max_rows));
-    std::vector<int> users(parent.size());
-    for (std::size_t i = 0; i < parent.size(); ++i) {
-      if (parent[i] < 0 || parent[i] >= rows())
-        throw RangeError("state: reorder parent " + std::to_string(parent[i]) + " is not a current row");
-      users[i] = row_user_[parent[i]];
-    }
+    std::vector<int> users = reordered_users(parent);
     if (gen_len_ > 0) {
       const int n = static_cast<int>(parent.size());
       parent_.reserve(parent.size());
@@ -88,12 +74,6 @@ class CudaState {
     row_user_ = std::move(users);
   }
 
-  int rows() const { return static_cast<int>(row_user_.size()); }
-  int gen_len() const { return gen_len_; }
-  std::span<const int> row_user() const { return row_user_; }
-  /// Input rows (registers + prompt) prefilled for `user`; 0 before prefill.
-  int input_len(int user) const { return input_len_.at(user); }
-  const StateOptions& options() const { return opts_; }
   const kv::Store<CudaT<DType>>& layer_cache(int l) const { return layers_.at(l); }
   int n_layers() const { return static_cast<int>(layers_.size()); }
   cudaStream_t stream() const { return stream_.get(); }
@@ -102,12 +82,7 @@ class CudaState {
 
   /// Bytes of K and V held now: every user's prefix rows plus every row's generated rows, over all layers.
   Index kv_bytes() const {
-    Index rows_held = 0;
-    for (const auto& layer : layers_) {
-      for (int u = 0; u < opts_.max_users; ++u) rows_held += layer.prefix_len(u);
-      rows_held += Index{rows()} * gen_len_;
-    }
-    return rows_held * 2 * kv_dim_ * Index{sizeof(T)};
+    return kv_rows_held(layers_) * 2 * kv_dim_ * Index{sizeof(T)};
   }
   /// Bytes reserved for K and V over all layers.
   Index kv_capacity_bytes() const {
@@ -118,6 +93,16 @@ class CudaState {
 
   /// Tests: fill the KV cache with NaN now, and every scratch and output buffer with NaN before each call, so an
   /// element that a kernel should have written but did not shows up as NaN in the results.
+  /// Decode steps replay CUDA graphs (one per step shape, captured on first use; default on). Off: every step
+  /// launches its ~14 kernels per layer one by one.
+  void use_graphs(bool on) {
+    graphs_on_ = on;
+    if (!on) graphs_.clear();
+  }
+  bool graphs() const { return graphs_on_; }
+  /// Decode graphs held (tests: a repeated step shape replays instead of capturing again).
+  std::size_t graph_count() const { return graphs_.size(); }
+
   void enable_poison() {
     for (auto& layer : layers_) layer.poison(stream());
     poison_ = true;
@@ -152,14 +137,12 @@ class CudaState {
     else return probs_.data();
   }
 
-  StateOptions opts_;
   int kv_dim_ = 0;
   std::vector<kv::Store<CudaT<DType>>> layers_;
-  std::vector<int> input_len_;  // per user
-  std::vector<int> row_user_;   // per decode row
-  int gen_len_ = 0;
   bool poison_ = false;
+  bool graphs_on_ = true;
   cuda::Stream stream_;
+  cuda::GraphCache graphs_;  // decode steps (see use_graphs)
   // Scratch, grown on demand: x/x2 the fp32 residual stream [rows, dim]; h the normalised rows [rows, dim];
   // qkv [rows, qd + 2 kv_dim] and gu [rows, 2 hidden] GEMM outputs; q, att [rows, qd]; act [rows, hidden];
   // scores / probs per attention call; logits [out_rows, vocab].
@@ -168,6 +151,7 @@ class CudaState {
   cuda::DeviceBuffer<int> ints_, parent_;
   cuda::DeviceBuffer<cuda::Segment> segs_;
   cuda::DeviceBuffer<void*> ptrs_;
+  cuda::DeviceBuffer<char> blas_ws_;  // cuBLAS workspace of this state's calls (graph capture needs one we own)
 };
 
 /// The CUDA engine. Copies the weights to the device (the host weights may go away afterwards), or shares one
@@ -188,7 +172,7 @@ class Engine<Schedule, CudaT<DType>> {
   explicit Engine(const ModelWeights& w, Schedule schedule = Schedule{})
       : Engine(std::make_shared<const cuda::DeviceWeights<DType>>(cuda::DeviceWeights<DType>::upload(w)), schedule) {}
   explicit Engine(std::shared_ptr<const cuda::DeviceWeights<DType>> w, Schedule schedule = Schedule{})
-      : wp_(std::move(w)), w_(*wp_), schedule_(schedule) {
+      : wp_(std::move(w)), w_(*wp_), schedule_(schedule), id_(next_id()) {
     w_.config.validate();
     schedule_.validate(w_.config.n_layers, w_.register_count());
   }
@@ -203,9 +187,8 @@ class Engine<Schedule, CudaT<DType>> {
     const ModelConfig& c = w_.config;
     o = detail::resolve_state_options(o, c, registers());
     State st;
-    st.opts_ = o;
+    st.init_rows(o);
     st.kv_dim_ = c.kv_dim();
-    st.input_len_.assign(o.max_users, 0);
     st.layers_.reserve(c.n_layers);
     for (int l = 0; l < c.n_layers; ++l)
       st.layers_.emplace_back(detail::layer_prefix_capacity(schedule_, l, o, registers()), o.max_users, o.max_rows,
@@ -292,15 +275,26 @@ class Engine<Schedule, CudaT<DType>> {
     }
     st.reserve(c, rows, plan.max_scores, rows);
     plan.upload(st, *this);
+    bind_blas(st);
+    // A step starts by writing x, so which of the two residual buffers is x is free: the lower address, so the
+    // graph key does not depend on how many row gathers (buffer swaps) the last prefill made.
+    if (std::less<>{}(st.x2_.data(), st.x_.data())) std::swap(st.x_, st.x2_);
     const int* ints = st.ints_.data();
-    embed(st, ints + i_codes, rows);
-    for (int l = 0; l < c.n_layers; ++l) {
-      schedule_.visit(l, [&]<class L>(L) {
-        layer<typename L::policy>(st, l, plan, l, rows, ints + i_pos, ints + i_seg, ints + i_perm, G);
-      });
-    }
+    // Everything below reads its per-step data (tokens, positions, segments, GEMM pointers) from the arrays just
+    // uploaded, so a step of the same shape replays one graph: launches baked with these shapes and pointers.
+    auto record = [&] {
+      embed(st, ints + i_codes, rows);
+      for (int l = 0; l < c.n_layers; ++l) {
+        schedule_.visit(l, [&]<class L>(L) {
+          layer<typename L::policy>(st, l, plan, l, rows, ints + i_pos, ints + i_seg, ints + i_perm, G);
+        });
+      }
+      logits(st, ints + i_inv, rows);
+    };
+    if (st.graphs_on_) st.graphs_.run(graph_key(st, plan, rows), st.stream(), record);
+    else record();
     ++st.gen_len_;
-    return logits(st, ints + i_inv, rows);
+    return {st.logits_.data(), rows, c.vocab_size};
   }
 
  private:
@@ -316,12 +310,9 @@ class Engine<Schedule, CudaT<DType>> {
   // batched GEMMs' pointer arrays of every layer. Pointers into the state's scratch are set at upload time, when
   // the scratch has its final size: entries hold offsets until then.
   struct Plan {
-    struct Group {
-      int S, nq, count, entry;  // shape, entries [entry, entry + count) of the layer's pointer arrays
-    };
     struct LayerPlan {
       int seg_off = 0, nseg = 0, ptr_off = 0, entries = 0;
-      std::vector<Group> groups;
+      std::vector<cuda::AttentionGroup> groups;
     };
     std::vector<int> ints;
     std::vector<cuda::Segment> segs;
@@ -341,7 +332,7 @@ class Engine<Schedule, CudaT<DType>> {
       lp.nseg = static_cast<int>(s.size());
       long long off = 0;
       for (auto& sg : s) {
-        sg.ld = (sg.S + sg.G + 7) / 8 * 8;  // 32-byte aligned score rows for the P V GEMM's operand
+        sg.ld = cuda::score_ld(sg.S, sg.G);
         sg.score_off = off;
         off += static_cast<long long>(heads) * sg.nq * sg.ld;
       }
@@ -378,33 +369,19 @@ class Engine<Schedule, CudaT<DType>> {
     template <class E>
     void upload(State& st, const E& engine) {
       const ModelConfig& c = engine.config();
-      const int hd = c.head_dim(), heads = c.n_heads, group = c.n_heads / c.n_kv_heads;
-      const std::size_t qd = std::size_t(heads) * hd;
       std::vector<void*> ptrs(ptr_count);
       for (std::size_t l = 0; l < layers.size(); ++l) {
         const LayerPlan& lp = layers[l];
         auto& store = st.layers_[l];
-        void** a1 = ptrs.data() + lp.ptr_off;
-        void** b1 = a1 + lp.entries;
-        void** c1 = b1 + lp.entries;
-        void** a2 = c1 + lp.entries;
-        void** b2 = a2 + lp.entries;
-        void** c2 = b2 + lp.entries;
         int e = 0;
         for (int si : layer_order[l]) {
           const cuda::Segment& sg = segs[lp.seg_off + si];
           if (sg.S == 0) continue;
           const int u = seg_user[l][si];
-          for (int h = 0; h < heads; ++h, ++e) {
-            const std::size_t kv_col = std::size_t(h / group) * hd;
-            const std::size_t score = std::size_t(sg.score_off) + std::size_t(h) * sg.nq * sg.ld;
-            a1[e] = store.prefix_k(u) + kv_col;
-            b1[e] = st.q_.data() + std::size_t(sg.q_off) * qd + std::size_t(h) * hd;
-            c1[e] = st.scores_.data() + score;
-            a2[e] = store.prefix_v(u) + kv_col;
-            b2[e] = st.probs() + score;
-            c2[e] = st.att_.data() + std::size_t(sg.q_off) * qd + std::size_t(h) * hd;
-          }
+          cuda::attention_ptrs<T>(ptrs.data() + lp.ptr_off, lp.entries, e, sg, store.prefix_k(u), store.prefix_v(u),
+                                  st.q_.data(), st.scores_.data(), st.probs(), st.att_.data(), c.n_heads,
+                                  c.n_kv_heads, c.head_dim());
+          e += c.n_heads;
         }
       }
       st.ints_.reserve(std::max<std::size_t>(ints.size(), 1));
@@ -423,6 +400,38 @@ class Engine<Schedule, CudaT<DType>> {
     int ptr_count = 0;
   };
 
+  // The engine's cuBLAS handle on the state's stream, with the state's own workspace: capture into a graph must
+  // not depend on cuBLAS allocating one (and cublasSetStream resets the workspace, so both go together).
+  void bind_blas(State& st) const {
+    constexpr std::size_t kWorkspace = std::size_t(32) << 20;
+    st.blas_ws_.reserve(kWorkspace);
+    EARN_CUDA_CHECK(cublasSetStream(blas_.get(), st.stream()));
+    EARN_CUDA_CHECK(cublasSetWorkspace(blas_.get(), st.blas_ws_.data(), st.blas_ws_.size()));
+  }
+
+  // What a decode step's launches bake in: the engine (weights, schedule), step shape, GEMM groups, every
+  // buffer address. Equal keys launch identical work on different uploaded data.
+  std::vector<long long> graph_key(const State& st, const Plan& plan, int rows) const {
+    auto addr = [](const void* p) { return static_cast<long long>(reinterpret_cast<std::uintptr_t>(p)); };
+    std::vector<long long> k{static_cast<long long>(id_), rows, st.gen_len_, static_cast<long long>(plan.ints.size()),
+                             static_cast<long long>(plan.segs.size()), plan.ptr_count,
+                             static_cast<long long>(plan.max_scores)};
+    for (const auto& lp : plan.layers) {
+      k.insert(k.end(), {lp.seg_off, lp.nseg, lp.ptr_off, lp.entries});
+      for (const auto& g : lp.groups) k.insert(k.end(), {g.S, g.nq, g.count, g.entry});
+    }
+    for (const void* p : {static_cast<const void*>(st.x_.data()), static_cast<const void*>(st.x2_.data()),
+                          static_cast<const void*>(st.h_.data()), static_cast<const void*>(st.qkv_.data()),
+                          static_cast<const void*>(st.q_.data()), static_cast<const void*>(st.att_.data()),
+                          static_cast<const void*>(st.gu_.data()), static_cast<const void*>(st.act_.data()),
+                          static_cast<const void*>(st.scores_.data()), static_cast<const void*>(st.probs_.data()),
+                          static_cast<const void*>(st.logits_.data()), static_cast<const void*>(st.ints_.data()),
+                          static_cast<const void*>(st.segs_.data()), static_cast<const void*>(st.ptrs_.data()),
+                          static_cast<const void*>(st.blas_ws_.data())})
+      k.push_back(addr(p));
+    return k;
+  }
+
   void check_tokens(std::span<const int> tokens) const {
     for (int t : tokens)
       if (t < 0 || t >= w_.config.vocab_size)
@@ -437,17 +446,18 @@ class Engine<Schedule, CudaT<DType>> {
     EARN_CUDA_CHECK_LAUNCH();
   }
 
+  // x2 = rows idx of x. Prefill then swaps x and x2 (the kept rows become the stream); logits read x2 directly,
+  // so a decode step leaves the host-side state unchanged and can be replayed from a graph.
   void gather(State& st, const int* idx, int rows) const {
     const int dim = w_.config.dim;
     cuda::kernel::gather_rows<float><<<cuda::kernel::grid_for(Index{rows} * dim), cuda::kernel::kThreads, 0,
                                        st.stream()>>>(st.x_.data(), idx, rows, dim, st.x2_.data());
     EARN_CUDA_CHECK_LAUNCH();
-    std::swap(st.x_, st.x2_);
   }
 
-  void rmsnorm(State& st, const float* gain, int rows) const {
+  void rmsnorm(State& st, const float* x, const float* gain, int rows) const {
     if (rows == 0) return;
-    cuda::kernel::rmsnorm<T><<<rows, cuda::kernel::kThreads, 0, st.stream()>>>(st.x_.data(), gain, w_.config.norm_eps,
+    cuda::kernel::rmsnorm<T><<<rows, cuda::kernel::kThreads, 0, st.stream()>>>(x, gain, w_.config.norm_eps,
                                                                              w_.config.dim, st.h_.data());
     EARN_CUDA_CHECK_LAUNCH();
   }
@@ -463,12 +473,11 @@ class Engine<Schedule, CudaT<DType>> {
     const int hd = c.head_dim(), qd = c.n_heads * hd, kvd = c.kv_dim(), width = qd + 2 * kvd;
     const cudaStream_t s = st.stream();
     cublasHandle_t h = blas_.get();
-    EARN_CUDA_CHECK(cublasSetStream(h, s));
     const typename Plan::LayerPlan& lp = plan.layers[pl];
     const cuda::Segment* segs = st.segs_.data() + lp.seg_off;
     namespace k = cuda::kernel;
 
-    rmsnorm(st, lw.attn_norm.data(), rows);
+    rmsnorm(st, st.x_.data(), lw.attn_norm.data(), rows);
     cuda::linear<T, T>(h, st.h_.data(), lw.wqkv.data(), st.qkv_.data(), rows, c.dim, width);
     const bool decode = row_src != nullptr;
     k::qkv_post<T><<<k::grid_for(Index{rows} * ((c.n_heads + c.n_kv_heads) * (hd / 2) + kvd)), k::kThreads, 0, s>>>(
@@ -478,40 +487,32 @@ class Engine<Schedule, CudaT<DType>> {
         decode ? store.gen_v() : store.prefix_v_base(), decode ? nullptr : store.prefix_pos_base());
     EARN_CUDA_CHECK_LAUNCH();
 
-    // Attention: Q K^T over the prefix (batched GEMMs), generated keys, masked softmax, P V, generated values.
-    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    void** ptrs = st.ptrs_.data() + lp.ptr_off;
-    const int E = lp.entries;
-    for (const auto& g : lp.groups) {
-      // scores^T [S, nq] = K [S, hd] . Q^T, column-major view of row-major scores [nq, ld].
-      const cuda::BatchedGemm qk{CUBLAS_OP_T, CUBLAS_OP_N, g.S, g.nq, hd, cuda::blas_type<T>(), cuda::blas_type<T>(),
-                                 CUDA_R_32F, kvd, qd, (g.S + G + 7) / 8 * 8, scale, 0.0f};
-      cuda::gemm_batched(h, qk, ptrs + g.entry, ptrs + E + g.entry, ptrs + 2 * E + g.entry, g.count);
-    }
-    if (G > 0) {
-      k::gen_scores<T><<<k::grid_for(Index{rows} * c.n_heads * G * 32), k::kThreads, 0, s>>>(
-          st.q_.data(), store.gen_k(), row_src, row_seg, segs, rows, c.n_heads, c.n_kv_heads, hd, G, store.max_new(),
-          scale, st.scores_.data());
-      EARN_CUDA_CHECK_LAUNCH();
-    }
-    k::softmax_rows<Policy, T><<<dim3(rows, c.n_heads), 128, 0, s>>>(st.scores_.data(), st.probs(), pos, row_seg, segs);
-    EARN_CUDA_CHECK_LAUNCH();
-    for (const auto& g : lp.groups) {
-      // att^T [hd, nq] = V^T [hd, S] . P^T [S, nq].
-      const cuda::BatchedGemm pv{CUBLAS_OP_N, CUBLAS_OP_N, hd, g.nq, g.S, cuda::blas_type<T>(), cuda::blas_type<T>(),
-                                 cuda::blas_type<T>(), kvd, (g.S + G + 7) / 8 * 8, qd, 1.0f, 0.0f};
-      cuda::gemm_batched(h, pv, ptrs + 3 * E + g.entry, ptrs + 4 * E + g.entry, ptrs + 5 * E + g.entry, g.count);
-    }
-    if (G > 0) {
-      k::gen_pv<T><<<k::grid_for(Index{rows} * c.n_heads * 32), k::kThreads, 0, s>>>(
-          st.probs(), store.gen_v(), row_src, row_seg, segs, rows, c.n_heads, c.n_kv_heads, hd, G, store.max_new(),
-          st.att_.data());
-      EARN_CUDA_CHECK_LAUNCH();
-    }
+    cuda::AttentionArgs<T> att;
+    att.q = st.q_.data();
+    att.gen_k = store.gen_k();
+    att.gen_v = store.gen_v();
+    att.scores = st.scores_.data();
+    att.probs = st.probs();
+    att.out = st.att_.data();
+    att.pos = pos;
+    att.row_seg = row_seg;
+    att.row_src = row_src;
+    att.segs = segs;
+    att.ptrs = st.ptrs_.data() + lp.ptr_off;
+    att.entries = lp.entries;
+    att.groups = lp.groups.data();
+    att.n_groups = static_cast<int>(lp.groups.size());
+    att.rows = rows;
+    att.nh = c.n_heads;
+    att.nkv = c.n_kv_heads;
+    att.hd = hd;
+    att.G = G;
+    att.max_new = store.max_new();
+    cuda::attention<Policy, T>(h, s, att);
 
     // x += att Wo^T; x += W2 (silu(W1 n(x)) * W3 n(x)), the residual adds fused into the GEMMs (beta = 1).
     cuda::linear<T, float>(h, st.att_.data(), lw.wo.data(), st.x_.data(), rows, qd, c.dim, 1.0f);
-    rmsnorm(st, lw.ffn_norm.data(), rows);
+    rmsnorm(st, st.x_.data(), lw.ffn_norm.data(), rows);
     cuda::linear<T, T>(h, st.h_.data(), lw.w13.data(), st.gu_.data(), rows, c.dim, 2 * c.hidden_dim);
     k::swiglu<T><<<k::grid_for(Index{rows} * c.hidden_dim), k::kThreads, 0, s>>>(st.gu_.data(), rows, c.hidden_dim,
                                                                                st.act_.data());
@@ -523,9 +524,8 @@ class Engine<Schedule, CudaT<DType>> {
   cuda::DeviceLogits logits(State& st, const int* idx, int n) const {
     const ModelConfig& c = w_.config;
     gather(st, idx, n);
-    rmsnorm(st, w_.final_norm.data(), n);
+    rmsnorm(st, st.x2_.data(), w_.final_norm.data(), n);
     cublasHandle_t h = blas_.get();
-    EARN_CUDA_CHECK(cublasSetStream(h, st.stream()));
     cuda::linear<T, float>(h, st.h_.data(), w_.classifier(), st.logits_.data(), n, c.dim, c.vocab_size);
     return {st.logits_.data(), n, c.vocab_size};
   }
@@ -656,11 +656,15 @@ class Engine<Schedule, CudaT<DType>> {
 
     st.reserve(c, max_rows, plan.max_scores, out.size());
     plan.upload(st, *this);
+    bind_blas(st);
     const int* ints = st.ints_.data();
     embed(st, ints + i_codes, static_cast<int>(max_rows));
     for (int l = 0; l < c.n_layers; ++l) {
       const Phase& p = phase[l];
-      if (p.i_gather >= 0) gather(st, ints + p.i_gather, p.rows);
+      if (p.i_gather >= 0) {
+        gather(st, ints + p.i_gather, p.rows);
+        std::swap(st.x_, st.x2_);
+      }
       schedule_.visit(l, [&]<class L>(L) {
         layer<typename L::policy>(st, l, plan, l, p.rows, ints + p.i_pos, ints + p.i_seg, nullptr, 0);
       });
@@ -668,9 +672,16 @@ class Engine<Schedule, CudaT<DType>> {
     return logits(st, ints + i_out, static_cast<int>(out.size()));
   }
 
+  // A process-wide engine number for graph keys (an address could be reused by a later engine).
+  static unsigned long long next_id() {
+    static std::atomic<unsigned long long> n{0};
+    return ++n;
+  }
+
   std::shared_ptr<const cuda::DeviceWeights<DType>> wp_;
   const cuda::DeviceWeights<DType>& w_;
   Schedule schedule_;
+  unsigned long long id_;
   cuda::BlasHandle blas_;
 };
 
