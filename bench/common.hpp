@@ -7,21 +7,12 @@
 #include <vector>
 
 #include "earn/earn.hpp"
+#include "../examples/model_source.hpp"
 
 namespace earn::bench {
 
-/// A ~110M-parameter Llama (stories110M's shape: d 768, 12 layers, 12 heads, FFN 2048, vocab 32000).
-inline ModelConfig llama_110m() {
-  ModelConfig c;
-  c.dim = 768;
-  c.hidden_dim = 2048;
-  c.n_layers = 12;
-  c.n_heads = 12;
-  c.n_kv_heads = 12;
-  c.vocab_size = 32000;
-  c.max_seq_len = 4096;
-  return c;
-}
+/// A ~110M-parameter Llama (stories110M's shape), shared with the examples.
+inline ModelConfig llama_110m() { return examples::llama_110m(); }
 
 /// stories260K's shape (the real model is used when ../shared is present; its timing equals a random one's).
 inline ModelConfig stories_260k() {

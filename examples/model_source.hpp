@@ -25,14 +25,30 @@ inline ModelConfig cpu_sized_llama() {
   return c;
 }
 
-/// The --model / --seed options and the loading behind them.
+/// A random ~110M-parameter Llama (stories110M's shape: d 768, 12 layers, FFN 2048, vocab 32000).
+inline ModelConfig llama_110m() {
+  ModelConfig c;
+  c.dim = 768;
+  c.hidden_dim = 2048;
+  c.n_layers = 12;
+  c.n_heads = 12;
+  c.n_kv_heads = 12;
+  c.vocab_size = 32000;
+  c.max_seq_len = 4096;
+  return c;
+}
+
+/// The --model / --preset / --seed options and the loading behind them.
 struct ModelSource {
   std::string path;
+  std::string preset = "cpu";
   std::uint64_t seed = 7;
   std::string desc;
 
   void add_options(CLI::App& app) {
     app.add_option("--model", path, "Hugging Face model directory or llama2.c .bin checkpoint (default: random model)");
+    app.add_option("--preset", preset, "shape of the random model: cpu (~30M parameters) or 110m")
+        ->check(CLI::IsMember({"cpu", "110m"}));
     app.add_option("--seed", seed, "seed of the built-in random model");
   }
 
@@ -40,8 +56,9 @@ struct ModelSource {
   ModelWeights load(int rp, int rs) {
     ModelWeights w;
     if (path.empty()) {
-      w = random_weights(cpu_sized_llama(), {.seed = seed, .prefix_registers = rp, .suffix_registers = rs});
-      desc = "built-in random Llama (no checkpoint given)";
+      w = random_weights(preset == "110m" ? llama_110m() : cpu_sized_llama(),
+                         {.seed = seed, .prefix_registers = rp, .suffix_registers = rs});
+      desc = "built-in random Llama, preset " + preset + " (no checkpoint given)";
       return w;
     }
     if (std::filesystem::is_directory(path)) {
