@@ -52,8 +52,7 @@ void BM_Prefill_Earn(benchmark::State& state) {
   const ModelWeights& w = model();
   const int P = int(state.range(0)), k = int(state.range(1));
   Engine<EarnSchedule> e(w, EarnSchedule{k});
-  std::vector<int> prompt(P);
-  for (int i = 0; i < P; ++i) prompt[i] = (i * 7919) % w.config.vocab_size;
+  const std::vector<int> prompt = bench::prompt_of(P, w.config.vocab_size);
   auto st = e.make_state({.max_prompt = P, .max_new_tokens = 1});
   for (auto _ : state) benchmark::DoNotOptimize(e.prefill(st, 0, prompt).data());
   state.counters["pred_flop"] = prefill_flops(w, k, P);
@@ -67,20 +66,7 @@ void BM_Decode_Earn(benchmark::State& state) {
   const int P = int(state.range(0)), k = int(state.range(1));
   constexpr int kSteps = 32;
   Engine<EarnSchedule> e(w, EarnSchedule{k});
-  std::vector<int> prompt(P, 5);
-  auto st = e.make_state({.max_prompt = P, .max_new_tokens = kSteps});
-  e.prefill(st, 0, prompt);
-  const int rows[1] = {0};
-  st.set_rows(rows);
-  int tok[1] = {3};
-  for (auto _ : state) {
-    if (st.gen_len() == kSteps) {
-      state.PauseTiming();
-      st.set_rows(rows);
-      state.ResumeTiming();
-    }
-    tok[0] = argmax(e.decode(st, tok).row(0));
-  }
+  bench::time_decode(state, e, bench::prompt_of(P, w.config.vocab_size), kSteps);
   const double keys = P + w.registers.count() + kSteps / 2.0;
   state.counters["pred_flop"] = k * layer_flops(w.config, 1, keys) + (w.config.n_layers - k) *
                                 layer_flops(w.config, 1, w.registers.count() + kSteps / 2.0) +

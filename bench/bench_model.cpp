@@ -61,8 +61,7 @@ static void BM_Prefill(benchmark::State& state) {
   const ModelWeights& w = model<Cfg>();
   Engine<DenseSchedule> e(w);
   const int P = int(state.range(0));
-  std::vector<int> prompt(P);
-  for (int i = 0; i < P; ++i) prompt[i] = (i * 7919) % w.config.vocab_size;
+  const std::vector<int> prompt = bench::prompt_of(P, w.config.vocab_size);
   auto st = e.make_state({.max_prompt = P, .max_new_tokens = 1});
   for (auto _ : state) benchmark::DoNotOptimize(e.prefill(st, 0, prompt).data());
   state.counters["tokens/s"] = benchmark::Counter(P, benchmark::Counter::kIsIterationInvariantRate);
@@ -79,20 +78,7 @@ static void BM_Decode(benchmark::State& state) {
   Engine<DenseSchedule> e(w);
   const int P = int(state.range(0));
   constexpr int kSteps = 64;
-  std::vector<int> prompt(P, 5);
-  auto st = e.make_state({.max_prompt = P, .max_new_tokens = kSteps});
-  const int rows[1] = {0};
-  e.prefill(st, 0, prompt);
-  st.set_rows(rows);
-  int tok[1] = {3};
-  for (auto _ : state) {
-    if (st.gen_len() == kSteps) {
-      state.PauseTiming();
-      st.set_rows(rows);
-      state.ResumeTiming();
-    }
-    tok[0] = argmax(e.decode(st, tok).row(0));
-  }
+  bench::time_decode(state, e, bench::prompt_of(P, w.config.vocab_size), kSteps);
   state.counters["tokens/s"] = benchmark::Counter(1, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["bytes/s"] =
       benchmark::Counter(bench::decode_bytes(w, P + kSteps / 2.0), benchmark::Counter::kIsIterationInvariantRate);

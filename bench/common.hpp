@@ -42,4 +42,30 @@ inline double token_flops(const ModelConfig& c, double ctx) {
   return c.n_layers * per_layer + 2.0 * d * c.vocab_size;
 }
 
+/// A deterministic prompt of P tokens spread over the vocabulary.
+inline std::vector<int> prompt_of(int P, int vocab) {
+  std::vector<int> prompt(P);
+  for (int i = 0; i < P; ++i) prompt[i] = (i * 7919) % vocab;
+  return prompt;
+}
+
+/// Times one single-row decode step per iteration after prefilling `prompt`; every `steps` tokens the state is
+/// rewound to the end of the prompt outside the timed region, so the attended context stays in [P, P + steps).
+template <class EngineT>
+void time_decode(benchmark::State& state, const EngineT& e, const std::vector<int>& prompt, int steps) {
+  auto st = e.make_state({.max_prompt = int(prompt.size()), .max_new_tokens = steps});
+  e.prefill(st, 0, prompt);
+  const int rows[1] = {0};
+  st.set_rows(rows);
+  int tok[1] = {3};
+  for (auto _ : state) {
+    if (st.gen_len() == steps) {
+      state.PauseTiming();
+      st.set_rows(rows);
+      state.ResumeTiming();
+    }
+    tok[0] = argmax(e.decode(st, tok).row(0));
+  }
+}
+
 }  // namespace earn::bench
