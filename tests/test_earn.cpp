@@ -170,6 +170,8 @@ TEST_CASE("KV bytes equal EARN.md's formula for every k, and late layers never r
       const auto& cache = st.layer_cache(l);
       // Late layers: capacity is the registers alone, independent of the prompt.
       CHECK(cache.prefix_capacity() == (l < k ? P : r));
+      // Each cache's own bytes: EARN.md's per-layer rows.
+      CHECK(st.layer_kv_bytes(l) == (l < k ? P + G : r + G) * row_bytes);
     }
     CHECK(st.kv_capacity_bytes() == (Index{k} * (P + G) + Index{L - k} * (r + G)) * row_bytes);
   }

@@ -39,6 +39,11 @@ class CpuState : public detail::RowBook {
   Index kv_bytes() const {
     return kv_rows_held(layers_) * 2 * kv_dim_ * Index{sizeof(float)};
   }
+  /// Bytes of K and V held now by layer `l`'s cache alone (early layers: prompt + registers + generated rows;
+  /// late layers: registers + generated rows).
+  Index layer_kv_bytes(int l) const {
+    return kv_rows_held(std::span<const kv::Store<Cpu>>(&layers_.at(l), 1)) * 2 * kv_dim_ * Index{sizeof(float)};
+  }
   /// Bytes reserved for K and V over all layers.
   Index kv_capacity_bytes() const {
     Index f = 0;
