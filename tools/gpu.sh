@@ -44,9 +44,9 @@ if [ "$mode" = all ] || [ "$mode" = test ]; then
   (cd "$root" && timeout "${EARN_SANITIZER_TIMEOUT:-300}" compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/test_cuda_engine") \
     >"$OUT/memcheck.log" 2>&1
   echo "memcheck rc=$?"; tail -4 "$OUT/memcheck.log"
-  echo "== compute-sanitizer racecheck (fp32 engine tests)"
+  echo "== compute-sanitizer racecheck (fp32 and bf16 engine tests: the fused decode kernels run in bf16)"
   (cd "$root" && timeout 300 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/test_cuda_engine" \
-    -tc='*F32*') >"$OUT/racecheck.log" 2>&1
+    -tc='*F32*,*Bf16*') >"$OUT/racecheck.log" 2>&1
   echo "racecheck rc=$?"; tail -4 "$OUT/racecheck.log"
 fi
 if [ "$mode" = all ] || [ "$mode" = micro ]; then

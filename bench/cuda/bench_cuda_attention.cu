@@ -1,6 +1,7 @@
 // bench/cuda/bench_cuda_attention.cu - Google Benchmark microbenchmarks of the CUDA backend's attention call
 // (earn::cuda::attention: batched cuBLAS Q K^T / P V over each user's prefix, generated-key kernels, the
-// policy-masked softmax) at Llama-7B head shapes (32 heads of 128, bf16), timed with CUDA events (manual time):
+// policy-masked softmax; and for decode, the fused flash-decoding kernels of decode_attention.cuh, "_fused") at
+// Llama-7B head shapes (32 heads of 128, bf16), timed with CUDA events (manual time):
 //   prefill      B users x (P + 2) rows, causal over their own rows (DenseCausal)
 //   decode_dense B users x 20 beams, each beam over its user's P + 2 cached rows + G generated keys
 //   decode_reg   the same beams in a late EARN layer: prefix = the 2 registers (RegisterOnly), + G generated
@@ -10,6 +11,7 @@
 //   bench_cuda_attention [--benchmark_filter=decode] [any Google Benchmark flag]
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <vector>
 
@@ -31,7 +33,7 @@ void fill(cuda::DeviceBuffer<X>& b, unsigned long long seed) {
 // One attention call's operands on the device: `users` users with S cached prefix rows each, nq query rows per
 // user (nq = S in prefill), G generated keys per row (decode).
 struct Problem {
-  int users, S, nq, G, rows;
+  int users, S, nq, G, rows, chunks = 1;
   std::size_t scores = 0;
   cuda::DeviceBuffer<T> q, pk, pv, gk, gv, probs, out;
   cuda::DeviceBuffer<float> score_buf;
@@ -67,6 +69,8 @@ struct Problem {
       sg[u].gen_pos0 = S;
       sg[u].score_off = off;
       sg[u].kpos = kpos.data() + std::size_t(u) * S;
+      sg[u].pk = pk.data() + std::size_t(u) * S * kvd;
+      sg[u].pv = pv.data() + std::size_t(u) * S * kvd;
       off += static_cast<long long>(kHeads) * nq * sg[u].ld;
       for (int j = 0; j < nq; ++j) {
         const int r = u * nq + j;
@@ -76,7 +80,8 @@ struct Problem {
       }
     }
     scores = static_cast<std::size_t>(off);
-    score_buf.reserve(scores);
+    chunks = cuda::decode_chunks(S);
+    score_buf.reserve(std::max(scores, cuda::decode_workspace(rows, kHeads, kHeadDim, chunks)));
     probs.reserve(scores);
     std::vector<int> all(pos);
     all.insert(all.end(), row_seg.begin(), row_seg.end());
@@ -119,7 +124,19 @@ struct Problem {
   }
 };
 
-template <class Policy>
+// The call under test: the cuBLAS path (attention.cuh) or the fused decode kernels (decode_attention.cuh).
+template <class Policy, bool kFused>
+void call(cublasHandle_t h, cudaStream_t s, Problem& p) {
+  if constexpr (kFused) {
+    const auto& a = p.args;
+    cuda::decode_attention<Policy, T>(s, a.q, a.gen_k, a.gen_v, a.row_src, a.row_seg, a.segs, p.users, a.pos, a.rows,
+                                      a.nh, a.nkv, a.hd, a.G, a.max_new, p.chunks, p.score_buf.data(), p.out.data());
+  } else {
+    cuda::attention<Policy, T>(h, s, p.args);
+  }
+}
+
+template <class Policy, bool kFused = false>
 void run(benchmark::State& state, Problem& p, double flop, double bytes) {
   cuda::BlasHandle h;
   cuda::Stream s;
@@ -127,10 +144,10 @@ void run(benchmark::State& state, Problem& p, double flop, double bytes) {
   cudaEvent_t a, b;
   EARN_CUDA_CHECK(cudaEventCreate(&a));
   EARN_CUDA_CHECK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) cuda::attention<Policy, T>(h.get(), s.get(), p.args);  // warm-up: cuBLAS heuristics
+  for (int i = 0; i < 3; ++i) call<Policy, kFused>(h.get(), s.get(), p);  // warm-up: cuBLAS heuristics
   for (auto _ : state) {
     EARN_CUDA_CHECK(cudaEventRecord(a, s.get()));
-    cuda::attention<Policy, T>(h.get(), s.get(), p.args);
+    call<Policy, kFused>(h.get(), s.get(), p);
     EARN_CUDA_CHECK(cudaEventRecord(b, s.get()));
     EARN_CUDA_CHECK(cudaEventSynchronize(b));
     float ms = 0;
@@ -154,6 +171,7 @@ void prefill(benchmark::State& state) {
   run<attention::DenseCausal>(state, p, flop, bytes);
 }
 
+template <bool kFused>
 void decode_dense(benchmark::State& state) {
   const int B = static_cast<int>(state.range(0)), S = static_cast<int>(state.range(1)) + kRegisters;
   const int G = static_cast<int>(state.range(2));
@@ -161,16 +179,17 @@ void decode_dense(benchmark::State& state) {
   const double R = double(B) * kBeam;
   const double flop = 4.0 * kQd * R * (S + G);
   const double bytes = double(B) * S * kRowKV + R * G * kRowKV + R * 2 * kQd * sizeof(T);
-  run<attention::DenseCausal>(state, p, flop, bytes);
+  run<attention::DenseCausal, kFused>(state, p, flop, bytes);
 }
 
+template <bool kFused>
 void decode_register(benchmark::State& state) {
   const int B = static_cast<int>(state.range(0)), G = static_cast<int>(state.range(1));
   Problem p(B, kRegisters, kBeam, G);
   const double R = double(B) * kBeam;
   const double flop = 4.0 * kQd * R * (kRegisters + G);
   const double bytes = double(B) * kRegisters * kRowKV + R * G * kRowKV + R * 2 * kQd * sizeof(T);
-  run<attention::RegisterOnly>(state, p, flop, bytes);
+  run<attention::RegisterOnly, kFused>(state, p, flop, bytes);
 }
 
 }  // namespace
@@ -185,12 +204,17 @@ int main(int argc, char** argv) {
     for (int P : {256, 512}) {
       benchmark::RegisterBenchmark("prefill", prefill)->Args({B, P})->ArgNames({"B", "P"})->UseManualTime()
           ->Unit(benchmark::kMicrosecond);
-      benchmark::RegisterBenchmark("decode_dense", decode_dense)->Args({B, P, 2})->ArgNames({"B", "P", "G"})
+      benchmark::RegisterBenchmark("decode_dense", decode_dense<false>)->Args({B, P, 2})->ArgNames({"B", "P", "G"})
           ->UseManualTime()->Unit(benchmark::kMicrosecond);
+      benchmark::RegisterBenchmark("decode_dense_fused", decode_dense<true>)->Args({B, P, 2})
+          ->ArgNames({"B", "P", "G"})->UseManualTime()->Unit(benchmark::kMicrosecond);
     }
-  for (int B : {1, 4, 32})
-    benchmark::RegisterBenchmark("decode_register", decode_register)->Args({B, 2})->ArgNames({"B", "G"})
+  for (int B : {1, 4, 32}) {
+    benchmark::RegisterBenchmark("decode_register", decode_register<false>)->Args({B, 2})->ArgNames({"B", "G"})
         ->UseManualTime()->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark("decode_register_fused", decode_register<true>)->Args({B, 2})
+        ->ArgNames({"B", "G"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+  }
   try {
     benchmark::RunSpecifiedBenchmarks();
   } catch (const earn::Error& e) {

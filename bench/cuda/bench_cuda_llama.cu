@@ -5,8 +5,9 @@
 // card in the same run. Timed with CUDA events on the state's stream (host planning included), median of reps.
 //
 //   bench_cuda_llama [--json out.json] [--reps 3] [--layers 32] [--users 1,4,32] [--prompts 256,512]
-//                    [--ks -1,2,4,6,8] [--graphs 1] [--profile 0]
+//                    [--ks -1,2,4,6,8] [--graphs 1] [--fused 1] [--profile 0]
 // --ks: schedules (-1 dense); --graphs 0: decode steps launch kernel by kernel instead of replaying CUDA graphs;
+// --fused 0: decode attention through the cuBLAS path instead of the fused flash-decoding kernels;
 // --profile 1 (2): only the last repetition's decode steps (prefill) run between cudaProfilerStart/Stop, for
 // `ncu --profile-from-start off`.
 //
@@ -111,7 +112,7 @@ struct Result {
 
 int main(int argc, char** argv) {
   std::string json;
-  int reps = 3, layers = 32, graphs = 1, profile = 0;
+  int reps = 3, layers = 32, graphs = 1, fused = 1, profile = 0;
   std::vector<int> Bs = {1, 4, 32}, Ps = {256, 512}, Ks = {-1, 2, 4, 6, 8};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
@@ -122,6 +123,7 @@ int main(int argc, char** argv) {
     else if (a == "--prompts") Ps = parse_list(argv[i + 1]);
     else if (a == "--ks") Ks = parse_list(argv[i + 1]);
     else if (a == "--graphs") graphs = std::atoi(argv[i + 1]);
+    else if (a == "--fused") fused = std::atoi(argv[i + 1]);
     else if (a == "--profile") profile = std::atoi(argv[i + 1]);
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
@@ -152,8 +154,9 @@ int main(int argc, char** argv) {
     auto weights = std::make_shared<const cuda::DeviceWeights<dtype::Bf16>>(
         cuda::DeviceWeights<dtype::Bf16>::random(c, {.seed = 7, .scale = 1.0f, .prefix_registers = 1, .suffix_registers = 1}));
     const double wbytes = double(weights->bytes());
-    std::printf("model: Llama-7B dims, %d layers, %.2f GB of bf16 weights; decode %s\n", layers, wbytes / 1e9,
-                graphs ? "replays CUDA graphs" : "launches kernel by kernel");
+    std::printf("model: Llama-7B dims, %d layers, %.2f GB of bf16 weights; decode %s, attention %s\n", layers,
+                wbytes / 1e9, graphs ? "replays CUDA graphs" : "launches kernel by kernel",
+                fused ? "fused (flash-decoding)" : "cuBLAS batched");
 
     const int hd = c.head_dim(), qd = c.n_heads * hd, kvd = c.kv_dim();
     const double layer_params = double(c.dim) * (qd + 2 * kvd) + double(c.dim) * qd + 3.0 * c.dim * c.hidden_dim;
@@ -169,6 +172,7 @@ int main(int argc, char** argv) {
           Engine<EarnSchedule, CudaBf16> engine(weights, EarnSchedule{kk});
           auto st = engine.make_state({.max_users = B, .max_rows = B * beam, .max_prompt = P, .max_new_tokens = new_tokens});
           st.use_graphs(graphs != 0);
+          st.use_fused_decode(fused != 0);
           std::vector<int> users(B), row_user(B * beam);
           std::vector<std::vector<int>> prompts(B);
           for (int u = 0; u < B; ++u) {

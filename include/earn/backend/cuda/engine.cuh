@@ -23,11 +23,13 @@
 #include <numeric>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "earn/attention/row_kind.hpp"
 #include "earn/backend/cuda/attention.cuh"
 #include "earn/backend/cuda/blas.cuh"
+#include "earn/backend/cuda/decode_attention.cuh"
 #include "earn/backend/cuda/common.cuh"
 #include "earn/backend/cuda/kernels.cuh"
 #include "earn/backend/cuda/kv_store.cuh"
@@ -100,6 +102,9 @@ class CudaState : public detail::RowBook {
     if (!on) graphs_.clear();
   }
   bool graphs() const { return graphs_on_; }
+  /// bf16 / fp16 decode attention through the fused flash-decoding kernels (default on); off: the cuBLAS path
+  /// (batched Q K^T, softmax, P V) that prefill and fp32 use. For comparisons.
+  void use_fused_decode(bool on) { fused_on_ = on; }
   /// Decode graphs held (tests: a repeated step shape replays instead of capturing again).
   std::size_t graph_count() const { return graphs_.size(); }
 
@@ -141,6 +146,7 @@ class CudaState : public detail::RowBook {
   std::vector<kv::Store<CudaT<DType>>> layers_;
   bool poison_ = false;
   bool graphs_on_ = true;
+  bool fused_on_ = true;
   cuda::Stream stream_;
   cuda::GraphCache graphs_;  // decode steps (see use_graphs)
   // Scratch, grown on demand: x/x2 the fp32 residual stream [rows, dim]; h the normalised rows [rows, dim];
@@ -260,8 +266,10 @@ class Engine<Schedule, CudaT<DType>> {
     Plan plan;
     const int i_codes = plan.add_ints(codes), i_perm = plan.add_ints(perm), i_inv = plan.add_ints(inv);
     const int i_pos = plan.add_ints(rw.pos), i_seg = plan.add_ints(rw.row_seg);
+    std::size_t workspace = 0;
     for (int l = 0; l < c.n_layers; ++l) {
       std::vector<cuda::Segment> segs(rw.seg_user.size());
+      int max_s = 0;
       for (std::size_t s = 0; s < segs.size(); ++s) {
         const int u = rw.seg_user[s];
         segs[s].q_off = rw.seg_off[s];
@@ -270,10 +278,16 @@ class Engine<Schedule, CudaT<DType>> {
         segs[s].G = G;
         segs[s].gen_pos0 = st.input_len_[u];
         segs[s].kpos = st.layers_[l].prefix_positions(u);
+        segs[s].pk = st.layers_[l].prefix_k(u);
+        segs[s].pv = st.layers_[l].prefix_v(u);
+        max_s = std::max(max_s, segs[s].S);
       }
       plan.add_layer(std::move(segs), rw.seg_user, c.n_heads);
+      plan.layers.back().chunks = cuda::decode_chunks(max_s);
+      workspace = std::max(workspace, cuda::decode_workspace(rows, c.n_heads, c.head_dim(), plan.layers.back().chunks));
     }
-    st.reserve(c, rows, plan.max_scores, rows);
+    // The fused path's workspace lives in the score buffer (the cuBLAS path's scores are not used then).
+    st.reserve(c, rows, fused_decode(st) ? std::max(plan.max_scores, workspace) : plan.max_scores, rows);
     plan.upload(st, *this);
     bind_blas(st);
     // A step starts by writing x, so which of the two residual buffers is x is free: the lower address, so the
@@ -312,6 +326,7 @@ class Engine<Schedule, CudaT<DType>> {
   struct Plan {
     struct LayerPlan {
       int seg_off = 0, nseg = 0, ptr_off = 0, entries = 0;
+      int chunks = 1;  // fused decode attention: key chunks of the longest prefix
       std::vector<cuda::AttentionGroup> groups;
     };
     std::vector<int> ints;
@@ -413,7 +428,7 @@ class Engine<Schedule, CudaT<DType>> {
   // buffer address. Equal keys launch identical work on different uploaded data.
   std::vector<long long> graph_key(const State& st, const Plan& plan, int rows) const {
     auto addr = [](const void* p) { return static_cast<long long>(reinterpret_cast<std::uintptr_t>(p)); };
-    std::vector<long long> k{static_cast<long long>(id_), rows, st.gen_len_, static_cast<long long>(plan.ints.size()),
+    std::vector<long long> k{static_cast<long long>(id_), fused_decode(st), rows, st.gen_len_, static_cast<long long>(plan.ints.size()),
                              static_cast<long long>(plan.segs.size()), plan.ptr_count,
                              static_cast<long long>(plan.max_scores)};
     for (const auto& lp : plan.layers) {
@@ -480,13 +495,48 @@ class Engine<Schedule, CudaT<DType>> {
     rmsnorm(st, st.x_.data(), lw.attn_norm.data(), rows);
     cuda::linear<T, T>(h, st.h_.data(), lw.wqkv.data(), st.qkv_.data(), rows, c.dim, width);
     const bool decode = row_src != nullptr;
-    k::qkv_post<T><<<k::grid_for(Index{rows} * ((c.n_heads + c.n_kv_heads) * (hd / 2) + kvd)), k::kThreads, 0, s>>>(
+    const int head_groups = (c.n_heads + c.n_kv_heads + k::kQkvHeads - 1) / k::kQkvHeads;
+    k::qkv_post<T><<<k::grid_for(Index{rows} * head_groups * (hd / 2)), k::kThreads, 0, s>>>(
         st.qkv_.data(), lw.bqkv.empty() ? nullptr : lw.bqkv.data(), pos, row_seg, segs, row_src, st.gen_len_,
         store.max_new(), rows, c.n_heads, c.n_kv_heads, hd, c.rope_theta,
         c.rope_style == RopeStyle::kInterleaved ? 1 : 0, st.q_.data(), decode ? store.gen_k() : store.prefix_k_base(),
         decode ? store.gen_v() : store.prefix_v_base(), decode ? nullptr : store.prefix_pos_base());
     EARN_CUDA_CHECK_LAUNCH();
 
+    bool fused = false;
+    if constexpr (!std::is_same_v<T, float>) {  // the tensor-core kernels exist for 16-bit storage only
+      // Measured on H100 (bench_cuda_attention, 32 heads of 128, 20 beams per user): the fused kernels win where the
+      // prefix fits one key chunk (late EARN layers: the registers; 67 vs 88 us at B = 32) and lose to the cuBLAS
+      // path over a prompt-long prefix (482 vs 299 us at B = 32, P = 512), so they take the first case only.
+      if (decode && fused_decode(st) && lp.chunks == 1) {
+        cuda::decode_attention<Policy, T>(s, st.q_.data(), store.gen_k(), store.gen_v(), row_src, row_seg, segs,
+                                          lp.nseg, pos, rows, c.n_heads, c.n_kv_heads, hd, G, store.max_new(),
+                                          lp.chunks, st.scores_.data(), st.att_.data());
+        fused = true;
+      }
+    }
+    if (!fused) attention<Policy>(st, store, lp, segs, pos, row_seg, row_src, rows, G);
+
+    // x += att Wo^T; x += W2 (silu(W1 n(x)) * W3 n(x)), the residual adds fused into the GEMMs (beta = 1).
+    cuda::linear<T, float>(h, st.att_.data(), lw.wo.data(), st.x_.data(), rows, qd, c.dim, 1.0f);
+    rmsnorm(st, st.x_.data(), lw.ffn_norm.data(), rows);
+    cuda::linear<T, T>(h, st.h_.data(), lw.w13.data(), st.gu_.data(), rows, c.dim, 2 * c.hidden_dim);
+    if (sizeof(T) == 2 && c.hidden_dim % 8 == 0)
+      k::swiglu_vec8<T><<<k::grid_for(Index{rows} * c.hidden_dim / 8), k::kThreads, 0, s>>>(st.gu_.data(), rows,
+                                                                                          c.hidden_dim, st.act_.data());
+    else
+      k::swiglu<T><<<k::grid_for(Index{rows} * c.hidden_dim), k::kThreads, 0, s>>>(st.gu_.data(), rows, c.hidden_dim,
+                                                                                 st.act_.data());
+    EARN_CUDA_CHECK_LAUNCH();
+    cuda::linear<T, float>(h, st.act_.data(), lw.w2.data(), st.x_.data(), rows, c.hidden_dim, c.dim, 1.0f);
+  }
+
+  // The cuBLAS attention path (prefill, fp32, shapes the fused decode kernel does not take).
+  template <class Policy>
+  void attention(State& st, kv::Store<CudaT<DType>>& store, const typename Plan::LayerPlan& lp,
+                 const cuda::Segment* segs, const int* pos, const int* row_seg, const int* row_src, int rows,
+                 int G) const {
+    const ModelConfig& c = w_.config;
     cuda::AttentionArgs<T> att;
     att.q = st.q_.data();
     att.gen_k = store.gen_k();
@@ -505,19 +555,15 @@ class Engine<Schedule, CudaT<DType>> {
     att.rows = rows;
     att.nh = c.n_heads;
     att.nkv = c.n_kv_heads;
-    att.hd = hd;
+    att.hd = c.head_dim();
     att.G = G;
     att.max_new = store.max_new();
-    cuda::attention<Policy, T>(h, s, att);
+    cuda::attention<Policy, T>(blas_.get(), st.stream(), att);
+  }
 
-    // x += att Wo^T; x += W2 (silu(W1 n(x)) * W3 n(x)), the residual adds fused into the GEMMs (beta = 1).
-    cuda::linear<T, float>(h, st.att_.data(), lw.wo.data(), st.x_.data(), rows, qd, c.dim, 1.0f);
-    rmsnorm(st, st.x_.data(), lw.ffn_norm.data(), rows);
-    cuda::linear<T, T>(h, st.h_.data(), lw.w13.data(), st.gu_.data(), rows, c.dim, 2 * c.hidden_dim);
-    k::swiglu<T><<<k::grid_for(Index{rows} * c.hidden_dim), k::kThreads, 0, s>>>(st.gu_.data(), rows, c.hidden_dim,
-                                                                               st.act_.data());
-    EARN_CUDA_CHECK_LAUNCH();
-    cuda::linear<T, float>(h, st.act_.data(), lw.w2.data(), st.x_.data(), rows, c.hidden_dim, c.dim, 1.0f);
+  // Decode attention through the fused kernels (16-bit storage and a head size they take), unless switched off.
+  bool fused_decode(const State& st) const {
+    return st.fused_on_ && cuda::decode_fused_supported<T>(w_.config.head_dim(), st.opts_.max_new_tokens);
   }
 
   // Logits of residual rows idx[0..n): final norm, classifier GEMM into the state's logits buffer.

@@ -25,6 +25,8 @@ struct Segment {
   int gen_pos0 = 0;       ///< position of generated key 0: the user's input length
   long long score_off = 0;  ///< first score of this segment; scores are [n_heads][nq][ld]
   const int* kpos = nullptr;  ///< [S] positions of the prefix keys
+  const void* pk = nullptr;   ///< decode: the user's prefix K block [S, kvd] (fused decode attention)
+  const void* pv = nullptr;   ///< decode: its prefix V block
 };
 
 namespace kernel {
@@ -97,16 +99,22 @@ __global__ void rmsnorm(const float* x, const float* g, float eps, int dim, T* o
 /// store q into q_out [rows, qd] and k, v into KV slots. A row's slot is row_src[r] * max_new + gen_step when
 /// row_src is given (decode: the row's generated block), else its segment's slot0 + its index in the segment
 /// (prefill: the user's prefix block), where the key's position also goes to kpos_out.
+/// One thread per (row, group of kQkvHeads heads, rotation pair i) computes the pair's angle once and rotates it in
+/// each q / k head of its group (the transcendental functions were the kernel's cost when every head recomputed
+/// them; groups keep enough threads for decode's few rows), then copies a share of v.
+constexpr int kQkvHeads = 8;  // q / k heads one qkv_post thread rotates
+
 template <class T>
 __global__ void qkv_post(const T* qkv, const float* bias, const int* pos, const int* row_seg, const Segment* segs,
                          const int* row_src, int gen_step, int max_new, int rows, int nh, int nkv, int hd, float theta,
                          int interleaved, T* q_out, T* k_out, T* v_out, int* kpos_out) {
   const int half = hd / 2, qd = nh * hd, kvd = nkv * hd, width = qd + 2 * kvd;
-  const int pairs = (nh + nkv) * half;
-  const long long per_row = pairs + kvd, n = static_cast<long long>(rows) * per_row;
+  const int groups = (nh + nkv + kQkvHeads - 1) / kQkvHeads;
+  const long long n = static_cast<long long>(rows) * groups * half;
   for (long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; t < n;
        t += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const int r = static_cast<int>(t / per_row), e = static_cast<int>(t % per_row);
+    const int r = static_cast<int>(t / (static_cast<long long>(groups) * half));
+    const int grp = static_cast<int>((t / half) % groups), i = static_cast<int>(t % half);
     const T* src = qkv + static_cast<long long>(r) * width;
     long long slot;
     if (row_src) {
@@ -115,28 +123,27 @@ __global__ void qkv_post(const T* qkv, const float* bias, const int* pos, const 
       const Segment& sg = segs[row_seg[r]];
       slot = sg.slot0 + (r - sg.q_off);
     }
-    if (e < pairs) {
-      const int head = e / half, i = e % half;
+    // Float throughout, as the CPU backend: inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq.
+    const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(hd));
+    const float angle = static_cast<float>(pos[r]) * inv_freq;
+    const float c = cosf(angle), s = sinf(angle);
+    // Interleaved pairs (2i, 2i+1) for llama2.c; halves (i, i+d/2) for Hugging Face's rotate_half.
+    const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
+    const int head_end = min(nh + nkv, (grp + 1) * kQkvHeads);
+    for (int head = grp * kQkvHeads; head < head_end; ++head) {
       const int base = head < nh ? head * hd : qd + (head - nh) * hd;
-      // Interleaved pairs (2i, 2i+1) for llama2.c; halves (i, i+d/2) for Hugging Face's rotate_half.
-      const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
       float a = to_float(src[base + ia]), b = to_float(src[base + ib]);
       if (bias) {
         a += bias[base + ia];
         b += bias[base + ib];
       }
-      // Float throughout, as the CPU backend: inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq.
-      const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(hd));
-      const float angle = static_cast<float>(pos[r]) * inv_freq;
-      const float c = cosf(angle), s = sinf(angle);
-      const float ra = a * c - b * s, rb = a * s + b * c;
-      T* dst = head < nh ? q_out + static_cast<long long>(r) * qd + head * hd
-                         : k_out + slot * kvd + (head - nh) * hd;
-      dst[ia] = from_float<T>(ra);
-      dst[ib] = from_float<T>(rb);
-      if (e == 0 && kpos_out) kpos_out[slot] = pos[r];
-    } else {
-      const int j = e - pairs;
+      T* dst = head < nh ? q_out + static_cast<long long>(r) * qd + head * hd : k_out + slot * kvd + (head - nh) * hd;
+      dst[ia] = from_float<T>(a * c - b * s);
+      dst[ib] = from_float<T>(a * s + b * c);
+    }
+    if (i == 0 && grp == 0 && kpos_out) kpos_out[slot] = pos[r];
+    // v: this thread's elements i + half * (grp + groups * m) of the row's kvd values.
+    for (int j = i + half * grp; j < kvd; j += half * groups) {
       const float v = to_float(src[qd + kvd + j]) + (bias ? bias[qd + kvd + j] : 0.0f);
       v_out[slot * kvd + j] = from_float<T>(v);
     }
@@ -152,6 +159,29 @@ __global__ void swiglu(const T* gu, int rows, int H, T* a) {
     const long long r = t / H, i = t % H;
     const float g = to_float(gu[r * 2 * H + i]), u = to_float(gu[r * 2 * H + H + i]);
     a[t] = from_float<T>(g / (1.0f + expf(-g)) * u);
+  }
+}
+
+/// swiglu for 16-bit T with H % 8 == 0: 8 elements per thread through 16-byte loads and stores.
+template <class T>
+__global__ void swiglu_vec8(const T* gu, int rows, int H, T* a) {
+  const int h8 = H / 8;
+  const long long n = static_cast<long long>(rows) * h8;
+  for (long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; t < n;
+       t += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long r = t / h8, i = (t % h8) * 8;
+    const uint4 gv = *reinterpret_cast<const uint4*>(gu + r * 2 * H + i);
+    const uint4 uv = *reinterpret_cast<const uint4*>(gu + r * 2 * H + H + i);
+    const T* g = reinterpret_cast<const T*>(&gv);
+    const T* u = reinterpret_cast<const T*>(&uv);
+    uint4 ov;
+    T* o = reinterpret_cast<T*>(&ov);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float x = to_float(g[j]);
+      o[j] = from_float<T>(x / (1.0f + expf(-x)) * to_float(u[j]));
+    }
+    *reinterpret_cast<uint4*>(a + r * H + i) = ov;
   }
 }
 

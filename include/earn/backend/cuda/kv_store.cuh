@@ -66,22 +66,13 @@ class Store<CudaT<DType>> {
   /// generated rows, through `scratch` (at least 2 * rows * gen_len * kv_dim elements).
   void reorder(const int* parent, int rows, int gen_len, T* scratch, cudaStream_t stream) {
     if (gen_len == 0) return;
-    const long long n = static_cast<long long>(rows) * gen_len * kv_dim_;
-    const unsigned grid = cuda::kernel::grid_for(n);
-    T* sk = scratch;
-    T* sv = scratch + n;
-    cuda::kernel::gather_generated<T><<<grid, cuda::kernel::kThreads, 0, stream>>>(gen_k_.data(), parent, rows, gen_len,
-                                                                                  max_new_, kv_dim_, sk);
-    EARN_CUDA_CHECK_LAUNCH();
-    cuda::kernel::gather_generated<T><<<grid, cuda::kernel::kThreads, 0, stream>>>(gen_v_.data(), parent, rows, gen_len,
-                                                                                  max_new_, kv_dim_, sv);
-    EARN_CUDA_CHECK_LAUNCH();
-    cuda::kernel::scatter_generated<T><<<grid, cuda::kernel::kThreads, 0, stream>>>(sk, rows, gen_len, max_new_,
-                                                                                   kv_dim_, gen_k_.data());
-    EARN_CUDA_CHECK_LAUNCH();
-    cuda::kernel::scatter_generated<T><<<grid, cuda::kernel::kThreads, 0, stream>>>(sv, rows, gen_len, max_new_,
-                                                                                   kv_dim_, gen_v_.data());
-    EARN_CUDA_CHECK_LAUNCH();
+    // Rows of 16-byte multiples move as uint4 (8 bf16 per thread and index computation, not 1).
+    if ((std::size_t(kv_dim_) * sizeof(T)) % sizeof(uint4) == 0)
+      move_generated(reinterpret_cast<uint4*>(gen_k_.data()), reinterpret_cast<uint4*>(gen_v_.data()), parent, rows,
+                     gen_len, static_cast<int>(std::size_t(kv_dim_) * sizeof(T) / sizeof(uint4)),
+                     reinterpret_cast<uint4*>(scratch), stream);
+    else
+      move_generated(gen_k_.data(), gen_v_.data(), parent, rows, gen_len, kv_dim_, scratch, stream);
   }
 
   /// Poison every cached number with NaN, so a read of a row nobody wrote shows up in the outputs (tests).
@@ -98,6 +89,24 @@ class Store<CudaT<DType>> {
   }
 
  private:
+  // Gather rows parent[i] of K and V into scratch, then scatter them back in the new order; E is the moved unit
+  // (T, or uint4 when rows allow) and width the row length in E.
+  template <class E>
+  void move_generated(E* k, E* v, const int* parent, int rows, int gen_len, int width, E* scratch,
+                      cudaStream_t stream) {
+    const long long n = static_cast<long long>(rows) * gen_len * width;
+    const unsigned grid = cuda::kernel::grid_for(n);
+    namespace kk = cuda::kernel;
+    kk::gather_generated<E><<<grid, kk::kThreads, 0, stream>>>(k, parent, rows, gen_len, max_new_, width, scratch);
+    EARN_CUDA_CHECK_LAUNCH();
+    kk::gather_generated<E><<<grid, kk::kThreads, 0, stream>>>(v, parent, rows, gen_len, max_new_, width, scratch + n);
+    EARN_CUDA_CHECK_LAUNCH();
+    kk::scatter_generated<E><<<grid, kk::kThreads, 0, stream>>>(scratch, rows, gen_len, max_new_, width, k);
+    EARN_CUDA_CHECK_LAUNCH();
+    kk::scatter_generated<E><<<grid, kk::kThreads, 0, stream>>>(scratch + n, rows, gen_len, max_new_, width, v);
+    EARN_CUDA_CHECK_LAUNCH();
+  }
+
   Index prefix_capacity_ = 0;
   int max_users_ = 0, max_rows_ = 0, max_new_ = 0, kv_dim_ = 0;
   cuda::DeviceBuffer<T> prefix_k_, prefix_v_;  // [max_users * prefix_capacity, kv_dim]
