@@ -9,6 +9,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "earn/backend/cuda/beam_search.cuh"  // earn::cuda::DeviceBeamSearch (CUB: write earn::cuda)
 #include "earn/cuda.cuh"
 #include "earn/rec/beam_search.hpp"
 #include "earn/rec/prompt.hpp"
@@ -43,9 +44,9 @@ std::vector<int> random_tokens(int n, int vocab, std::uint64_t seed) {
 // Round every parameter to the GPU's storage type, so both engines compute with the same weights.
 template <class D>
 void round_to(ModelWeights& w) {
-  using T = cuda::storage_t<D>;
+  using T = earn::cuda::storage_t<D>;
   auto r = [](auto& m) {
-    for (Index i = 0; i < m.size(); ++i) m.data()[i] = cuda::to_float(cuda::from_float<T>(m.data()[i]));
+    for (Index i = 0; i < m.size(); ++i) m.data()[i] = earn::cuda::to_float(earn::cuda::from_float<T>(m.data()[i]));
   };
   r(w.tok_embeddings);
   r(w.lm_head);
@@ -96,7 +97,7 @@ struct Worst {
 
 TEST_CASE_TEMPLATE("CUDA engine equals the CPU engine: prefill, beams, reorder, decode", D, dtype::F32, dtype::Bf16,
                    dtype::F16) {
-  using T = cuda::storage_t<D>;
+  using T = earn::cuda::storage_t<D>;
   Worst worst{"prefill/decode/reorder"};
   struct Case {
     int rp, rs;
@@ -239,7 +240,7 @@ TEST_CASE("CUDA engine refuses what the CPU engine refuses") {
   CHECK_THROWS_AS(EARN_CUDA_CHECK(cudaErrorInvalidValue), CudaError);
 }
 
-TEST_CASE("Trie-constrained beam search returns the same items on the GPU as on the CPU (fp32)") {
+TEST_CASE("Trie-constrained beam search returns the same items on the GPU (host or device selection) as on the CPU") {
   using namespace earn::rec;
   const ItemVocab vocab(CodeTemplate::kBaseVocab);
   ModelConfig c = small_config(RopeStyle::kRotateHalf, false, 1);
@@ -268,15 +269,32 @@ TEST_CASE("Trie-constrained beam search returns the same items on the GPU as on 
     Engine<EarnSchedule, Cuda> gpu(w, EarnSchedule{k});
     BeamSearch on_cpu(cpu, trie, {.beam = 8}, 3, max_prompt);
     BeamSearch on_gpu(gpu, trie, {.beam = 8}, 3, max_prompt);
+    // Selection on the device (trie-masked scores, CUB segmented top-k), run twice on one searcher.
+    earn::cuda::DeviceBeamSearch on_dev(gpu, trie, {.beam = 8}, 3, max_prompt);
     const auto a = on_gpu.run(prompts), b = on_cpu.run(prompts);
+    on_dev.run(prompts);
+    const auto d = on_dev.run(prompts);
     REQUIRE(a.size() == b.size());
+    REQUIRE(d.size() == b.size());
     for (std::size_t u = 0; u < a.size(); ++u) {
       REQUIRE(a[u].size() == b[u].size());
+      REQUIRE(d[u].size() == b[u].size());
       CHECK(a[u].size() == 8u);
       for (std::size_t j = 0; j < a[u].size(); ++j) {
         CHECK(a[u][j].identifier == b[u][j].identifier);
         CHECK(a[u][j].score == doctest::Approx(b[u][j].score).epsilon(1e-4));
+        CHECK(d[u][j].identifier == b[u][j].identifier);
+        CHECK(d[u][j].tokens == b[u][j].tokens);
+        CHECK(d[u][j].score == doctest::Approx(a[u][j].score).epsilon(1e-6));  // same logits as the host search
       }
+    }
+    // top_k < beam and a beam wider than some prefixes' fan-out: the same items as the host search.
+    BeamSearch narrow_host(gpu, trie, {.beam = 5, .top_k = 3}, 3, max_prompt);
+    earn::cuda::DeviceBeamSearch narrow_dev(gpu, trie, {.beam = 5, .top_k = 3}, 3, max_prompt);
+    const auto h3 = narrow_host.run(prompts), d3 = narrow_dev.run(prompts);
+    for (std::size_t u = 0; u < h3.size(); ++u) {
+      REQUIRE(d3[u].size() == h3[u].size());
+      for (std::size_t j = 0; j < h3[u].size(); ++j) CHECK(d3[u][j].identifier == h3[u][j].identifier);
     }
     CHECK(on_gpu.stats().peak_kv_bytes == on_cpu.stats().peak_kv_bytes);  // fp32 on both sides: same bytes
   }
