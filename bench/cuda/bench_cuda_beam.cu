@@ -14,17 +14,10 @@
 #include <vector>
 
 #include "earn/backend/cuda/beam_search.cuh"
+#include "common.cuh"
 #include "earn/cuda.cuh"
 
 namespace {
-
-std::vector<int> parse_list(const char* s) {
-  std::vector<int> v;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) v.push_back(std::stoi(item));
-  return v;
-}
 
 template <class F>
 double median_ms(int reps, F&& f) {
@@ -46,7 +39,7 @@ int main(int argc, char** argv) {
   int P = 512, items = 20000, reps = 3, layers = 32;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
-    if (a == "--users") Bs = parse_list(argv[i + 1]);
+    if (a == "--users") Bs = earn::bench::parse_list(argv[i + 1]);
     else if (a == "--prompt") P = std::atoi(argv[i + 1]);
     else if (a == "--items") items = std::atoi(argv[i + 1]);
     else if (a == "--reps") reps = std::atoi(argv[i + 1]);
@@ -63,15 +56,7 @@ int main(int argc, char** argv) {
   try {
     namespace rec = earn::rec;
     const rec::ItemVocab vocab(32000);
-    earn::ModelConfig c;
-    c.dim = 4096;
-    c.hidden_dim = 11008;
-    c.n_layers = layers;
-    c.n_heads = 32;
-    c.n_kv_heads = 32;
-    c.vocab_size = vocab.size();
-    c.max_seq_len = 1024;
-    c.tied_embeddings = false;
+    const earn::ModelConfig c = earn::bench::llama7b_config(layers, vocab.size());
     using DW = earn::cuda::DeviceWeights<earn::dtype::Bf16>;
     auto weights = std::make_shared<const DW>(
         DW::random(c, {.seed = 7, .scale = 1.0f, .prefix_registers = 1, .suffix_registers = 1}));

@@ -22,19 +22,12 @@
 
 #include <cuda_profiler_api.h>
 
+#include "common.cuh"
 #include "earn/cuda.cuh"
 
 using namespace earn;
 
 namespace {
-
-std::vector<int> parse_list(const char* s) {
-  std::vector<int> v;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) v.push_back(std::stoi(item));
-  return v;
-}
 
 float median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
@@ -119,9 +112,9 @@ int main(int argc, char** argv) {
     if (a == "--json") json = argv[i + 1];
     else if (a == "--reps") reps = std::atoi(argv[i + 1]);
     else if (a == "--layers") layers = std::atoi(argv[i + 1]);
-    else if (a == "--users") Bs = parse_list(argv[i + 1]);
-    else if (a == "--prompts") Ps = parse_list(argv[i + 1]);
-    else if (a == "--ks") Ks = parse_list(argv[i + 1]);
+    else if (a == "--users") Bs = earn::bench::parse_list(argv[i + 1]);
+    else if (a == "--prompts") Ps = earn::bench::parse_list(argv[i + 1]);
+    else if (a == "--ks") Ks = earn::bench::parse_list(argv[i + 1]);
     else if (a == "--graphs") graphs = std::atoi(argv[i + 1]);
     else if (a == "--fused") fused = std::atoi(argv[i + 1]);
     else if (a == "--profile") profile = std::atoi(argv[i + 1]);
@@ -141,15 +134,7 @@ int main(int argc, char** argv) {
     std::printf("card: %s, %d SMs; measured copy bandwidth %.0f GB/s (read + write), bf16 GEMM %.0f TFLOP/s\n",
                 prop.name, prop.multiProcessorCount, bw / 1e9, rate / 1e12);
 
-    ModelConfig c;
-    c.dim = 4096;
-    c.hidden_dim = 11008;
-    c.n_layers = layers;
-    c.n_heads = 32;
-    c.n_kv_heads = 32;
-    c.vocab_size = 33024;
-    c.max_seq_len = 1024;
-    c.tied_embeddings = false;
+    const ModelConfig c = earn::bench::llama7b_config(layers, 33024);
     const int beam = 20, new_tokens = 4, steps = new_tokens - 1, r = 2;
     auto weights = std::make_shared<const cuda::DeviceWeights<dtype::Bf16>>(
         cuda::DeviceWeights<dtype::Bf16>::random(c, {.seed = 7, .scale = 1.0f, .prefix_registers = 1, .suffix_registers = 1}));
