@@ -288,6 +288,13 @@ TEST_CASE("Trie-constrained beam search returns the same items on the GPU (host 
         CHECK(d[u][j].score == doctest::Approx(a[u][j].score).epsilon(1e-6));  // same logits as the host search
       }
     }
+    // Batched prefill (fp32: its logits differ from one-user prefills by ~1e-6, far below this model's gaps).
+    earn::cuda::DeviceBeamSearch batched(gpu, trie, {.beam = 8}, 3, max_prompt, /*batched_prefill=*/true);
+    const auto e = batched.run(prompts);
+    for (std::size_t u = 0; u < e.size(); ++u) {
+      REQUIRE(e[u].size() == b[u].size());
+      for (std::size_t j = 0; j < e[u].size(); ++j) CHECK(e[u][j].identifier == b[u][j].identifier);
+    }
     // top_k < beam and a beam wider than some prefixes' fan-out: the same items as the host search.
     BeamSearch narrow_host(gpu, trie, {.beam = 5, .top_k = 3}, 3, max_prompt);
     earn::cuda::DeviceBeamSearch narrow_dev(gpu, trie, {.beam = 5, .top_k = 3}, 3, max_prompt);
