@@ -14,6 +14,14 @@ enum class RefKind { kRegister, kPrompt, kGenerated };
 
 using Mat = std::vector<std::vector<double>>;  // [rows][cols]
 
+/// n token ids drawn uniformly from [0, vocab) by a seeded generator: fresh inputs for every comparison.
+inline std::vector<int> random_tokens(int n, int vocab, std::uint64_t seed) {
+  Rng rng(seed);
+  std::vector<int> t(n);
+  for (auto& x : t) x = static_cast<int>(rng.next_u64() % std::uint64_t(vocab));
+  return t;
+}
+
 inline std::vector<double> ref_matvec(const Matrix& w, const std::vector<double>& x) {
   std::vector<double> y(w.rows(), 0.0);
   for (Index o = 0; o < w.rows(); ++o) {

@@ -9,6 +9,7 @@
 #include "reference_model.hpp"
 
 using namespace earn;
+using earn::test::random_tokens;
 using earn::test::RefKind;
 
 namespace {
@@ -27,13 +28,6 @@ ModelConfig small_config(RopeStyle style = RopeStyle::kRotateHalf, bool bias = f
   c.qkv_bias = bias;
   c.tied_embeddings = false;
   return c;
-}
-
-std::vector<int> random_tokens(int n, int vocab, std::uint64_t seed) {
-  Rng rng(seed);
-  std::vector<int> t(n);
-  for (auto& x : t) x = static_cast<int>(rng.next_u64() % std::uint64_t(vocab));
-  return t;
 }
 
 // Relative error of a logit row: max |got - want| over max(1, max |want|) (the logits' own scale); NaN fails.

@@ -13,8 +13,10 @@
 #include "earn/cuda.cuh"
 #include "earn/rec/beam_search.hpp"
 #include "earn/rec/prompt.hpp"
+#include "../reference_model.hpp"  // random_tokens
 
 using namespace earn;
+using earn::test::random_tokens;
 
 namespace {
 
@@ -32,13 +34,6 @@ ModelConfig small_config(RopeStyle style, bool bias, int seed) {
   c.qkv_bias = bias;
   c.tied_embeddings = seed % 2 == 0;
   return c;
-}
-
-std::vector<int> random_tokens(int n, int vocab, std::uint64_t seed) {
-  Rng rng(seed);
-  std::vector<int> t(n);
-  for (auto& x : t) x = static_cast<int>(rng.next_u64() % std::uint64_t(vocab));
-  return t;
 }
 
 // Round every parameter to the GPU's storage type, so both engines compute with the same weights.

@@ -36,6 +36,24 @@ struct BeamOptions {
   static constexpr int kMaxBeam = 64;
 };
 
+/// `opt` with top_k = 0 resolved to the beam, after checking it against the batch size and the vocabularies.
+/// Every beam searcher (host selection, earn/backend/cuda/beam_search.cuh) starts here.
+inline BeamOptions checked_beam_options(BeamOptions opt, int max_users, int trie_vocab, int model_vocab) {
+  if (opt.beam < 1 || opt.beam > BeamOptions::kMaxBeam)
+    throw ConfigError("beam search: beam " + std::to_string(opt.beam) + " is outside [1, " +
+                      std::to_string(BeamOptions::kMaxBeam) + "]");
+  if (opt.top_k == 0) opt.top_k = opt.beam;
+  if (opt.top_k < 1 || opt.top_k > opt.beam)
+    throw ConfigError("beam search: top_k " + std::to_string(opt.top_k) + " is outside [1, beam = " +
+                      std::to_string(opt.beam) + "]");
+  if (max_users < 1 || max_users > std::numeric_limits<int>::max() / opt.beam)
+    throw ConfigError("beam search: max_users " + std::to_string(max_users) + " is outside [1, INT_MAX / beam]");
+  if (trie_vocab > model_vocab)
+    throw ConfigError("beam search: the trie's code tokens need a vocabulary of " + std::to_string(trie_vocab) +
+                      " ids, the model has " + std::to_string(model_vocab));
+  return opt;
+}
+
 /// One recommended identifier with its summed log-probability.
 struct Recommendation {
   int identifier = 0;
@@ -64,19 +82,7 @@ class BeamSearch {
 
   BeamSearch(const EngineT& engine, const CodeTrie& trie, BeamOptions opt, int max_users, int max_prompt)
       : engine_(engine), trie_(trie), opt_(opt) {
-    if (opt_.beam < 1 || opt_.beam > BeamOptions::kMaxBeam)
-      throw ConfigError("beam search: beam " + std::to_string(opt_.beam) + " is outside [1, " +
-                        std::to_string(BeamOptions::kMaxBeam) + "]");
-    if (opt_.top_k == 0) opt_.top_k = opt_.beam;
-    if (opt_.top_k < 1 || opt_.top_k > opt_.beam)
-      throw ConfigError("beam search: top_k " + std::to_string(opt_.top_k) + " is outside [1, beam = " +
-                        std::to_string(opt_.beam) + "]");
-    if (max_users < 1 || max_users > std::numeric_limits<int>::max() / opt_.beam)
-      throw ConfigError("beam search: max_users " + std::to_string(max_users) + " is outside [1, INT_MAX / beam]");
-    if (trie.vocab_size() > engine.config().vocab_size)
-      throw ConfigError("beam search: the trie's code tokens need a vocabulary of " +
-                        std::to_string(trie.vocab_size()) + " ids, the model has " +
-                        std::to_string(engine.config().vocab_size));
+    opt_ = checked_beam_options(opt_, max_users, trie.vocab_size(), engine.config().vocab_size);
     // Token 4 is chosen from the logits of decoding token 3, so 3 generated rows per beam suffice.
     state_ = engine.make_state(StateOptions{max_users, max_users * opt_.beam, max_prompt, kCodeLevels - 1});
   }

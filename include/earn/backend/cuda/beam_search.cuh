@@ -102,19 +102,7 @@ class DeviceBeamSearch {
   DeviceBeamSearch(const EngineT& engine, const rec::CodeTrie& trie, rec::BeamOptions opt, int max_users,
                    int max_prompt, bool batched_prefill = false)
       : engine_(engine), trie_(trie), opt_(opt), batched_prefill_(batched_prefill) {
-    if (opt_.beam < 1 || opt_.beam > rec::BeamOptions::kMaxBeam)
-      throw ConfigError("beam search: beam " + std::to_string(opt_.beam) + " is outside [1, " +
-                        std::to_string(rec::BeamOptions::kMaxBeam) + "]");
-    if (opt_.top_k == 0) opt_.top_k = opt_.beam;
-    if (opt_.top_k < 1 || opt_.top_k > opt_.beam)
-      throw ConfigError("beam search: top_k " + std::to_string(opt_.top_k) + " is outside [1, beam = " +
-                        std::to_string(opt_.beam) + "]");
-    if (max_users < 1 || max_users > std::numeric_limits<int>::max() / opt_.beam)
-      throw ConfigError("beam search: max_users " + std::to_string(max_users) + " is outside [1, INT_MAX / beam]");
-    if (trie.vocab_size() > engine.config().vocab_size)
-      throw ConfigError("beam search: the trie's code tokens need a vocabulary of " +
-                        std::to_string(trie.vocab_size()) + " ids, the model has " +
-                        std::to_string(engine.config().vocab_size));
+    opt_ = rec::checked_beam_options(opt_, max_users, trie.vocab_size(), engine.config().vocab_size);
     state_ = engine.make_state(StateOptions{max_users, max_users * opt_.beam, max_prompt, rec::kCodeLevels - 1});
     // Each level's child tokens, in node order (children(d, n).tokens are slices of one array per level).
     for (int d = 0; d < rec::kCodeLevels; ++d) {
