@@ -36,6 +36,14 @@ inline StateOptions resolve_state_options(StateOptions o, const ModelConfig& c, 
   return o;
 }
 
+/// RangeError for the first token id outside [0, vocab).
+inline void check_token_ids(std::span<const int> tokens, int vocab) {
+  for (int t : tokens)
+    if (t < 0 || t >= vocab)
+      throw RangeError("token id " + std::to_string(t) + " is outside the vocabulary [0, " + std::to_string(vocab) +
+                       ")");
+}
+
 /// Prefix rows per user that layer `l`'s cache reserves, as its layout decides (registers only for kv::Register).
 template <class Schedule>
 Index layer_prefix_capacity(const Schedule& schedule, int l, const StateOptions& o, int registers) {
@@ -62,6 +70,15 @@ class RowBook {
     input_len_.assign(o.max_users, 0);
     row_user_.clear();
     gen_len_ = 0;
+  }
+  // decode: one token per decode row, room for one more generated token, every id in the vocabulary.
+  void check_decode_step(std::span<const int> tokens, int vocab) const {
+    if (static_cast<int>(tokens.size()) != rows())
+      throw RangeError("decode: " + std::to_string(tokens.size()) + " tokens for " + std::to_string(rows()) +
+                       " decode rows (call set_rows first)");
+    if (gen_len_ >= opts_.max_new_tokens)
+      throw RangeError("decode: the state holds " + std::to_string(opts_.max_new_tokens) + " generated tokens");
+    check_token_ids(tokens, vocab);
   }
   // set_rows: check every row's user (in range, prefilled), then take them and reset the generated tokens.
   void assign_rows(std::span<const int> row_user) {

@@ -115,12 +115,7 @@ class Engine<Schedule, Cpu> {
   Matrix decode(State& st, std::span<const int> tokens) const {
     const ModelConfig& c = w_.config;
     const int rows = st.rows();
-    if (static_cast<int>(tokens.size()) != rows)
-      throw RangeError("decode: " + std::to_string(tokens.size()) + " tokens for " + std::to_string(rows) +
-                       " decode rows (call set_rows first)");
-    if (st.gen_len_ >= st.opts_.max_new_tokens)
-      throw RangeError("decode: the state holds " + std::to_string(st.opts_.max_new_tokens) + " generated tokens");
-    check_tokens(tokens);
+    st.check_decode_step(tokens, c.vocab_size);
     std::vector<int> pos(rows);
     for (int i = 0; i < rows; ++i) pos[i] = st.input_len_[st.row_user_[i]] + st.gen_len_;
     const cpu::RopeTable rope(pos, c.head_dim(), c.rope_theta);
@@ -157,12 +152,7 @@ class Engine<Schedule, Cpu> {
   }
 
  private:
-  void check_tokens(std::span<const int> tokens) const {
-    for (int t : tokens)
-      if (t < 0 || t >= w_.config.vocab_size)
-        throw RangeError("token id " + std::to_string(t) + " is outside the vocabulary [0, " +
-                         std::to_string(w_.config.vocab_size) + ")");
-  }
+  void check_tokens(std::span<const int> tokens) const { detail::check_token_ids(tokens, w_.config.vocab_size); }
 
   // h = norm(x); q, k, v projections with biases, RoPE applied to q and k.
   void qkv(const LayerWeights& lw, const Matrix& x, const cpu::RopeTable& rope, Matrix& h, Matrix& q, Matrix& k,

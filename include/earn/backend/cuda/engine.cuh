@@ -236,12 +236,7 @@ class Engine<Schedule, CudaT<DType>> {
   cuda::DeviceLogits decode_device(State& st, std::span<const int> tokens) const {
     const ModelConfig& c = w_.config;
     const int rows = st.rows();
-    if (static_cast<int>(tokens.size()) != rows)
-      throw RangeError("decode: " + std::to_string(tokens.size()) + " tokens for " + std::to_string(rows) +
-                       " decode rows (call set_rows first)");
-    if (st.gen_len_ >= st.opts_.max_new_tokens)
-      throw RangeError("decode: the state holds " + std::to_string(st.opts_.max_new_tokens) + " generated tokens");
-    check_tokens(tokens);
+    st.check_decode_step(tokens, c.vocab_size);
     // Rows sorted by user (stable): each user's beams become one contiguous attention segment.
     std::vector<int> perm(rows), inv(rows);
     std::iota(perm.begin(), perm.end(), 0);
@@ -447,12 +442,7 @@ class Engine<Schedule, CudaT<DType>> {
     return k;
   }
 
-  void check_tokens(std::span<const int> tokens) const {
-    for (int t : tokens)
-      if (t < 0 || t >= w_.config.vocab_size)
-        throw RangeError("token id " + std::to_string(t) + " is outside the vocabulary [0, " +
-                         std::to_string(w_.config.vocab_size) + ")");
-  }
+  void check_tokens(std::span<const int> tokens) const { detail::check_token_ids(tokens, w_.config.vocab_size); }
 
   void embed(State& st, const int* codes, int rows) const {
     const int dim = w_.config.dim;
