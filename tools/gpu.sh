@@ -23,11 +23,12 @@ if [ -z "$bin" ]; then
   # Needs what tools/deps.sh installs (Eigen, nlohmann-json, doctest) next to the CUDA toolkit.
   cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEARN_ENABLE_CUDA=ON \
     -DEARN_BUILD_EXAMPLES=OFF >"$OUT/configure.log" 2>&1 || { tail -20 "$OUT/configure.log"; exit 1; }
-  cmake --build "$root/build-gpu" --target test_cuda_engine bench_cuda_llama bench_cuda_attention bench_cuda_beam \
+  cmake --build "$root/build-gpu" --target test_cuda_engine test_cuda_attention bench_cuda_llama bench_cuda_attention bench_cuda_beam \
     >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   bin=$root/build-gpu/bin
   mkdir -p "$bin"
-  cp "$root/build-gpu/tests/cuda/test_cuda_engine" "$root/build-gpu/bench/cuda/bench_cuda_llama" \
+  cp "$root/build-gpu/tests/cuda/test_cuda_engine" "$root/build-gpu/tests/cuda/test_cuda_attention" \
+    "$root/build-gpu/bench/cuda/bench_cuda_llama" \
     "$root/build-gpu/bench/cuda/bench_cuda_attention" "$root/build-gpu/bench/cuda/bench_cuda_beam" "$bin/"
 fi
 export LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -35,20 +36,29 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 
 status=0
 if [ "$mode" = all ] || [ "$mode" = test ]; then
-  echo "== CUDA tests"
-  (cd "$root" && "$bin/test_cuda_engine") >"$OUT/test.log" 2>&1
-  rc=$?
-  tail -25 "$OUT/test.log"
-  echo "tests rc=$rc"
-  [ $rc = 0 ] || status=1
-  echo "== compute-sanitizer memcheck (all tests)"
-  (cd "$root" && timeout "${EARN_SANITIZER_TIMEOUT:-300}" compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/test_cuda_engine") \
-    >"$OUT/memcheck.log" 2>&1
-  echo "memcheck rc=$?"; tail -4 "$OUT/memcheck.log"
-  echo "== compute-sanitizer racecheck (fp32 and bf16 engine tests: the fused decode kernels run in bf16)"
+  for t in test_cuda_attention test_cuda_engine; do
+    echo "== CUDA tests: $t"
+    (cd "$root" && "$bin/$t") >"$OUT/$t.log" 2>&1
+    rc=$?
+    grep -E "worst|error" "$OUT/$t.log" | sort | uniq -c | sort -rn | head -20
+    tail -4 "$OUT/$t.log"
+    echo "$t rc=$rc"
+    [ $rc = 0 ] || status=1
+  done
+  [ "${EARN_SANITIZER:-1}" = 1 ] || exit $status
+  for t in test_cuda_attention test_cuda_engine; do
+    echo "== compute-sanitizer memcheck: $t"
+    (cd "$root" && timeout "${EARN_SANITIZER_TIMEOUT:-300}" compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/$t") \
+      >"$OUT/memcheck_$t.log" 2>&1
+    echo "memcheck rc=$?"; tail -3 "$OUT/memcheck_$t.log"
+  done
+  echo "== compute-sanitizer racecheck (the flash kernels: kernel tests in bf16, engine tests in bf16)"
+  (cd "$root" && timeout 300 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/test_cuda_attention" \
+    -tc='*bfloat16*') >"$OUT/racecheck_attention.log" 2>&1
+  echo "racecheck rc=$?"; tail -3 "$OUT/racecheck_attention.log"
   (cd "$root" && timeout 300 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/test_cuda_engine" \
-    -tc='*F32*,*Bf16*') >"$OUT/racecheck.log" 2>&1
-  echo "racecheck rc=$?"; tail -4 "$OUT/racecheck.log"
+    -tc='*Bf16*') >"$OUT/racecheck_engine.log" 2>&1
+  echo "racecheck rc=$?"; tail -3 "$OUT/racecheck_engine.log"
 fi
 if [ "$mode" = all ] || [ "$mode" = micro ]; then
   echo "== attention microbenchmarks"

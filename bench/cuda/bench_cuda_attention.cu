@@ -1,7 +1,8 @@
 // bench/cuda/bench_cuda_attention.cu - Google Benchmark microbenchmarks of the CUDA backend's attention call
 // (earn::cuda::attention: batched cuBLAS Q K^T / P V over each user's prefix, generated-key kernels, the
-// policy-masked softmax; and for decode, the fused flash-decoding kernels of decode_attention.cuh, "_fused") at
-// Llama-7B head shapes (32 heads of 128, bf16), timed with CUDA events (manual time):
+// policy-masked softmax) against the tensor-core flash kernels ("_flash": flash_attention.cuh for prefill,
+// flash-decoding of decode_attention.cuh for decode) at Llama-7B head shapes (32 heads of 128, bf16), timed with
+// CUDA events (manual time):
 //   prefill      B users x (P + 2) rows, causal over their own rows (DenseCausal)
 //   decode_dense B users x 20 beams, each beam over its user's P + 2 cached rows + G generated keys
 //   decode_reg   the same beams in a late EARN layer: prefix = the 2 registers (RegisterOnly), + G generated
@@ -33,7 +34,8 @@ void fill(cuda::DeviceBuffer<X>& b, unsigned long long seed) {
 // One attention call's operands on the device: `users` users with S cached prefix rows each, nq query rows per
 // user (nq = S in prefill), G generated keys per row (decode).
 struct Problem {
-  int users, S, nq, G, rows, chunks = 1;
+  int users, S, nq, G, rows;
+  cuda::FlashSplit split;
   std::size_t scores = 0;
   cuda::DeviceBuffer<T> q, pk, pv, gk, gv, probs, out;
   cuda::DeviceBuffer<float> score_buf;
@@ -80,8 +82,8 @@ struct Problem {
       }
     }
     scores = static_cast<std::size_t>(off);
-    chunks = cuda::decode_chunks(S);
-    score_buf.reserve(std::max(scores, cuda::decode_workspace(rows, kHeads, kHeadDim, chunks)));
+    split = cuda::flash_split(S, kHeads, users, cuda::sm_count());
+    score_buf.reserve(std::max(scores, cuda::decode_workspace(rows, kHeads, kHeadDim, split.chunks)));
     probs.reserve(scores);
     std::vector<int> all(pos);
     all.insert(all.end(), row_seg.begin(), row_seg.end());
@@ -124,13 +126,29 @@ struct Problem {
   }
 };
 
-// The call under test: the cuBLAS path (attention.cuh) or the fused decode kernels (decode_attention.cuh).
+// The call under test: the cuBLAS path (attention.cuh) or the flash kernels (flash_attention.cuh in prefill,
+// decode_attention.cuh in decode).
 template <class Policy, bool kFused>
 void call(cublasHandle_t h, cudaStream_t s, Problem& p) {
+  const auto& a = p.args;
   if constexpr (kFused) {
-    const auto& a = p.args;
-    cuda::decode_attention<Policy, T>(s, a.q, a.gen_k, a.gen_v, a.row_src, a.row_seg, a.segs, p.users, a.pos, a.rows,
-                                      a.nh, a.nkv, a.hd, a.G, a.max_new, p.chunks, p.score_buf.data(), p.out.data());
+    if (a.G > 0) {
+      cuda::decode_attention<Policy, T>(s, a.q, a.gen_k, a.gen_v, a.row_src, a.row_seg, a.segs, p.users, p.nq, a.pos,
+                                        a.rows, a.nh, a.nkv, a.hd, a.G, a.max_new, p.split, p.score_buf.data(),
+                                        p.out.data());
+    } else {
+      cuda::FlashArgs<T> fa;
+      fa.q = a.q;
+      fa.segs = a.segs;
+      fa.nseg = p.users;
+      fa.pos = a.pos;
+      fa.out = p.out.data();
+      fa.nh = a.nh;
+      fa.nkv = a.nkv;
+      fa.hd = a.hd;
+      fa.max_nq = p.nq;
+      cuda::flash_attention<Policy, false>(s, fa);
+    }
   } else {
     cuda::attention<Policy, T>(h, s, p.args);
   }
@@ -158,17 +176,19 @@ void run(benchmark::State& state, Problem& p, double flop, double bytes) {
   cudaEventDestroy(b);
   state.counters["FLOP"] = benchmark::Counter(flop, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["bytes"] = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["score_MB"] = double(p.scores) * (4 + sizeof(T)) / 1e6;  // fp32 scores + probs, written and read
+  // fp32 scores + probs written and read by the cuBLAS path; the flash kernels keep them on chip.
+  state.counters["score_MB"] = kFused ? 0.0 : double(p.scores) * (4 + sizeof(T)) / 1e6;
 }
 
 constexpr double kQd = double(kHeads) * kHeadDim, kRowKV = 2.0 * kQd * sizeof(T);  // K + V bytes of one row
 
+template <bool kFused>
 void prefill(benchmark::State& state) {
   const int B = static_cast<int>(state.range(0)), n = static_cast<int>(state.range(1)) + kRegisters;
   Problem p(B, n, n, 0);
   const double flop = 4.0 * kQd * (double(n) * (n + 1) / 2) * B;
   const double bytes = double(B) * n * (2 * kQd * sizeof(T) + kRowKV);  // q read, out written, K/V read
-  run<attention::DenseCausal>(state, p, flop, bytes);
+  run<attention::DenseCausal, kFused>(state, p, flop, bytes);
 }
 
 template <bool kFused>
@@ -202,17 +222,19 @@ int main(int argc, char** argv) {
   }
   for (int B : {1, 4, 32})
     for (int P : {256, 512}) {
-      benchmark::RegisterBenchmark("prefill", prefill)->Args({B, P})->ArgNames({"B", "P"})->UseManualTime()
+      benchmark::RegisterBenchmark("prefill", prefill<false>)->Args({B, P})->ArgNames({"B", "P"})->UseManualTime()
           ->Unit(benchmark::kMicrosecond);
+      benchmark::RegisterBenchmark("prefill_flash", prefill<true>)->Args({B, P})->ArgNames({"B", "P"})
+          ->UseManualTime()->Unit(benchmark::kMicrosecond);
       benchmark::RegisterBenchmark("decode_dense", decode_dense<false>)->Args({B, P, 2})->ArgNames({"B", "P", "G"})
           ->UseManualTime()->Unit(benchmark::kMicrosecond);
-      benchmark::RegisterBenchmark("decode_dense_fused", decode_dense<true>)->Args({B, P, 2})
+      benchmark::RegisterBenchmark("decode_dense_flash", decode_dense<true>)->Args({B, P, 2})
           ->ArgNames({"B", "P", "G"})->UseManualTime()->Unit(benchmark::kMicrosecond);
     }
   for (int B : {1, 4, 32}) {
     benchmark::RegisterBenchmark("decode_register", decode_register<false>)->Args({B, 2})->ArgNames({"B", "G"})
         ->UseManualTime()->Unit(benchmark::kMicrosecond);
-    benchmark::RegisterBenchmark("decode_register_fused", decode_register<true>)->Args({B, 2})
+    benchmark::RegisterBenchmark("decode_register_flash", decode_register<true>)->Args({B, 2})
         ->ArgNames({"B", "G"})->UseManualTime()->Unit(benchmark::kMicrosecond);
   }
   try {

@@ -13,7 +13,7 @@ from collections import defaultdict
 
 def family(name):
     if "softmax_rows" in name: return "softmax_rows"
-    for k in ("gen_scores", "gen_pv", "qkv_post", "rmsnorm", "swiglu", "embed", "gather_rows", "gather_generated",
+    for k in ("flash_attention", "decode_combine", "gen_scores", "gen_pv", "qkv_post", "rmsnorm", "swiglu", "embed", "gather_rows", "gather_generated",
               "scatter_generated"):
         if k in name: return k
     if "gemv" in name.lower(): return "cublas gemv: " + re.sub(r"<.*", "", name)[:60]

@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -17,6 +18,11 @@
 
 using namespace earn;
 using earn::test::random_tokens;
+
+// Template test cases named by their dtype, so `-tc='*Bf16*'` selects them (tools/gpu.sh racecheck).
+TYPE_TO_STRING(earn::dtype::F32);
+TYPE_TO_STRING(earn::dtype::Bf16);
+TYPE_TO_STRING(earn::dtype::F16);
 
 namespace {
 
@@ -85,7 +91,7 @@ struct Worst {
   const char* name;
   double value = 0;
   void operator()(double v) { value = std::max(value, v); }
-  ~Worst() { MESSAGE(name << ": worst relative error over the case " << value); }
+  ~Worst() { MESSAGE(std::string(name) << ": worst relative error over the case " << value); }
 };
 
 }  // namespace
@@ -188,6 +194,44 @@ TEST_CASE_TEMPLATE("CUDA batched prefill and all-row logits equal the CPU engine
     worst(check_close<D>(gpu.decode(gs, toks), cpu.decode(cs, toks), "decode after batched prefill"));
     worst(check_close<D>(gpu.prefill_all_logits(gs, 1, prompts[2]), cpu.prefill_all_logits(cs, 1, prompts[2]),
                 "all-row logits"));
+  }
+}
+
+TEST_CASE_TEMPLATE("bf16 / fp16 attention: the flash kernels and the cuBLAS path both equal the CPU engine", D,
+                   dtype::Bf16, dtype::F16) {
+  // Prompts past one 64-key tile (batched, different lengths), then decode steps over them: both attention paths
+  // of the 16-bit engine against the CPU engine on the same rounded weights.
+  Worst worst{"flash vs cuBLAS attention"};
+  const ModelConfig c = small_config(RopeStyle::kRotateHalf, false, 1);  // GQA 4/2
+  ModelWeights w = random_weights(c, {.seed = 123, .prefix_registers = 1, .suffix_registers = 1});
+  round_to<D>(w);
+  for (int k : {1, c.n_layers}) {
+    for (bool flash : {true, false}) {
+      CAPTURE(k);
+      CAPTURE(flash);
+      Engine<EarnSchedule> cpu(w, EarnSchedule{k});
+      Engine<EarnSchedule, CudaT<D>> gpu(w, EarnSchedule{k});
+      const StateOptions o{.max_users = 3, .max_rows = 6, .max_prompt = 120, .max_new_tokens = 3};
+      auto cs = cpu.make_state(o);
+      auto gs = gpu.make_state(o);
+      gs.use_flash_attention(flash);
+      CHECK(gs.flash_attention() == flash);
+      gs.enable_poison();
+      const std::vector<int> users = {1, 0, 2};
+      const std::vector<std::vector<int>> prompts = {random_tokens(120, c.vocab_size, 31 + k),
+                                                     random_tokens(63, c.vocab_size, 32 + k),
+                                                     random_tokens(64, c.vocab_size, 33 + k)};
+      const Matrix got = gpu.prefill_batch(gs, users, prompts);
+      for (int i = 0; i < 3; ++i) {
+        const Vector want = cpu.prefill(cs, users[i], prompts[i]);
+        worst(check_close<D>(Matrix(got.row(i)), Matrix(want.transpose()), "prefill"));
+      }
+      const int row_user[6] = {0, 1, 1, 2, 0, 1};
+      gs.set_rows(row_user);
+      cs.set_rows(row_user);
+      const std::vector<std::vector<int>> steps = {{3, 9, 27, 81, 42, 7}, {5, 6, 7, 8, 9, 10}};
+      for (const auto& toks : steps) worst(check_close<D>(gpu.decode(gs, toks), cpu.decode(cs, toks), "decode"));
+    }
   }
 }
 

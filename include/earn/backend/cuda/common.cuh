@@ -188,6 +188,14 @@ inline int device_count() {
 }
 
 
+/// Multiprocessors of the current device (sizes the split of flash-decoding).
+inline int sm_count() {
+  int dev = 0, n = 0;
+  EARN_CUDA_CHECK(cudaGetDevice(&dev));
+  EARN_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  return n;
+}
+
 /// Executable CUDA graphs of launch sequences that repeat (a decode step of one shape), keyed by everything the
 /// sequence bakes into its launches: shapes, device pointers, the engine. A key seen before replays its graph;
 /// a new key captures the sequence from `record` on the stream, then launches it. Keeps the last kMax graphs.

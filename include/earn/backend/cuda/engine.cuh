@@ -7,10 +7,11 @@
 //
 // One forward pass: embed -> per layer [RMSNorm -> fused QKV GEMM -> bias + RoPE + KV store -> attention ->
 // Wo GEMM accumulating into the residual -> RMSNorm -> fused gate/up GEMM -> SwiGLU -> W2 GEMM accumulating into
-// the residual] -> final norm -> classifier GEMM. Attention runs per user segment as two batched cuBLAS GEMMs
-// (Q K^T over the user's cached prefix, P V) around a softmax kernel that applies the layer policy's `visible`
-// hook; in decode the beams of a user are one segment, so its prompt K/V is read once per step for all of them,
-// and each beam's generated keys are handled by two small kernels. Rows the policy drops (EARN's late layers
+// the residual] -> final norm -> classifier GEMM. Attention runs per user segment, the layer policy's `visible`
+// hook masking keys by position: in bf16 / fp16 by the tensor-core flash kernels (flash_attention.cuh; decode as
+// flash-decoding, decode_attention.cuh), in fp32 (and with use_flash_attention(false)) as two batched cuBLAS
+// GEMMs (Q K^T over the user's cached prefix, P V) around a softmax kernel. In decode the beams of a user are one
+// segment, so its prompt K/V is read once per step for all of them; each beam's generated keys are its own. Rows the policy drops (EARN's late layers
 // drop prompt rows) leave the residual stream by a row gather, as in the CPU engine.
 #pragma once
 
@@ -102,9 +103,11 @@ class CudaState : public detail::RowBook {
     if (!on) graphs_.clear();
   }
   bool graphs() const { return graphs_on_; }
-  /// bf16 / fp16 decode attention through the fused flash-decoding kernels (default on); off: the cuBLAS path
-  /// (batched Q K^T, softmax, P V) that prefill and fp32 use. For comparisons.
-  void use_fused_decode(bool on) { fused_on_ = on; }
+  /// bf16 / fp16 attention through the tensor-core flash kernels (flash_attention.cuh; default on): prefill, and
+  /// decode as flash-decoding (decode_attention.cuh). Off: the cuBLAS path (batched Q K^T, softmax, P V) that fp32
+  /// always takes. For comparisons and as the tests' second reference.
+  void use_flash_attention(bool on) { flash_on_ = on; }
+  bool flash_attention() const { return flash_on_; }
   /// Decode graphs held (tests: a repeated step shape replays instead of capturing again).
   std::size_t graph_count() const { return graphs_.size(); }
 
@@ -146,7 +149,7 @@ class CudaState : public detail::RowBook {
   std::vector<kv::Store<CudaT<DType>>> layers_;
   bool poison_ = false;
   bool graphs_on_ = true;
-  bool fused_on_ = true;
+  bool flash_on_ = true;
   cuda::Stream stream_;
   cuda::GraphCache graphs_;  // decode steps (see use_graphs)
   // Scratch, grown on demand: x/x2 the fp32 residual stream [rows, dim]; h the normalised rows [rows, dim];
@@ -178,7 +181,7 @@ class Engine<Schedule, CudaT<DType>> {
   explicit Engine(const ModelWeights& w, Schedule schedule = Schedule{})
       : Engine(std::make_shared<const cuda::DeviceWeights<DType>>(cuda::DeviceWeights<DType>::upload(w)), schedule) {}
   explicit Engine(std::shared_ptr<const cuda::DeviceWeights<DType>> w, Schedule schedule = Schedule{})
-      : wp_(std::move(w)), w_(*wp_), schedule_(schedule), id_(next_id()) {
+      : wp_(std::move(w)), w_(*wp_), schedule_(schedule), id_(next_id()), sms_(cuda::sm_count()) {
     w_.config.validate();
     schedule_.validate(w_.config.n_layers, w_.register_count());
   }
@@ -278,11 +281,12 @@ class Engine<Schedule, CudaT<DType>> {
         max_s = std::max(max_s, segs[s].S);
       }
       plan.add_layer(std::move(segs), rw.seg_user, c.n_heads);
-      plan.layers.back().chunks = cuda::decode_chunks(max_s);
-      workspace = std::max(workspace, cuda::decode_workspace(rows, c.n_heads, c.head_dim(), plan.layers.back().chunks));
+      auto& lp = plan.layers.back();
+      lp.split = cuda::flash_split(max_s, c.n_heads, lp.nseg, sms_);
+      workspace = std::max(workspace, cuda::decode_workspace(rows, c.n_heads, c.head_dim(), lp.split.chunks));
     }
     // The fused path's workspace lives in the score buffer (the cuBLAS path's scores are not used then).
-    st.reserve(c, rows, fused_decode(st) ? std::max(plan.max_scores, workspace) : plan.max_scores, rows);
+    st.reserve(c, rows, flash(st) ? workspace : plan.max_scores, rows);
     plan.upload(st, *this);
     bind_blas(st);
     // A step starts by writing x, so which of the two residual buffers is x is free: the lower address, so the
@@ -321,7 +325,8 @@ class Engine<Schedule, CudaT<DType>> {
   struct Plan {
     struct LayerPlan {
       int seg_off = 0, nseg = 0, ptr_off = 0, entries = 0;
-      int chunks = 1;  // fused decode attention: key chunks of the longest prefix
+      int max_nq = 0;          // query rows of the largest segment
+      cuda::FlashSplit split;  // fused decode attention: how each prefix is split into key chunks
       std::vector<cuda::AttentionGroup> groups;
     };
     std::vector<int> ints;
@@ -340,6 +345,7 @@ class Engine<Schedule, CudaT<DType>> {
       LayerPlan lp;
       lp.seg_off = static_cast<int>(segs.size());
       lp.nseg = static_cast<int>(s.size());
+      for (const auto& sg : s) lp.max_nq = std::max(lp.max_nq, sg.nq);
       long long off = 0;
       for (auto& sg : s) {
         sg.ld = cuda::score_ld(sg.S, sg.G);
@@ -423,11 +429,11 @@ class Engine<Schedule, CudaT<DType>> {
   // buffer address. Equal keys launch identical work on different uploaded data.
   std::vector<long long> graph_key(const State& st, const Plan& plan, int rows) const {
     auto addr = [](const void* p) { return static_cast<long long>(reinterpret_cast<std::uintptr_t>(p)); };
-    std::vector<long long> k{static_cast<long long>(id_), fused_decode(st), rows, st.gen_len_, static_cast<long long>(plan.ints.size()),
+    std::vector<long long> k{static_cast<long long>(id_), flash(st), rows, st.gen_len_, static_cast<long long>(plan.ints.size()),
                              static_cast<long long>(plan.segs.size()), plan.ptr_count,
                              static_cast<long long>(plan.max_scores)};
     for (const auto& lp : plan.layers) {
-      k.insert(k.end(), {lp.seg_off, lp.nseg, lp.ptr_off, lp.entries});
+      k.insert(k.end(), {lp.seg_off, lp.nseg, lp.ptr_off, lp.entries, lp.max_nq, lp.split.chunks, lp.split.chunk_keys});
       for (const auto& g : lp.groups) k.insert(k.end(), {g.S, g.nq, g.count, g.entry});
     }
     for (const void* p : {static_cast<const void*>(st.x_.data()), static_cast<const void*>(st.x2_.data()),
@@ -462,8 +468,11 @@ class Engine<Schedule, CudaT<DType>> {
 
   void rmsnorm(State& st, const float* x, const float* gain, int rows) const {
     if (rows == 0) return;
-    cuda::kernel::rmsnorm<T><<<rows, cuda::kernel::kThreads, 0, st.stream()>>>(x, gain, w_.config.norm_eps,
-                                                                             w_.config.dim, st.h_.data());
+    namespace k = cuda::kernel;
+    if (const int threads = k::rmsnorm_vec4_threads(w_.config.dim))
+      k::rmsnorm_vec4<T><<<rows, threads, 0, st.stream()>>>(x, gain, w_.config.norm_eps, w_.config.dim, st.h_.data());
+    else
+      k::rmsnorm<T><<<rows, k::kThreads, 0, st.stream()>>>(x, gain, w_.config.norm_eps, w_.config.dim, st.h_.data());
     EARN_CUDA_CHECK_LAUNCH();
   }
 
@@ -486,26 +495,46 @@ class Engine<Schedule, CudaT<DType>> {
     cuda::linear<T, T>(h, st.h_.data(), lw.wqkv.data(), st.qkv_.data(), rows, c.dim, width);
     const bool decode = row_src != nullptr;
     const int head_groups = (c.n_heads + c.n_kv_heads + k::kQkvHeads - 1) / k::kQkvHeads;
-    k::qkv_post<T><<<k::grid_for(Index{rows} * head_groups * (hd / 2)), k::kThreads, 0, s>>>(
-        st.qkv_.data(), lw.bqkv.empty() ? nullptr : lw.bqkv.data(), pos, row_seg, segs, row_src, st.gen_len_,
-        store.max_new(), rows, c.n_heads, c.n_kv_heads, hd, c.rope_theta,
-        c.rope_style == RopeStyle::kInterleaved ? 1 : 0, st.q_.data(), decode ? store.gen_k() : store.prefix_k_base(),
-        decode ? store.gen_v() : store.prefix_v_base(), decode ? nullptr : store.prefix_pos_base());
-    EARN_CUDA_CHECK_LAUNCH();
-
-    bool fused = false;
-    if constexpr (!std::is_same_v<T, float>) {  // the tensor-core kernels exist for 16-bit storage only
-      // Measured on H100 (bench_cuda_attention, 32 heads of 128, 20 beams per user): the fused kernels win where the
-      // prefix fits one key chunk (late EARN layers: the registers; 67 vs 88 us at B = 32) and lose to the cuBLAS
-      // path over a prompt-long prefix (482 vs 299 us at B = 32, P = 512), so they take the first case only.
-      if (decode && fused_decode(st) && lp.chunks == 1) {
-        cuda::decode_attention<Policy, T>(s, st.q_.data(), store.gen_k(), store.gen_v(), row_src, row_seg, segs,
-                                          lp.nseg, pos, rows, c.n_heads, c.n_kv_heads, hd, G, store.max_new(),
-                                          lp.chunks, st.scores_.data(), st.att_.data());
-        fused = true;
+    T* k_dst = decode ? store.gen_k() : store.prefix_k_base();
+    T* v_dst = decode ? store.gen_v() : store.prefix_v_base();
+    int* kpos_dst = decode ? nullptr : store.prefix_pos_base();
+    const float* bias = lw.bqkv.empty() ? nullptr : lw.bqkv.data();
+    const int interleaved = c.rope_style == RopeStyle::kInterleaved ? 1 : 0;
+    bool rotated = false;
+    if constexpr (sizeof(T) == 2) {
+      if (k::qkv_post_row_supported<T>(hd)) {  // one block per row, 16-byte pieces
+        k::qkv_post_row<T><<<rows, 128, 0, s>>>(st.qkv_.data(), bias, pos, row_seg, segs, row_src, st.gen_len_,
+                                                store.max_new(), c.n_heads, c.n_kv_heads, hd, c.rope_theta,
+                                                interleaved, st.q_.data(), k_dst, v_dst, kpos_dst);
+        rotated = true;
       }
     }
-    if (!fused) attention<Policy>(st, store, lp, segs, pos, row_seg, row_src, rows, G);
+    if (!rotated) {
+      k::qkv_post<T><<<k::grid_for(Index{rows} * head_groups * (hd / 2)), k::kThreads, 0, s>>>(
+          st.qkv_.data(), bias, pos, row_seg, segs, row_src, st.gen_len_, store.max_new(), rows, c.n_heads,
+          c.n_kv_heads, hd, c.rope_theta, interleaved, st.q_.data(), k_dst, v_dst, kpos_dst);
+    }
+    EARN_CUDA_CHECK_LAUNCH();
+
+    if (!flash(st)) {
+      attention<Policy>(st, store, lp, segs, pos, row_seg, row_src, rows, G);
+    } else if (decode) {  // flash-decoding: prefix chunks in partial mode, then the rows' own generated keys
+      cuda::decode_attention<Policy, T>(s, st.q_.data(), store.gen_k(), store.gen_v(), row_src, row_seg, segs,
+                                        lp.nseg, lp.max_nq, pos, rows, c.n_heads, c.n_kv_heads, hd, G,
+                                        store.max_new(), lp.split, st.scores_.data(), st.att_.data());
+    } else {
+      cuda::FlashArgs<T> fa;
+      fa.q = st.q_.data();
+      fa.segs = segs;
+      fa.nseg = lp.nseg;
+      fa.pos = pos;
+      fa.out = st.att_.data();
+      fa.nh = c.n_heads;
+      fa.nkv = c.n_kv_heads;
+      fa.hd = hd;
+      fa.max_nq = lp.max_nq;
+      cuda::flash_attention<Policy, false>(s, fa);
+    }
 
     // x += att Wo^T; x += W2 (silu(W1 n(x)) * W3 n(x)), the residual adds fused into the GEMMs (beta = 1).
     cuda::linear<T, float>(h, st.att_.data(), lw.wo.data(), st.x_.data(), rows, qd, c.dim, 1.0f);
@@ -551,9 +580,9 @@ class Engine<Schedule, CudaT<DType>> {
     cuda::attention<Policy, T>(blas_.get(), st.stream(), att);
   }
 
-  // Decode attention through the fused kernels (16-bit storage and a head size they take), unless switched off.
-  bool fused_decode(const State& st) const {
-    return st.fused_on_ && cuda::decode_fused_supported<T>(w_.config.head_dim(), st.opts_.max_new_tokens);
+  // Attention through the flash kernels (16-bit storage and a shape they take), unless switched off.
+  bool flash(const State& st) const {
+    return st.flash_on_ && cuda::decode_fused_supported<T>(w_.config.head_dim(), st.opts_.max_new_tokens);
   }
 
   // Logits of residual rows idx[0..n): final norm, classifier GEMM into the state's logits buffer.
@@ -677,6 +706,8 @@ class Engine<Schedule, CudaT<DType>> {
         segs[s].slot0 = static_cast<int>(u * cap);
         segs[s].gen_pos0 = st.input_len_[u];
         segs[s].kpos = st.layers_[l].prefix_positions(u);
+        segs[s].pk = st.layers_[l].prefix_k(u);
+        segs[s].pv = st.layers_[l].prefix_v(u);
       }
       plan.add_layer(std::move(segs), rw.seg_user, c.n_heads);
     }
@@ -690,7 +721,7 @@ class Engine<Schedule, CudaT<DType>> {
     }
     const int i_out = plan.add_ints(out);
 
-    st.reserve(c, max_rows, plan.max_scores, out.size());
+    st.reserve(c, max_rows, flash(st) ? 0 : plan.max_scores, out.size());  // flash: no score matrix
     plan.upload(st, *this);
     bind_blas(st);
     const int* ints = st.ints_.data();
@@ -718,6 +749,7 @@ class Engine<Schedule, CudaT<DType>> {
   const cuda::DeviceWeights<DType>& w_;
   Schedule schedule_;
   unsigned long long id_;
+  int sms_;  // multiprocessors of the device (flash-decoding split)
   cuda::BlasHandle blas_;
 };
 

@@ -7,6 +7,7 @@
 // RoPE and SwiGLU, runs in fp32 registers).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "earn/backend/cuda/common.cuh"
@@ -95,6 +96,49 @@ __global__ void rmsnorm(const float* x, const float* g, float eps, int dim, T* o
   for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = from_float<T>(xr[i] * inv * g[i]);
 }
 
+/// rmsnorm with 16-byte loads and the row held in registers (one read of x): dim % 4 == 0 and dim <= 4 * kNormVec *
+/// blockDim. The same arithmetic per element as rmsnorm (sum of squares in a different order only).
+constexpr int kNormVec = 8;  // float4 per thread
+
+template <class T>
+__global__ void rmsnorm_vec4(const float* x, const float* g, float eps, int dim, T* out) {
+  __shared__ float red[32];
+  const int n4 = dim / 4;
+  const float4* xr = reinterpret_cast<const float4*>(x + static_cast<long long>(blockIdx.x) * dim);
+  float4 v[kNormVec];
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kNormVec; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    v[j] = i < n4 ? xr[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+  }
+  ss = block_reduce<false>(ss, red);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
+  T* o = out + static_cast<long long>(blockIdx.x) * dim;
+  const float4* g4 = reinterpret_cast<const float4*>(g);
+#pragma unroll
+  for (int j = 0; j < kNormVec; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    if (i >= n4) break;
+    const float4 gg = g4[i];
+    const T r[4] = {from_float<T>(v[j].x * inv * gg.x), from_float<T>(v[j].y * inv * gg.y),
+                    from_float<T>(v[j].z * inv * gg.z), from_float<T>(v[j].w * inv * gg.w)};
+    if constexpr (sizeof(T) == 2) {
+      *reinterpret_cast<uint2*>(o + 4 * i) = *reinterpret_cast<const uint2*>(r);
+    } else {
+      *reinterpret_cast<float4*>(o + 4 * i) = *reinterpret_cast<const float4*>(r);
+    }
+  }
+}
+
+/// Threads per row of rmsnorm_vec4 for `dim`, or 0 when it does not take the shape.
+inline int rmsnorm_vec4_threads(int dim) {
+  if (dim % 4 != 0) return 0;
+  const int t = std::max(32, (dim / 4 + kNormVec - 1) / kNormVec + 31) / 32 * 32;
+  return t <= 1024 ? t : 0;
+}
+
 /// After the fused QKV GEMM (qkv [rows, qd + 2 kvd], in T): add biases, rotate q and k by each row's position,
 /// store q into q_out [rows, qd] and k, v into KV slots. A row's slot is row_src[r] * max_new + gen_step when
 /// row_src is given (decode: the row's generated block), else its segment's slot0 + its index in the segment
@@ -103,6 +147,15 @@ __global__ void rmsnorm(const float* x, const float* g, float eps, int dim, T* o
 /// each q / k head of its group (the transcendental functions were the kernel's cost when every head recomputed
 /// them; groups keep enough threads for decode's few rows), then copies a share of v.
 constexpr int kQkvHeads = 8;  // q / k heads one qkv_post thread rotates
+
+/// The KV slot of row r: its generated block's step gen_step (decode, row_src given), else its segment's slot0 + its
+/// index in the segment (prefill: the user's prefix block).
+__device__ inline long long kv_slot(int r, const int* row_seg, const Segment* segs, const int* row_src, int gen_step,
+                                    int max_new) {
+  if (row_src) return static_cast<long long>(row_src[r]) * max_new + gen_step;
+  const Segment& sg = segs[row_seg[r]];
+  return sg.slot0 + (r - sg.q_off);
+}
 
 template <class T>
 __global__ void qkv_post(const T* qkv, const float* bias, const int* pos, const int* row_seg, const Segment* segs,
@@ -116,13 +169,7 @@ __global__ void qkv_post(const T* qkv, const float* bias, const int* pos, const 
     const int r = static_cast<int>(t / (static_cast<long long>(groups) * half));
     const int grp = static_cast<int>((t / half) % groups), i = static_cast<int>(t % half);
     const T* src = qkv + static_cast<long long>(r) * width;
-    long long slot;
-    if (row_src) {
-      slot = static_cast<long long>(row_src[r]) * max_new + gen_step;
-    } else {
-      const Segment& sg = segs[row_seg[r]];
-      slot = sg.slot0 + (r - sg.q_off);
-    }
+    const long long slot = kv_slot(r, row_seg, segs, row_src, gen_step, max_new);
     // Float throughout, as the CPU backend: inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq.
     const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(hd));
     const float angle = static_cast<float>(pos[r]) * inv_freq;
@@ -148,6 +195,81 @@ __global__ void qkv_post(const T* qkv, const float* bias, const int* pos, const 
       v_out[slot * kvd + j] = from_float<T>(v);
     }
   }
+}
+
+/// qkv_post with one block per row: the row's cos / sin of every rotation pair are computed once into shared memory
+/// (the same float formula as qkv_post and the CPU backend), then q / k heads move in 16-byte pieces (8 pairs: 8
+/// elements of each half for rotate_half, 4 adjacent pairs for interleaved) and v is copied in 16-byte pieces.
+/// 16-bit T; hd % 16 == 0 and hd <= 256.
+template <class T>
+__global__ void __launch_bounds__(128) qkv_post_row(const T* qkv, const float* bias, const int* pos, const int* row_seg, const Segment* segs,
+                             const int* row_src, int gen_step, int max_new, int nh, int nkv, int hd, float theta,
+                             int interleaved, T* q_out, T* k_out, T* v_out, int* kpos_out) {
+  __shared__ float cs[128], sn[128];
+  const int r = blockIdx.x, half = hd / 2, qd = nh * hd, kvd = nkv * hd, width = qd + 2 * kvd;
+  const T* src = qkv + static_cast<long long>(r) * width;
+  const long long slot = kv_slot(r, row_seg, segs, row_src, gen_step, max_new);
+  const int p = pos[r];
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(hd));
+    const float angle = static_cast<float>(p) * inv_freq;
+    cs[i] = cosf(angle);
+    sn[i] = sinf(angle);
+  }
+  if (threadIdx.x == 0 && kpos_out) kpos_out[slot] = p;
+  __syncthreads();
+  auto load8 = [&](int col, float (&f)[8]) {
+    const uint4 u = *reinterpret_cast<const uint4*>(src + col);
+    const T* e = reinterpret_cast<const T*>(&u);
+    for (int j = 0; j < 8; ++j) f[j] = to_float(e[j]) + (bias ? bias[col + j] : 0.0f);
+  };
+  auto store8 = [](T* dst, const float (&f)[8]) {
+    uint4 u;
+    T* e = reinterpret_cast<T*>(&u);
+    for (int j = 0; j < 8; ++j) e[j] = from_float<T>(f[j]);
+    *reinterpret_cast<uint4*>(dst) = u;
+  };
+  const int heads = nh + nkv;
+  if (interleaved) {  // pairs (2i, 2i + 1): a piece of 8 holds pairs i0 .. i0 + 3
+    const int pieces = hd / 8;
+    for (int t = threadIdx.x; t < heads * pieces; t += blockDim.x) {
+      const int head = t / pieces, c = (t % pieces) * 8, base = head < nh ? head * hd : qd + (head - nh) * hd;
+      float a[8], o[8];
+      load8(base + c, a);
+      for (int j = 0; j < 4; ++j) {
+        const int i = c / 2 + j;
+        o[2 * j] = a[2 * j] * cs[i] - a[2 * j + 1] * sn[i];
+        o[2 * j + 1] = a[2 * j] * sn[i] + a[2 * j + 1] * cs[i];
+      }
+      store8((head < nh ? q_out + static_cast<long long>(r) * qd + head * hd : k_out + slot * kvd + (head - nh) * hd) + c, o);
+    }
+  } else {  // pairs (i, i + hd / 2): a piece of 8 from each half
+    const int pieces = half / 8;
+    for (int t = threadIdx.x; t < heads * pieces; t += blockDim.x) {
+      const int head = t / pieces, c = (t % pieces) * 8, base = head < nh ? head * hd : qd + (head - nh) * hd;
+      float a[8], b[8], oa[8], ob[8];
+      load8(base + c, a);
+      load8(base + half + c, b);
+      for (int j = 0; j < 8; ++j) {
+        oa[j] = a[j] * cs[c + j] - b[j] * sn[c + j];
+        ob[j] = a[j] * sn[c + j] + b[j] * cs[c + j];
+      }
+      T* dst = head < nh ? q_out + static_cast<long long>(r) * qd + head * hd : k_out + slot * kvd + (head - nh) * hd;
+      store8(dst + c, oa);
+      store8(dst + half + c, ob);
+    }
+  }
+  for (int c = threadIdx.x * 8; c < kvd; c += blockDim.x * 8) {
+    float v[8];
+    load8(qd + kvd + c, v);
+    store8(v_out + slot * kvd + c, v);
+  }
+}
+
+/// Whether qkv_post_row takes the shape.
+template <class T>
+constexpr bool qkv_post_row_supported(int hd) {
+  return sizeof(T) == 2 && hd % 16 == 0 && hd <= 256;
 }
 
 /// a[r, i] = silu(gu[r, i]) * gu[r, H + i]: the gate and up halves of the fused w1|w3 GEMM.

@@ -1,0 +1,359 @@
+// earn/backend/cuda/flash_attention.cuh - tensor-core flash attention (FlashAttention-2 style) for bf16 / fp16
+// storage, over the per-user segments every attention call of the CUDA backend is made of.
+//
+// One block of 4 warps takes 64 query rows of one segment and one head (16 rows per warp) and walks the segment's
+// prefix keys in tiles of 64: S = Q K^T on mma.sync m16n8k16 (fp32 accumulation, operands through ldmatrix),
+// Policy::visible masks by position, the online softmax keeps a running max and sum per row in registers, and
+// O += P V reuses the score registers as the A operand. K and V tiles stream through shared memory by cp.async,
+// V of a tile loading while its scores are computed, the next K while P V runs. A tile no row of the block can
+// see (the upper triangle of a causal prefill) is never loaded: visibility is asked of the policy per (query
+// position, key position), so any policy works, and the block decides together (__syncthreads_or).
+//
+// Two outputs:
+//   final    (prefill)  out = softmax(scale Q K^T) V in T, rows that see no key get 0 (as the CPU backend);
+//   partial  (decode)   the keys are split into `chunks` ranges of `chunk_keys`; per (row, head, chunk) the
+//                       unnormalised output and (max, sum) go to a float workspace in the layout decode_combine
+//                       (decode_attention.cuh) merges with the rows' own generated keys.
+// GQA: query head h reads KV head h / (nh / nkv). The fp32 backend keeps the cuBLAS path (attention.cuh), which
+// is also the reference these kernels are tested against beside the CPU engine.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "earn/backend/cuda/common.cuh"
+#include "earn/backend/cuda/kernels.cuh"
+
+namespace earn::cuda {
+
+/// Operands of one flash attention call (device pointers; segments with pk / pv / kpos set).
+template <class T>
+struct FlashArgs {
+  const T* q = nullptr;          ///< [rows, nh * hd] rotated queries
+  const Segment* segs = nullptr;  ///< nseg segments: q_off, nq, S, kpos, pk, pv
+  int nseg = 0;
+  const int* pos = nullptr;      ///< [rows] query positions
+  T* out = nullptr;              ///< final mode: [rows, nh * hd]
+  float* ws_o = nullptr;         ///< partial mode: [rows, nh, chunks, hd]
+  float* ws_ml = nullptr;        ///< partial mode: [rows, nh, chunks, 2] (max in natural-log units, sum)
+  int nh = 0, nkv = 0, hd = 0;
+  int max_nq = 0;                ///< the largest segment's query rows
+  int chunks = 1, chunk_keys = 0;  ///< partial mode: key ranges per (segment, head); chunk_keys % 64 == 0
+};
+
+namespace kernel {
+
+constexpr int kFlashM = 64;        // query rows per block
+constexpr int kFlashN = 64;        // keys per tile
+constexpr int kFlashThreads = 128;  // 4 warps, 16 query rows each
+constexpr int kFlashPad = 8;       // row padding (elements): rows 16 bytes apart in banks, conflict-free ldmatrix
+
+template <int HD>
+constexpr int flash_ld() {
+  return HD + kFlashPad;
+}
+
+template <class T, int HD>
+constexpr std::size_t flash_smem() {
+  return std::size_t(3) * kFlashM * flash_ld<HD>() * sizeof(T) + kFlashM * sizeof(int);  // Q, K, V; query positions
+}
+
+__device__ inline std::uint32_t smem_addr(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros (rows past the end of a segment).
+__device__ inline void cp_async16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ inline void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ inline void ldmatrix_x4(std::uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ inline void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// D = A B + D, m16n8k16, fp32 accumulation.
+template <class T>
+__device__ inline void mma16816(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats as one register of two 16-bit values, the lower column in the low half.
+template <class T>
+__device__ inline std::uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const std::uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const std::uint32_t*>(&v);
+  }
+}
+
+__device__ inline float fast_exp2(float x) {  // ex2.approx: exp2(-inf) = 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// `rows` rows of HD elements from src (row stride ld_src) into shared dst (row stride flash_ld<HD>), rows
+// [n, rows) zero-filled so padded keys never put garbage (or NaN) under a zero probability.
+template <class T, int HD>
+__device__ inline void flash_load_tile(T* dst, const T* src, long long ld_src, int n) {
+  constexpr int kVec = HD / 8;  // 16-byte pieces per row
+  for (int i = threadIdx.x; i < kFlashM * kVec; i += kFlashThreads) {
+    const int r = i / kVec, c = (i % kVec) * 8;
+    const bool in = r < n;
+    cp_async16(dst + r * flash_ld<HD>() + c, in ? src + r * ld_src + c : src, in ? 16 : 0);
+  }
+}
+
+/// See the file comment. Grid (q_tiles * chunks, nh, nseg); kPartial selects the output.
+template <class Policy, class T, int HD, bool kPartial>
+__global__ void __launch_bounds__(kFlashThreads) flash_attention(const FlashArgs<T> a, float scale_log2) {
+  static_assert(HD % 16 == 0 && HD <= 128, "head size: a multiple of 16 up to 128");
+  constexpr int LD = flash_ld<HD>(), KS = HD / 16, NT = kFlashN / 8, DT = HD / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* qs = reinterpret_cast<T*>(smem);
+  T* ks = qs + kFlashM * LD;
+  T* vs = ks + kFlashM * LD;
+  int* qpos = reinterpret_cast<int*>(vs + kFlashM * LD);
+
+  const int q_tiles = (a.max_nq + kFlashM - 1) / kFlashM;
+  const int qt = blockIdx.x % q_tiles, chunk = blockIdx.x / q_tiles, h = blockIdx.y;
+  const Segment sg = a.segs[blockIdx.z];
+  const int q0 = qt * kFlashM, qn = min(kFlashM, sg.nq - q0);
+  if (qn <= 0) return;  // this segment has fewer query tiles
+  const int kvh = h / (a.nh / a.nkv), qd = a.nh * HD, kvd = a.nkv * HD;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane / 4, tig = lane % 4;
+  const int tiles = (sg.S + kFlashN - 1) / kFlashN;
+  int t_begin = 0, t_end = tiles;
+  if constexpr (kPartial) {
+    const int per = a.chunk_keys / kFlashN;
+    t_begin = min(tiles, chunk * per);
+    t_end = min(tiles, t_begin + per);
+  }
+  const T* pk = static_cast<const T*>(sg.pk) + kvh * HD;
+  const T* pv = static_cast<const T*>(sg.pv) + kvh * HD;
+
+  for (int i = threadIdx.x; i < kFlashM; i += kFlashThreads) qpos[i] = i < qn ? a.pos[sg.q_off + q0 + i] : 0;
+  flash_load_tile<T, HD>(qs, a.q + static_cast<long long>(sg.q_off + q0) * qd + h * HD, qd, qn);
+  __syncthreads();  // qpos
+
+  // Whether any (row, key) pair of tile t is visible / every pair of it is: block-wide answers. Thread i checks
+  // key i % 64 of the tile against rows i / 64, i / 64 + 2, ...
+  auto classify = [&](int t, bool& any, bool& all) {
+    const int j = threadIdx.x % kFlashN, key = t * kFlashN + j;
+    bool any_t = false, all_t = true;
+    if (key < sg.S) {
+      const int kp = sg.kpos[key];
+      for (int r = threadIdx.x / kFlashN; r < qn; r += kFlashThreads / kFlashN) {
+        const bool v = Policy::visible(qpos[r], kp);
+        any_t |= v;
+        all_t &= v;
+      }
+    } else {
+      all_t = false;
+    }
+    any = __syncthreads_or(any_t) != 0;
+    all = __syncthreads_and(all_t) != 0;
+  };
+  auto next_visible = [&](int t, bool& all) {
+    for (; t < t_end; ++t) {
+      bool any;
+      classify(t, any, all);
+      if (any) break;
+    }
+    return t;
+  };
+
+  bool full = false;
+  int t = next_visible(t_begin, full);
+  if (t < t_end) flash_load_tile<T, HD>(ks, pk + static_cast<long long>(t) * kFlashN * kvd, kvd, min(kFlashN, sg.S - t * kFlashN));
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();
+
+  // This warp's 16 query rows as A fragments, one per 16 columns of the head.
+  std::uint32_t qf[KS][4];
+  for (int s = 0; s < KS; ++s) ldmatrix_x4(qf[s], qs + (warp * 16 + lane % 16) * LD + s * 16 + (lane / 16) * 8);
+
+  float o[DT][4];
+  for (int d = 0; d < DT; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows gid and gid + 8 of the warp
+  const int r_lo = warp * 16 + gid, r_hi = r_lo + 8;           // rows within the block
+
+  while (t < t_end) {
+    const int k0 = t * kFlashN, kn = min(kFlashN, sg.S - k0);
+    cp_async_wait_all();
+    __syncthreads();  // K of tile t is in; every warp is done with the previous V
+    flash_load_tile<T, HD>(vs, pv + static_cast<long long>(k0) * kvd, kvd, kn);
+    cp_async_commit();
+
+    float s[NT][4];
+    for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    for (int kk = 0; kk < KS; ++kk)
+      for (int np = 0; np < NT / 2; ++np) {
+        std::uint32_t b[4];
+        ldmatrix_x4(b, ks + (np * 16 + lane % 8 + (lane / 16) * 8) * LD + kk * 16 + ((lane / 8) % 2) * 8);
+        mma16816<T>(s[2 * np], qf[kk], b[0], b[1]);
+        mma16816<T>(s[2 * np + 1], qf[kk], b[2], b[3]);
+      }
+    // Scale into log2 units, mask, and the online softmax of rows r_lo (elements 0, 1) and r_hi (2, 3).
+    float mx[2] = {m[0], m[1]};
+    for (int n = 0; n < NT; ++n)
+      for (int e = 0; e < 4; ++e) {
+        float v = s[n][e] * scale_log2;
+        if (!full) {
+          const int j = n * 8 + tig * 2 + (e & 1), r = e < 2 ? r_lo : r_hi;
+          if (!(j < kn && r < qn && Policy::visible(qpos[r], sg.kpos[k0 + j]))) v = -INFINITY;
+        }
+        s[n][e] = v;
+        mx[e / 2] = fmaxf(mx[e / 2], v);
+      }
+    for (int i = 0; i < 2; ++i) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      const float base = mx[i] == -INFINITY ? 0.0f : mx[i];  // a row with nothing visible yet stays at 0
+      const float alpha = fast_exp2(m[i] - base);
+      m[i] = mx[i];
+      l[i] *= alpha;
+      for (int d = 0; d < DT; ++d) o[d][2 * i] *= alpha, o[d][2 * i + 1] *= alpha;
+      for (int n = 0; n < NT; ++n) {
+        s[n][2 * i] = fast_exp2(s[n][2 * i] - base);
+        s[n][2 * i + 1] = fast_exp2(s[n][2 * i + 1] - base);
+        l[i] += s[n][2 * i] + s[n][2 * i + 1];
+      }
+    }
+
+    const int t_next = next_visible(t + 1, full);
+    cp_async_wait_all();
+    __syncthreads();  // V of tile t is in; every warp is done with K of tile t
+    if (t_next < t_end)
+      flash_load_tile<T, HD>(ks, pk + static_cast<long long>(t_next) * kFlashN * kvd, kvd,
+                             min(kFlashN, sg.S - t_next * kFlashN));
+    cp_async_commit();
+
+    for (int kk = 0; kk < NT / 2; ++kk) {  // 16 keys per step: the score registers of n-tiles 2kk, 2kk + 1
+      const std::uint32_t p[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                  pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      for (int dp = 0; dp < DT / 2; ++dp) {
+        std::uint32_t b[4];
+        ldmatrix_x4_trans(b, vs + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * LD + dp * 16 + (lane / 16) * 8);
+        mma16816<T>(o[2 * dp], p, b[0], b[1]);
+        mma16816<T>(o[2 * dp + 1], p, b[2], b[3]);
+      }
+    }
+    t = t_next;
+  }
+  cp_async_wait_all();
+
+  for (int i = 0; i < 2; ++i) {  // the row sums: each of the 4 lanes of a row holds a quarter of the keys
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const int r = i == 0 ? r_lo : r_hi;
+    if (r >= qn) continue;
+    const long long row = sg.q_off + q0 + r;
+    if constexpr (kPartial) {
+      const long long slot = (row * a.nh + h) * a.chunks + chunk;
+      float* dst = a.ws_o + slot * HD;
+      for (int d = 0; d < DT; ++d)
+        *reinterpret_cast<float2*>(dst + d * 8 + tig * 2) = make_float2(o[d][2 * i], o[d][2 * i + 1]);
+      if (tig == 0) {
+        a.ws_ml[slot * 2] = l[i] > 0.0f ? m[i] * 0.69314718f : -INFINITY;  // log2 units -> natural
+        a.ws_ml[slot * 2 + 1] = l[i];
+      }
+    } else {
+      const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+      T* dst = a.out + row * qd + h * HD;
+      for (int d = 0; d < DT; ++d)
+        *reinterpret_cast<std::uint32_t*>(dst + d * 8 + tig * 2) = pack2<T>(o[d][2 * i] * inv, o[d][2 * i + 1] * inv);
+    }
+  }
+}
+
+template <class Policy, class T, int HD, bool kPartial>
+void launch_flash(cudaStream_t s, const FlashArgs<T>& a) {
+  constexpr std::size_t smem = flash_smem<T, HD>();
+  auto* fn = flash_attention<Policy, T, HD, kPartial>;
+  static bool configured = false;  // per instantiation: allow more than 48 KB of dynamic shared memory
+  if (!configured) {
+    EARN_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    configured = true;
+  }
+  const int q_tiles = (a.max_nq + kFlashM - 1) / kFlashM;
+  const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(a.hd));
+  fn<<<dim3(q_tiles * (kPartial ? a.chunks : 1), a.nh, a.nseg), kFlashThreads, smem, s>>>(a, scale_log2);
+  EARN_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace kernel
+
+/// Whether the flash kernels take this shape: 16-bit storage and a head size of 16, 32, 64 or 128.
+template <class T>
+constexpr bool flash_supported(int hd) {
+  return !std::is_same_v<T, float> && (hd == 16 || hd == 32 || hd == 64 || hd == 128);
+}
+
+/// Runs flash attention on `stream`; kPartial: the split-key partials for decode_combine, else the final output.
+template <class Policy, bool kPartial, class T>
+void flash_attention(cudaStream_t s, const FlashArgs<T>& a) {
+  if constexpr (std::is_same_v<T, float>) {
+    throw ConfigError("flash attention: 16-bit storage only (fp32 takes the cuBLAS path)");
+  } else {
+    if (a.nseg == 0 || a.max_nq == 0) return;
+    if (a.nkv <= 0 || a.nh % a.nkv != 0) throw ConfigError("flash attention: heads not a multiple of KV heads");
+    if (kPartial && (a.chunk_keys <= 0 || a.chunk_keys % kernel::kFlashN != 0 || a.chunks <= 0))
+      throw ConfigError("flash attention: chunk_keys must be a positive multiple of 64");
+    switch (a.hd) {
+      case 16: return kernel::launch_flash<Policy, T, 16, kPartial>(s, a);
+      case 32: return kernel::launch_flash<Policy, T, 32, kPartial>(s, a);
+      case 64: return kernel::launch_flash<Policy, T, 64, kPartial>(s, a);
+      case 128: return kernel::launch_flash<Policy, T, 128, kPartial>(s, a);
+      default: throw ConfigError("flash attention: head size " + std::to_string(a.hd) + " not in {16, 32, 64, 128}");
+    }
+  }
+}
+
+/// How a decode call splits each segment's prefix: `chunks` ranges of `chunk_keys` keys, enough blocks
+/// (chunks x heads x segments) to fill `sms` multiprocessors about 4 deep.
+struct FlashSplit {
+  int chunks = 1, chunk_keys = kernel::kFlashN;
+};
+inline FlashSplit flash_split(int max_prefix, int heads, int segments, int sms) {
+  const int tiles = std::max(1, (max_prefix + kernel::kFlashN - 1) / kernel::kFlashN);
+  const long long pairs = std::max(1LL, static_cast<long long>(heads) * segments);
+  const int want = static_cast<int>(std::min<long long>(tiles, std::max(1LL, (4LL * sms + pairs - 1) / pairs)));
+  const int per = (tiles + want - 1) / want;
+  return {(tiles + per - 1) / per, per * kernel::kFlashN};
+}
+
+}  // namespace earn::cuda
