@@ -4,7 +4,8 @@
 # generate, an eager PyTorch EARN). Logs and result files go to $OUT (default ./out/gpu).
 #
 #   tools/gpu.sh [all|test|micro|beam|profile|bench|peers] [bench args...]
-#   micro     the attention microbenchmarks (bench_cuda_attention, Google Benchmark)
+#   micro     the attention microbenchmarks (bench_cuda_attention, Google Benchmark) and the decode GEMMs'
+#             cuBLAS bandwidth (bench_cuda_gemm)
 #   beam      the whole beam search, selection on the host vs on the device (bench_cuda_beam)
 #   profile   ncu kernel times of the B = 32, P = 512 dense decode steps (4 layers, scaled to 32), then the same
 #             settings with and without decode graphs
@@ -23,12 +24,12 @@ if [ -z "$bin" ]; then
   # Needs what tools/deps.sh installs (Eigen, nlohmann-json, doctest) next to the CUDA toolkit.
   cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEARN_ENABLE_CUDA=ON \
     -DEARN_BUILD_EXAMPLES=OFF >"$OUT/configure.log" 2>&1 || { tail -20 "$OUT/configure.log"; exit 1; }
-  cmake --build "$root/build-gpu" --target test_cuda_engine test_cuda_attention bench_cuda_llama bench_cuda_attention bench_cuda_beam \
+  cmake --build "$root/build-gpu" --target test_cuda_engine test_cuda_attention bench_cuda_llama bench_cuda_attention bench_cuda_beam bench_cuda_gemm \
     >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   bin=$root/build-gpu/bin
   mkdir -p "$bin"
   cp "$root/build-gpu/tests/cuda/test_cuda_engine" "$root/build-gpu/tests/cuda/test_cuda_attention" \
-    "$root/build-gpu/bench/cuda/bench_cuda_llama" \
+    "$root/build-gpu/bench/cuda/bench_cuda_llama" "$root/build-gpu/bench/cuda/bench_cuda_gemm" \
     "$root/build-gpu/bench/cuda/bench_cuda_attention" "$root/build-gpu/bench/cuda/bench_cuda_beam" "$bin/"
 fi
 export LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -64,6 +65,8 @@ if [ "$mode" = all ] || [ "$mode" = micro ]; then
   echo "== attention microbenchmarks"
   timeout 200 "$bin/bench_cuda_attention" --benchmark_out="$OUT/bench_attention.json" --benchmark_out_format=json \
     --benchmark_counters_tabular=true 2>&1 | tee "$OUT/bench_attention.log" || status=1
+  echo "== decode GEMMs: cublasGemmEx's default against every cuBLASLt heuristic algorithm"
+  timeout 200 "$bin/bench_cuda_gemm" 2>&1 | tee "$OUT/bench_gemm.log" || status=1
 fi
 if [ "$mode" = all ] || [ "$mode" = beam ]; then
   echo "== beam search: selection on the host vs on the device"

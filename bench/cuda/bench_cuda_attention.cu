@@ -45,7 +45,9 @@ struct Problem {
   std::vector<cuda::AttentionGroup> groups;
   cuda::AttentionArgs<T> args;
 
-  Problem(int users_, int S_, int nq_, int G_) : users(users_), S(S_), nq(nq_), G(G_), rows(users_ * nq_) {
+  // depth > 0: the flash-decoding split aims at that many blocks per multiprocessor (the engine's default: 4).
+  Problem(int users_, int S_, int nq_, int G_, int depth = 4)
+      : users(users_), S(S_), nq(nq_), G(G_), rows(users_ * nq_) {
     const int qd = kHeads * kHeadDim, kvd = qd;
     q.reserve(std::size_t(rows) * qd);
     out.reserve(std::size_t(rows) * qd);
@@ -82,7 +84,7 @@ struct Problem {
       }
     }
     scores = static_cast<std::size_t>(off);
-    split = cuda::flash_split(S, kHeads, users, cuda::sm_count());
+    split = cuda::flash_split(S, kHeads, users, cuda::sm_count(), depth);
     score_buf.reserve(std::max(scores, cuda::decode_workspace(rows, kHeads, kHeadDim, split.chunks)));
     probs.reserve(scores);
     std::vector<int> all(pos);
@@ -195,7 +197,8 @@ template <bool kFused>
 void decode_dense(benchmark::State& state) {
   const int B = static_cast<int>(state.range(0)), S = static_cast<int>(state.range(1)) + kRegisters;
   const int G = static_cast<int>(state.range(2));
-  Problem p(B, S, kBeam, G);
+  Problem p(B, S, kBeam, G, state.range(3) > 0 ? int(state.range(3)) : 4);
+  state.counters["chunks"] = p.split.chunks;
   const double R = double(B) * kBeam;
   const double flop = 4.0 * kQd * R * (S + G);
   const double bytes = double(B) * S * kRowKV + R * G * kRowKV + R * 2 * kQd * sizeof(T);
@@ -226,10 +229,11 @@ int main(int argc, char** argv) {
           ->Unit(benchmark::kMicrosecond);
       benchmark::RegisterBenchmark("prefill_flash", prefill<true>)->Args({B, P})->ArgNames({"B", "P"})
           ->UseManualTime()->Unit(benchmark::kMicrosecond);
-      benchmark::RegisterBenchmark("decode_dense", decode_dense<false>)->Args({B, P, 2})->ArgNames({"B", "P", "G"})
+      benchmark::RegisterBenchmark("decode_dense", decode_dense<false>)->Args({B, P, 2, 0})->ArgNames({"B", "P", "G", "depth"})
           ->UseManualTime()->Unit(benchmark::kMicrosecond);
-      benchmark::RegisterBenchmark("decode_dense_flash", decode_dense<true>)->Args({B, P, 2})
-          ->ArgNames({"B", "P", "G"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+      for (int depth : {4})  // 8, 16, 32 measured slower at B = 32 (more partials to write and combine)
+        benchmark::RegisterBenchmark("decode_dense_flash", decode_dense<true>)->Args({B, P, 2, depth})
+            ->ArgNames({"B", "P", "G", "depth"})->UseManualTime()->Unit(benchmark::kMicrosecond);
     }
   for (int B : {1, 4, 32}) {
     benchmark::RegisterBenchmark("decode_register", decode_register<false>)->Args({B, 2})->ArgNames({"B", "G"})

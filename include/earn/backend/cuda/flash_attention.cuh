@@ -28,6 +28,7 @@
 
 #include "earn/backend/cuda/common.cuh"
 #include "earn/backend/cuda/kernels.cuh"
+#include "earn/backend/cuda/mma.cuh"
 
 namespace earn::cuda {
 
@@ -61,64 +62,6 @@ constexpr int flash_ld() {
 template <class T, int HD>
 constexpr std::size_t flash_smem() {
   return std::size_t(3) * kFlashM * flash_ld<HD>() * sizeof(T) + kFlashM * sizeof(int);  // Q, K, V; query positions
-}
-
-__device__ inline std::uint32_t smem_addr(const void* p) {
-  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared, asynchronously; src_bytes = 0 writes zeros (rows past the end of a segment).
-__device__ inline void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
-}
-__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ inline void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-__device__ inline void ldmatrix_x4(std::uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ inline void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-// D = A B + D, m16n8k16, fp32 accumulation.
-template <class T>
-__device__ inline void mma16816(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// Two floats as one register of two 16-bit values, the lower column in the low half.
-template <class T>
-__device__ inline std::uint32_t pack2(float lo, float hi) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const std::uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const std::uint32_t*>(&v);
-  }
-}
-
-__device__ inline float fast_exp2(float x) {  // ex2.approx: exp2(-inf) = 0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // `rows` rows of HD elements from src (row stride ld_src) into shared dst (row stride flash_ld<HD>), rows
@@ -344,14 +287,17 @@ void flash_attention(cudaStream_t s, const FlashArgs<T>& a) {
 }
 
 /// How a decode call splits each segment's prefix: `chunks` ranges of `chunk_keys` keys, enough blocks
-/// (chunks x heads x segments) to fill `sms` multiprocessors about 4 deep.
+/// (chunks x heads x segments) for `depth` blocks per multiprocessor of `sms`. Measured (H200, B = 32, P = 512,
+/// bench_cuda_attention): depth 4 (one chunk there) 164 us, 8: 179 us, 16: 191 us, 32: 214 us per layer: more
+/// chunks mean more partials to write and combine than the extra parallelism pays for.
 struct FlashSplit {
   int chunks = 1, chunk_keys = kernel::kFlashN;
 };
-inline FlashSplit flash_split(int max_prefix, int heads, int segments, int sms) {
+inline FlashSplit flash_split(int max_prefix, int heads, int segments, int sms, int depth = 4) {
   const int tiles = std::max(1, (max_prefix + kernel::kFlashN - 1) / kernel::kFlashN);
   const long long pairs = std::max(1LL, static_cast<long long>(heads) * segments);
-  const int want = static_cast<int>(std::min<long long>(tiles, std::max(1LL, (4LL * sms + pairs - 1) / pairs)));
+  const long long target = static_cast<long long>(std::max(1, depth)) * sms;
+  const int want = static_cast<int>(std::min<long long>(tiles, std::max(1LL, (target + pairs - 1) / pairs)));
   const int per = (tiles + want - 1) / want;
   return {(tiles + per - 1) / per, per * kernel::kFlashN};
 }
