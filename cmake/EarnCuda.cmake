@@ -21,8 +21,6 @@ find_package(CUDAToolkit REQUIRED)
 
 add_library(earn_cuda INTERFACE)
 add_library(earn::cuda ALIAS earn_cuda)
-target_link_libraries(earn_cuda INTERFACE earn::earn CUDA::cudart CUDA::cublas CUDA::cublasLt)
-# C++20 as a flag: CMake releases older than nvcc 13 do not know its cuda_std_20 feature. The attention
-# policies' constexpr hooks (visible, keeps) are called from kernels, hence --expt-relaxed-constexpr.
-target_compile_options(earn_cuda INTERFACE $<$<COMPILE_LANGUAGE:CUDA>:-std=c++20 --expt-relaxed-constexpr>)
+include(earnCudaUsage)
+earn_cuda_usage(earn_cuda)
 message(STATUS "earn: CUDA backend on (nvcc ${CMAKE_CUDA_COMPILER_VERSION}, architectures ${CMAKE_CUDA_ARCHITECTURES})")
