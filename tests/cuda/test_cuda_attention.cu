@@ -16,7 +16,7 @@
 
 using namespace earn;
 
-TYPE_TO_STRING(__nv_bfloat16);  // test names carry the type: -tc='*bfloat16*' (tools/gpu.sh racecheck)
+TYPE_TO_STRING(__nv_bfloat16);  // short test names (tools/gpu.sh racecheck: -tc='*bfloat16*')
 TYPE_TO_STRING(__half);
 
 namespace {

@@ -19,7 +19,7 @@
 using namespace earn;
 using earn::test::random_tokens;
 
-// Template test cases named by their dtype, so `-tc='*Bf16*'` selects them (tools/gpu.sh racecheck).
+// Template test cases named by their dtype, short and compiler-independent (tools/gpu.sh racecheck: -tc='*Bf16*').
 TYPE_TO_STRING(earn::dtype::F32);
 TYPE_TO_STRING(earn::dtype::Bf16);
 TYPE_TO_STRING(earn::dtype::F16);
