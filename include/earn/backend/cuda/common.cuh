@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 #include <string>
 #include <utility>
@@ -187,6 +188,19 @@ inline int device_count() {
   return n;
 }
 
+
+/// Opts kernel Fn into `bytes` of dynamic shared memory (above the default 48 KB) on the current device, once per
+/// device: the attribute belongs to the device's context, so a process that launches on several GPUs sets it on each.
+template <auto Fn>
+void allow_dynamic_smem(std::size_t bytes) {
+  static std::atomic<unsigned long long> done{0};  // bit d: device d (devices 64 and up: set on every call)
+  int dev = 0;
+  EARN_CUDA_CHECK(cudaGetDevice(&dev));
+  const unsigned long long bit = dev < 64 ? 1ULL << dev : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return;
+  EARN_CUDA_CHECK(cudaFuncSetAttribute(Fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  done.fetch_or(bit, std::memory_order_release);
+}
 
 /// Multiprocessors of the current device (sizes the split of flash-decoding).
 inline int sm_count() {

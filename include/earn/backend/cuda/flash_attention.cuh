@@ -247,11 +247,7 @@ template <class Policy, class T, int HD, bool kPartial>
 void launch_flash(cudaStream_t s, const FlashArgs<T>& a) {
   constexpr std::size_t smem = flash_smem<T, HD>();
   auto* fn = flash_attention<Policy, T, HD, kPartial>;
-  static bool configured = false;  // per instantiation: allow more than 48 KB of dynamic shared memory
-  if (!configured) {
-    EARN_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    configured = true;
-  }
+  allow_dynamic_smem<flash_attention<Policy, T, HD, kPartial>>(smem);
   const int q_tiles = (a.max_nq + kFlashM - 1) / kFlashM;
   const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(a.hd));
   fn<<<dim3(q_tiles * (kPartial ? a.chunks : 1), a.nh, a.nseg), kFlashThreads, smem, s>>>(a, scale_log2);
