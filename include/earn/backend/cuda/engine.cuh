@@ -11,8 +11,9 @@
 // hook masking keys by position: in bf16 / fp16 by the tensor-core flash kernels (flash_attention.cuh; decode as
 // flash-decoding, decode_attention.cuh), in fp32 (and with use_flash_attention(false)) as two batched cuBLAS
 // GEMMs (Q K^T over the user's cached prefix, P V) around a softmax kernel. In decode the beams of a user are one
-// segment, so its prompt K/V is read once per step for all of them; each beam's generated keys are its own. Rows the policy drops (EARN's late layers
-// drop prompt rows) leave the residual stream by a row gather, as in the CPU engine.
+// segment, so its prompt K/V is read once per step for all of them; each beam's generated keys are its own. Rows
+// the policy drops (EARN's late layers drop prompt rows) leave the residual stream by a row gather, as in the CPU
+// engine.
 #pragma once
 
 #include <algorithm>
@@ -287,7 +288,7 @@ class Engine<Schedule, CudaT<DType>> {
     }
     // The fused path's workspace lives in the score buffer (the cuBLAS path's scores are not used then).
     st.reserve(c, rows, flash(st) ? workspace : plan.max_scores, rows);
-    plan.upload(st, *this);
+    plan.upload(st, *this, !flash(st));
     bind_blas(st);
     // A step starts by writing x, so which of the two residual buffers is x is free: the lower address, so the
     // graph key does not depend on how many row gathers (buffer swaps) the last prefill made.
@@ -381,12 +382,13 @@ class Engine<Schedule, CudaT<DType>> {
       order_of_entry.clear();
     }
 
-    // Upload segments, ints and pointer arrays (one copy each, ordered on the state's stream).
+    // Upload segments, ints and, for the cuBLAS attention path (blas_attention), the batched GEMMs' pointer
+    // arrays (one copy each, ordered on the state's stream). The flash kernels read the segments only.
     template <class E>
-    void upload(State& st, const E& engine) {
+    void upload(State& st, const E& engine, bool blas_attention) {
       const ModelConfig& c = engine.config();
-      std::vector<void*> ptrs(ptr_count);
-      for (std::size_t l = 0; l < layers.size(); ++l) {
+      std::vector<void*> ptrs(blas_attention ? ptr_count : 0);
+      for (std::size_t l = 0; blas_attention && l < layers.size(); ++l) {
         const LayerPlan& lp = layers[l];
         auto& store = st.layers_[l];
         int e = 0;
@@ -407,7 +409,8 @@ class Engine<Schedule, CudaT<DType>> {
       EARN_CUDA_CHECK(cudaMemcpyAsync(st.ints_.data(), ints.data(), ints.size() * sizeof(int), cudaMemcpyHostToDevice, s));
       EARN_CUDA_CHECK(cudaMemcpyAsync(st.segs_.data(), segs.data(), segs.size() * sizeof(cuda::Segment),
                                       cudaMemcpyHostToDevice, s));
-      EARN_CUDA_CHECK(cudaMemcpyAsync(st.ptrs_.data(), ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice, s));
+      if (!ptrs.empty())
+        EARN_CUDA_CHECK(cudaMemcpyAsync(st.ptrs_.data(), ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice, s));
       // Pageable copies return once the host data is staged, so these vectors may go out of scope.
     }
 
@@ -722,7 +725,7 @@ class Engine<Schedule, CudaT<DType>> {
     const int i_out = plan.add_ints(out);
 
     st.reserve(c, max_rows, flash(st) ? 0 : plan.max_scores, out.size());  // flash: no score matrix
-    plan.upload(st, *this);
+    plan.upload(st, *this, !flash(st));
     bind_blas(st);
     const int* ints = st.ints_.data();
     embed(st, ints + i_codes, static_cast<int>(max_rows));

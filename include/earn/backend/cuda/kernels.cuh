@@ -148,6 +148,15 @@ inline int rmsnorm_vec4_threads(int dim) {
 /// them; groups keep enough threads for decode's few rows), then copies a share of v.
 constexpr int kQkvHeads = 8;  // q / k heads one qkv_post thread rotates
 
+/// cos / sin of rotation pair i of a head of size hd at position pos: float throughout, as the CPU backend
+/// (inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq).
+__device__ inline void rope_cos_sin(float theta, int i, int hd, int pos, float& c, float& s) {
+  const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(hd));
+  const float angle = static_cast<float>(pos) * inv_freq;
+  c = cosf(angle);
+  s = sinf(angle);
+}
+
 /// The KV slot of row r: its generated block's step gen_step (decode, row_src given), else its segment's slot0 + its
 /// index in the segment (prefill: the user's prefix block).
 __device__ inline long long kv_slot(int r, const int* row_seg, const Segment* segs, const int* row_src, int gen_step,
@@ -170,10 +179,8 @@ __global__ void qkv_post(const T* qkv, const float* bias, const int* pos, const 
     const int grp = static_cast<int>((t / half) % groups), i = static_cast<int>(t % half);
     const T* src = qkv + static_cast<long long>(r) * width;
     const long long slot = kv_slot(r, row_seg, segs, row_src, gen_step, max_new);
-    // Float throughout, as the CPU backend: inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq.
-    const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(hd));
-    const float angle = static_cast<float>(pos[r]) * inv_freq;
-    const float c = cosf(angle), s = sinf(angle);
+    float c, s;
+    rope_cos_sin(theta, i, hd, pos[r], c, s);
     // Interleaved pairs (2i, 2i+1) for llama2.c; halves (i, i+d/2) for Hugging Face's rotate_half.
     const int ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
     const int head_end = min(nh + nkv, (grp + 1) * kQkvHeads);
@@ -210,12 +217,7 @@ __global__ void __launch_bounds__(128) qkv_post_row(const T* qkv, const float* b
   const T* src = qkv + static_cast<long long>(r) * width;
   const long long slot = kv_slot(r, row_seg, segs, row_src, gen_step, max_new);
   const int p = pos[r];
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(hd));
-    const float angle = static_cast<float>(p) * inv_freq;
-    cs[i] = cosf(angle);
-    sn[i] = sinf(angle);
-  }
+  for (int i = threadIdx.x; i < half; i += blockDim.x) rope_cos_sin(theta, i, hd, p, cs[i], sn[i]);
   if (threadIdx.x == 0 && kpos_out) kpos_out[slot] = p;
   __syncthreads();
   auto load8 = [&](int col, float (&f)[8]) {
@@ -230,23 +232,28 @@ __global__ void __launch_bounds__(128) qkv_post_row(const T* qkv, const float* b
     *reinterpret_cast<uint4*>(dst) = u;
   };
   const int heads = nh + nkv;
+  // q / k head `head` of the row: its first column in qkv, and where its rotated values go.
+  auto src_col = [&](int head) { return head < nh ? head * hd : qd + (head - nh) * hd; };
+  auto dst_of = [&](int head) {
+    return head < nh ? q_out + static_cast<long long>(r) * qd + head * hd : k_out + slot * kvd + (head - nh) * hd;
+  };
   if (interleaved) {  // pairs (2i, 2i + 1): a piece of 8 holds pairs i0 .. i0 + 3
     const int pieces = hd / 8;
     for (int t = threadIdx.x; t < heads * pieces; t += blockDim.x) {
-      const int head = t / pieces, c = (t % pieces) * 8, base = head < nh ? head * hd : qd + (head - nh) * hd;
+      const int head = t / pieces, c = (t % pieces) * 8;
       float a[8], o[8];
-      load8(base + c, a);
+      load8(src_col(head) + c, a);
       for (int j = 0; j < 4; ++j) {
         const int i = c / 2 + j;
         o[2 * j] = a[2 * j] * cs[i] - a[2 * j + 1] * sn[i];
         o[2 * j + 1] = a[2 * j] * sn[i] + a[2 * j + 1] * cs[i];
       }
-      store8((head < nh ? q_out + static_cast<long long>(r) * qd + head * hd : k_out + slot * kvd + (head - nh) * hd) + c, o);
+      store8(dst_of(head) + c, o);
     }
   } else {  // pairs (i, i + hd / 2): a piece of 8 from each half
     const int pieces = half / 8;
     for (int t = threadIdx.x; t < heads * pieces; t += blockDim.x) {
-      const int head = t / pieces, c = (t % pieces) * 8, base = head < nh ? head * hd : qd + (head - nh) * hd;
+      const int head = t / pieces, c = (t % pieces) * 8, base = src_col(head);
       float a[8], b[8], oa[8], ob[8];
       load8(base + c, a);
       load8(base + half + c, b);
@@ -254,7 +261,7 @@ __global__ void __launch_bounds__(128) qkv_post_row(const T* qkv, const float* b
         oa[j] = a[j] * cs[c + j] - b[j] * sn[c + j];
         ob[j] = a[j] * sn[c + j] + b[j] * cs[c + j];
       }
-      T* dst = head < nh ? q_out + static_cast<long long>(r) * qd + head * hd : k_out + slot * kvd + (head - nh) * hd;
+      T* dst = dst_of(head);
       store8(dst + c, oa);
       store8(dst + half + c, ob);
     }
