@@ -9,7 +9,7 @@
 #   beam      the whole beam search, selection on the host vs on the device (bench_cuda_beam)
 #   profile   ncu kernel times of the B = 32, P = 512 dense decode steps (4 layers, scaled to 32), then the same
 #             settings with and without decode graphs
-#   EARN_GPU_BIN=dir   use prebuilt test_cuda_engine / bench_cuda_{llama,attention,beam} from dir (built with
+#   EARN_GPU_BIN=dir   use prebuilt test_cuda_{engine,attention,gemm} / bench_cuda_{llama,attention,beam,gemm} from dir (built with
 #                      nvcc elsewhere; a libbenchmark.so* placed there is found through LD_LIBRARY_PATH)
 set -uo pipefail
 mode=${1:-all}
@@ -24,11 +24,12 @@ if [ -z "$bin" ]; then
   # Needs what tools/deps.sh installs (Eigen, nlohmann-json, doctest) next to the CUDA toolkit.
   cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEARN_ENABLE_CUDA=ON \
     -DEARN_BUILD_EXAMPLES=OFF >"$OUT/configure.log" 2>&1 || { tail -20 "$OUT/configure.log"; exit 1; }
-  cmake --build "$root/build-gpu" --target test_cuda_engine test_cuda_attention bench_cuda_llama bench_cuda_attention bench_cuda_beam bench_cuda_gemm \
+  cmake --build "$root/build-gpu" --target test_cuda_engine test_cuda_attention test_cuda_gemm bench_cuda_llama bench_cuda_attention bench_cuda_beam bench_cuda_gemm \
     >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   bin=$root/build-gpu/bin
   mkdir -p "$bin"
   cp "$root/build-gpu/tests/cuda/test_cuda_engine" "$root/build-gpu/tests/cuda/test_cuda_attention" \
+    "$root/build-gpu/tests/cuda/test_cuda_gemm" \
     "$root/build-gpu/bench/cuda/bench_cuda_llama" "$root/build-gpu/bench/cuda/bench_cuda_gemm" \
     "$root/build-gpu/bench/cuda/bench_cuda_attention" "$root/build-gpu/bench/cuda/bench_cuda_beam" "$bin/"
 fi
@@ -37,7 +38,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 
 status=0
 if [ "$mode" = all ] || [ "$mode" = test ]; then
-  for t in test_cuda_attention test_cuda_engine; do
+  for t in test_cuda_attention test_cuda_gemm test_cuda_engine; do
     echo "== CUDA tests: $t"
     (cd "$root" && "$bin/$t") >"$OUT/$t.log" 2>&1
     rc=$?
@@ -47,19 +48,22 @@ if [ "$mode" = all ] || [ "$mode" = test ]; then
     [ $rc = 0 ] || status=1
   done
   [ "${EARN_SANITIZER:-1}" = 1 ] || exit $status
-  for t in test_cuda_attention test_cuda_engine; do
+  for t in test_cuda_attention test_cuda_gemm test_cuda_engine; do
     echo "== compute-sanitizer memcheck: $t"
     (cd "$root" && timeout "${EARN_SANITIZER_TIMEOUT:-300}" compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/$t") \
       >"$OUT/memcheck_$t.log" 2>&1
     echo "memcheck rc=$?"; tail -3 "$OUT/memcheck_$t.log"
   done
-  echo "== compute-sanitizer racecheck (the flash kernels: kernel tests in bf16, engine tests in bf16)"
+  echo "== compute-sanitizer racecheck (flash kernels, stream_gemm: kernel tests in bf16, engine tests in bf16)"
   (cd "$root" && timeout 300 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/test_cuda_attention" \
     -tc='*bfloat16*') >"$OUT/racecheck_attention.log" 2>&1
   echo "racecheck rc=$?"; tail -3 "$OUT/racecheck_attention.log"
   (cd "$root" && timeout 300 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/test_cuda_engine" \
     -tc='*Bf16*') >"$OUT/racecheck_engine.log" 2>&1
   echo "racecheck rc=$?"; tail -3 "$OUT/racecheck_engine.log"
+  (cd "$root" && timeout 300 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/test_cuda_gemm" \
+    -tc='*bfloat16*') >"$OUT/racecheck_gemm.log" 2>&1
+  echo "racecheck rc=$?"; tail -3 "$OUT/racecheck_gemm.log"
 fi
 if [ "$mode" = all ] || [ "$mode" = micro ]; then
   echo "== attention microbenchmarks"

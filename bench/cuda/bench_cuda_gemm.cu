@@ -1,15 +1,23 @@
-// bench/cuda/bench_cuda_gemm.cu - how fast cuBLAS streams the weights of the decode GEMMs at Llama-7B shapes, and
-// whether another cuBLASLt algorithm than cublasGemmEx's default would be faster: y [rows, out] = x [rows, in] w^T
-// in bf16 (fp32 accumulation), rows = 20 B (B users x 20 beams). For each shape: the cublasGemmEx time (as
-// cuda::linear calls it), then every algorithm cublasLtMatmulAlgoGetHeuristic offers (up to 32, 32 MB workspace),
-// each timed with CUDA events as the median of 20 calls; prints the default, the best and its bandwidth.
-// Without a CUDA device it prints "skipped: no CUDA device" and exits 0.
+// bench/cuda/bench_cuda_gemm.cu - how fast the decode GEMMs at Llama-7B shapes stream their weights:
+// y [rows, out] = x [rows, in] w^T in bf16 (fp32 accumulation).
+// 1. The card's read bandwidth (a kernel that only reads 2 GiB with 16-byte loads): the rate a weight stream can
+//    reach, beside the copy bandwidth the floors use.
+// 2. rows 2, 8, 20, 32 (EARN's register rows of 1 / 4 users, one user's 20 beams): cuda::stream_gemm
+//    (stream_gemm.cuh) in its default shape and three others (StreamGemmConfig<R, warps, U, prefetch, min
+//    blocks>) against cublasGemmEx's default, per shape, same buffers, back to back; "s" = k splits.
+// 3. rows = 20, 80, 640: cublasGemmEx's default against every algorithm cublasLtMatmulAlgoGetHeuristic offers (up
+//    to 32, 32 MB workspace).
+// Every time is the median of 20 calls timed with CUDA events after 3 warm-ups. Without a CUDA device it prints
+// "skipped: no CUDA device" and exits 0.
 #include <cublasLt.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <string>
+#include <tuple>
 #include <vector>
 
+#include "earn/backend/cuda/stream_gemm.cuh"
 #include "earn/cuda.cuh"
 
 using namespace earn;
@@ -42,30 +50,146 @@ float median_ms(cudaStream_t s, F&& f) {
 
 #define LT_CHECK(x) EARN_CUDA_CHECK(x)
 
+__global__ void read_only(const uint4* __restrict__ p, long long n, unsigned* sink) {
+  unsigned acc = 0;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const uint4 v = earn::cuda::kernel::ld_stream16<false>(p + i);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9e3779b9u) *sink = acc;  // keeps the loads
+}
+
+struct Shape {
+  const char* name;
+  int in, out;
+  bool fp32_out;
+};
+const Shape kShapes[] = {{"qkv", 4096, 12288, false}, {"wo", 4096, 4096, true}, {"w13", 4096, 22016, false},
+                         {"w2", 11008, 4096, true},   {"head", 4096, 33024, true}};
+
+double gemm_bytes(const Shape& sh, int rows) {
+  return (double(sh.out) * sh.in + double(rows) * sh.in) * 2 + double(rows) * sh.out * (sh.fp32_out ? 4 : 2);
+}
+
+// One stream_gemm configuration on one shape: the plan for this device, then the timed calls.
+template <class Cfg, class TY>
+float time_stream(cudaStream_t s, const Shape& sh, int rows, const T* x, const T* w, TY* y, int sms, int* splits) {
+  const cuda::StreamGemmPlan plan = cuda::stream_gemm_plan<T, TY, Cfg>(rows, sh.in, sh.out, sms);
+  *splits = plan.splits;
+  const float beta = sh.fp32_out ? 1.0f : 0.0f;  // wo and w2 add into the residual
+  return median_ms(s, [&] { cuda::stream_gemm<T, TY, Cfg>(s, plan, x, w, y, rows, sh.in, sh.out, beta); });
+}
+
+template <class Cfg>
+struct Variant {
+  static float time(cudaStream_t s, const Shape& sh, int rows, const T* x, const T* w, T* y16, float* y32, int sms,
+                    int* splits) {
+    return sh.fp32_out ? time_stream<Cfg, float>(s, sh, rows, x, w, y32, sms, splits)
+                       : time_stream<Cfg, T>(s, sh, rows, x, w, y16, sms, splits);
+  }
+};
+
+void read_bandwidth(cudaStream_t s) {
+  const long long n = (2LL << 30) / 16;
+  cuda::DeviceBuffer<uint4> buf(n);
+  cuda::DeviceBuffer<unsigned> sink(1);
+  EARN_CUDA_CHECK(cudaMemsetAsync(buf.data(), 1, n * 16, s));
+  const float ms = median_ms(s, [&] {
+    read_only<<<cuda::sm_count() * 8, 256, 0, s>>>(buf.data(), n, sink.data());
+    EARN_CUDA_CHECK_LAUNCH();
+  });
+  std::printf("read bandwidth: 2 GiB in %.3f ms = %.0f GB/s\n", ms, double(n) * 16 / (ms * 1e-3) / 1e9);
+}
+
+void stream_vs_cublas(cublasHandle_t h, cudaStream_t s) {
+  using Def = cuda::StreamGemmDefault;  // R 1, 8 warps, U 4, 2 blocks per multiprocessor
+  using Cfg1 = cuda::StreamGemmConfig<1, 8, 2>;
+  using Cfg2 = cuda::StreamGemmConfig<1, 8, 2, true, 3>;
+  using Cfg3 = cuda::StreamGemmConfig<2, 8, 4, true, 1>;
+  constexpr int kV = 4;
+  const char* names[kV] = {"default (1,8,4,x2)", "(1,8,2)", "(1,8,2,x3)", "(2,8,4)"};
+  const int sms = cuda::sm_count();
+  for (int rows : {2, 8, 20, 32}) {
+    double blas_total = 0, bytes_total = 0, cfg_total[kV] = {};
+    for (const Shape& sh : kShapes) {
+      cuda::DeviceBuffer<T> x(std::size_t(rows) * sh.in), w(std::size_t(sh.out) * sh.in), y16(std::size_t(rows) * sh.out);
+      cuda::DeviceBuffer<float> y32(std::size_t(rows) * sh.out);
+      cuda::kernel::fill_uniform<T><<<1024, 256, 0, s>>>(x.data(), static_cast<long long>(x.size()), 1, -1.0f, 1.0f);
+      cuda::kernel::fill_uniform<T><<<1024, 256, 0, s>>>(w.data(), static_cast<long long>(w.size()), 2, -0.02f, 0.02f);
+      EARN_CUDA_CHECK(cudaMemsetAsync(y32.data(), 0, y32.size() * sizeof(float), s));
+      EARN_CUDA_CHECK_LAUNCH();
+      const float blas = median_ms(s, [&] {
+        if (sh.fp32_out) cuda::linear<T, float>(h, x.data(), w.data(), y32.data(), rows, sh.in, sh.out, 1.0f);
+        else cuda::linear<T, T>(h, x.data(), w.data(), y16.data(), rows, sh.in, sh.out);
+      });
+      int splits[kV];
+      auto args = [&](int i) { return std::tuple(s, sh, rows, x.data(), w.data(), y16.data(), y32.data(), sms, &splits[i]); };
+      const float t[kV] = {std::apply(Variant<Def>::time, args(0)), std::apply(Variant<Cfg1>::time, args(1)),
+                           std::apply(Variant<Cfg2>::time, args(2)), std::apply(Variant<Cfg3>::time, args(3))};
+      const double bytes = gemm_bytes(sh, rows);
+      std::printf("rows %2d %-5s cuBLAS %6.1f us %.2f TB/s |", rows, sh.name, blas * 1e3, bytes / (blas * 1e-3) / 1e12);
+      for (int i = 0; i < kV; ++i) {
+        std::printf(" %s %6.1f us %.2f TB/s s%d |", names[i], t[i] * 1e3, bytes / (t[i] * 1e-3) / 1e12, splits[i]);
+        cfg_total[i] += t[i];
+      }
+      std::printf("\n");
+      blas_total += blas;
+      bytes_total += bytes;
+    }
+    std::printf("rows %2d all five: cuBLAS %.1f us (%.2f TB/s)", rows, blas_total * 1e3,
+                bytes_total / (blas_total * 1e-3) / 1e12);
+    for (int i = 0; i < kV; ++i)
+      std::printf(" | %s %.1f us (%.2f TB/s, %.2fx)", names[i], cfg_total[i] * 1e3,
+                  bytes_total / (cfg_total[i] * 1e-3) / 1e12, blas_total / cfg_total[i]);
+    std::printf("\n");
+  }
+}
+
 }  // namespace
 
-int main() {
+// --profile: only the default stream_gemm at 20 rows, each of the five shapes 5 times (for ncu).
+void profile_stream(cudaStream_t s) {
+  const int rows = 20, sms = cuda::sm_count();
+  for (const Shape& sh : kShapes) {
+    cuda::DeviceBuffer<T> x(std::size_t(rows) * sh.in), w(std::size_t(sh.out) * sh.in), y16(std::size_t(rows) * sh.out);
+    cuda::DeviceBuffer<float> y32(std::size_t(rows) * sh.out);
+    EARN_CUDA_CHECK(cudaMemsetAsync(y32.data(), 0, y32.size() * sizeof(float), s));
+    for (int i = 0; i < 5; ++i) {
+      if (sh.fp32_out) {
+        const auto plan = cuda::stream_gemm_plan<T, float>(rows, sh.in, sh.out, sms);
+        cuda::stream_gemm<T, float>(s, plan, x.data(), w.data(), y32.data(), rows, sh.in, sh.out, 1.0f);
+      } else {
+        const auto plan = cuda::stream_gemm_plan<T, T>(rows, sh.in, sh.out, sms);
+        cuda::stream_gemm<T, T>(s, plan, x.data(), w.data(), y16.data(), rows, sh.in, sh.out, 0.0f);
+      }
+    }
+  }
+  EARN_CUDA_CHECK(cudaStreamSynchronize(s));
+}
+
+int main(int argc, char** argv) {
   if (cuda::device_count() == 0) {
     std::printf("skipped: no CUDA device\n");
     return 0;
   }
-  struct Shape {
-    const char* name;
-    int in, out;
-    bool fp32_out;
-  };
-  const Shape shapes[] = {{"qkv", 4096, 12288, false}, {"wo", 4096, 4096, true}, {"w13", 4096, 22016, false},
-                          {"w2", 11008, 4096, true},   {"head", 4096, 33024, true}};
+  if (argc > 1 && std::string(argv[1]) == "--profile") {
+    cuda::Stream s;
+    profile_stream(s.get());
+    return 0;
+  }
   cuda::BlasHandle h;
   cuda::Stream s;
   EARN_CUDA_CHECK(cublasSetStream(h.get(), s.get()));
+  read_bandwidth(s.get());
+  stream_vs_cublas(h.get(), s.get());
   cublasLtHandle_t lt;
   LT_CHECK(cublasLtCreate(&lt));
   const std::size_t ws_bytes = std::size_t(32) << 20;
   cuda::DeviceBuffer<char> ws(ws_bytes);
   for (int rows : {20, 80, 640}) {
     double def_total = 0, best_total = 0, bytes_total = 0;
-    for (const Shape& sh : shapes) {
+    for (const Shape& sh : kShapes) {
       cuda::DeviceBuffer<T> x(std::size_t(rows) * sh.in), w(std::size_t(sh.out) * sh.in), y16(std::size_t(rows) * sh.out);
       cuda::DeviceBuffer<float> y32(std::size_t(rows) * sh.out);
       cuda::kernel::fill_uniform<T><<<1024, 256>>>(x.data(), static_cast<long long>(x.size()), 1, -1.0f, 1.0f);
@@ -104,7 +228,7 @@ int main() {
         });
         if (t < best) best = t, best_i = i;
       }
-      const double bytes = (double(sh.out) * sh.in + double(rows) * sh.in) * 2 + double(rows) * sh.out * (sh.fp32_out ? 4 : 2);
+      const double bytes = gemm_bytes(sh, rows);
       std::printf("rows %4d %-5s default %7.1f us (%.2f TB/s)  best of %2d Lt algos %7.1f us (%.2f TB/s, #%d)\n", rows,
                   sh.name, def * 1e3, bytes / (def * 1e-3) / 1e12, n, best * 1e3, bytes / (best * 1e-3) / 1e12, best_i);
       def_total += def;

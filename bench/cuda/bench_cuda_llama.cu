@@ -5,9 +5,10 @@
 // card in the same run. Timed with CUDA events on the state's stream (host planning included), median of reps.
 //
 //   bench_cuda_llama [--json out.json] [--reps 3] [--layers 32] [--users 1,4,32] [--prompts 256,512]
-//                    [--ks -1,2,4,6,8] [--graphs 1] [--flash 1] [--profile 0]
+//                    [--ks -1,2,4,6,8] [--graphs 1] [--flash 1] [--stream-gemm 1] [--profile 0]
 // --ks: schedules (-1 dense); --graphs 0: decode steps launch kernel by kernel instead of replaying CUDA graphs;
 // --flash 0: attention (prefill and decode) through the cuBLAS path instead of the tensor-core flash kernels;
+// --stream-gemm 0: GEMMs of <= 32 rows through cuBLAS instead of the weight-streaming kernel (stream_gemm.cuh);
 // --profile 1 (2): only the last repetition's decode steps (prefill) run between cudaProfilerStart/Stop, for
 // `ncu --profile-from-start off`.
 //
@@ -118,7 +119,7 @@ struct Result {
 
 int main(int argc, char** argv) {
   std::string json;
-  int reps = 3, layers = 32, graphs = 1, flash = 1, profile = 0;
+  int reps = 3, layers = 32, graphs = 1, flash = 1, stream_gemm = 1, profile = 0;
   std::vector<int> Bs = {1, 4, 32}, Ps = {256, 512}, Ks = {-1, 2, 4, 6, 8};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
@@ -130,6 +131,7 @@ int main(int argc, char** argv) {
     else if (a == "--ks") Ks = earn::bench::parse_list(argv[i + 1]);
     else if (a == "--graphs") graphs = std::atoi(argv[i + 1]);
     else if (a == "--flash") flash = std::atoi(argv[i + 1]);
+    else if (a == "--stream-gemm") stream_gemm = std::atoi(argv[i + 1]);
     else if (a == "--profile") profile = std::atoi(argv[i + 1]);
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
@@ -155,9 +157,10 @@ int main(int argc, char** argv) {
     auto weights = std::make_shared<const cuda::DeviceWeights<dtype::Bf16>>(
         cuda::DeviceWeights<dtype::Bf16>::random(c, {.seed = 7, .scale = 1.0f, .prefix_registers = 1, .suffix_registers = 1}));
     const double wbytes = double(weights->bytes());
-    std::printf("model: Llama-7B dims, %d layers, %.2f GB of bf16 weights; decode %s, attention %s\n", layers,
-                wbytes / 1e9, graphs ? "replays CUDA graphs" : "launches kernel by kernel",
-                flash ? "flash kernels (prefill; flash-decoding)" : "cuBLAS batched");
+    std::printf("model: Llama-7B dims, %d layers, %.2f GB of bf16 weights; decode %s, attention %s, GEMMs of <= 32 "
+                "rows %s\n", layers, wbytes / 1e9, graphs ? "replays CUDA graphs" : "launches kernel by kernel",
+                flash ? "flash kernels (prefill; flash-decoding)" : "cuBLAS batched",
+                stream_gemm ? "stream_gemm" : "cuBLAS");
 
     const int hd = c.head_dim(), qd = c.n_heads * hd, kvd = c.kv_dim();
     const double layer_params = double(c.dim) * (qd + 2 * kvd) + double(c.dim) * qd + 3.0 * c.dim * c.hidden_dim;
@@ -174,6 +177,7 @@ int main(int argc, char** argv) {
           auto st = engine.make_state({.max_users = B, .max_rows = B * beam, .max_prompt = P, .max_new_tokens = new_tokens});
           st.use_graphs(graphs != 0);
           st.use_flash_attention(flash != 0);
+          st.use_stream_gemm(stream_gemm != 0);
           std::vector<int> users(B), row_user(B * beam);
           std::vector<std::vector<int>> prompts(B);
           for (int u = 0; u < B; ++u) {

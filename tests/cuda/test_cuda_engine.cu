@@ -197,11 +197,12 @@ TEST_CASE_TEMPLATE("CUDA batched prefill and all-row logits equal the CPU engine
   }
 }
 
-TEST_CASE_TEMPLATE("bf16 / fp16 attention: the flash kernels and the cuBLAS path both equal the CPU engine", D,
+TEST_CASE_TEMPLATE("bf16 / fp16: the flash kernels + stream_gemm and the cuBLAS paths both equal the CPU engine", D,
                    dtype::Bf16, dtype::F16) {
-  // Prompts past one 64-key tile (batched, different lengths), then decode steps over them: both attention paths
-  // of the 16-bit engine against the CPU engine on the same rounded weights.
-  Worst worst{"flash vs cuBLAS attention"};
+  // Prompts past one 64-key tile (batched, different lengths), then decode steps over them: the 16-bit engine's
+  // own kernels (flash attention; stream_gemm for the <= 32-row GEMMs: decode, late layers, logits) and its cuBLAS
+  // paths against the CPU engine on the same rounded weights.
+  Worst worst{"own kernels vs cuBLAS"};
   const ModelConfig c = small_config(RopeStyle::kRotateHalf, false, 1);  // GQA 4/2
   ModelWeights w = random_weights(c, {.seed = 123, .prefix_registers = 1, .suffix_registers = 1});
   round_to<D>(w);
@@ -215,7 +216,9 @@ TEST_CASE_TEMPLATE("bf16 / fp16 attention: the flash kernels and the cuBLAS path
       auto cs = cpu.make_state(o);
       auto gs = gpu.make_state(o);
       gs.use_flash_attention(flash);
+      gs.use_stream_gemm(flash);
       CHECK(gs.flash_attention() == flash);
+      CHECK(gs.stream_gemm() == flash);
       gs.enable_poison();
       const std::vector<int> users = {1, 0, 2};
       const std::vector<std::vector<int>> prompts = {random_tokens(120, c.vocab_size, 31 + k),

@@ -35,6 +35,7 @@
 #include "earn/backend/cuda/common.cuh"
 #include "earn/backend/cuda/kernels.cuh"
 #include "earn/backend/cuda/kv_store.cuh"
+#include "earn/backend/cuda/stream_gemm.cuh"
 #include "earn/backend/cuda/weights.cuh"
 #include "earn/core/error.hpp"
 #include "earn/core/tensor.hpp"
@@ -109,6 +110,10 @@ class CudaState : public detail::RowBook {
   /// always takes. For comparisons and as the tests' second reference.
   void use_flash_attention(bool on) { flash_on_ = on; }
   bool flash_attention() const { return flash_on_; }
+  /// bf16 / fp16 GEMMs of at most 8 rows (EARN's register-only late layers of up to 4 users, a small batch's
+  /// logits) through the weight-streaming kernel (stream_gemm.cuh; default on). Off: cuBLAS, as for larger ones.
+  void use_stream_gemm(bool on) { stream_gemm_on_ = on; }
+  bool stream_gemm() const { return stream_gemm_on_; }
   /// Decode graphs held (tests: a repeated step shape replays instead of capturing again).
   std::size_t graph_count() const { return graphs_.size(); }
 
@@ -151,6 +156,7 @@ class CudaState : public detail::RowBook {
   bool poison_ = false;
   bool graphs_on_ = true;
   bool flash_on_ = true;
+  bool stream_gemm_on_ = true;
   cuda::Stream stream_;
   cuda::GraphCache graphs_;  // decode steps (see use_graphs)
   // Scratch, grown on demand: x/x2 the fp32 residual stream [rows, dim]; h the normalised rows [rows, dim];
@@ -185,6 +191,7 @@ class Engine<Schedule, CudaT<DType>> {
       : wp_(std::move(w)), w_(*wp_), schedule_(schedule), id_(next_id()), sms_(cuda::sm_count()) {
     w_.config.validate();
     schedule_.validate(w_.config.n_layers, w_.register_count());
+    plan_stream_gemms();
   }
 
   const ModelConfig& config() const { return w_.config; }
@@ -428,11 +435,53 @@ class Engine<Schedule, CudaT<DType>> {
     EARN_CUDA_CHECK(cublasSetWorkspace(blas_.get(), st.blas_ws_.data(), st.blas_ws_.size()));
   }
 
+  // The model's five GEMM shapes; stream_gemm plans are made once per shape.
+  enum Gemm { kQkv, kWo, kW13, kW2, kHead, kGemms };
+  struct GemmShape {
+    int in, out;
+  };
+  GemmShape gemm_shape(Gemm g) const {
+    const ModelConfig& c = w_.config;
+    const int qd = c.n_heads * c.head_dim();
+    switch (g) {
+      case kQkv: return {c.dim, qd + 2 * c.kv_dim()};
+      case kWo: return {qd, c.dim};
+      case kW13: return {c.dim, 2 * c.hidden_dim};
+      case kW2: return {c.hidden_dim, c.dim};
+      default: return {c.dim, c.vocab_size};
+    }
+  }
+  void plan_stream_gemms() {
+    if constexpr (sizeof(T) == 2) {
+      for (int g = 0; g < kGemms; ++g) {
+        const GemmShape sh = gemm_shape(Gemm(g));
+        if (sh.in % 8 != 0) continue;
+        // qkv and w13 write 16-bit outputs, wo / w2 / the classifier fp32 (residual stream, logits).
+        stream_plans_[g] = g == kQkv || g == kW13 ? cuda::stream_gemm_plan<T, T>(kStreamRows, sh.in, sh.out, sms_)
+                                                  : cuda::stream_gemm_plan<T, float>(kStreamRows, sh.in, sh.out, sms_);
+      }
+    }
+  }
+
+  // y [rows, out] = x [rows, in] w^T + beta y: the weight-streaming kernel for at most kStreamRows rows, else
+  // cuBLAS. stream_gemm takes up to 32 rows, but past 8 it is only level with cuBLAS on an H200 (0.99x over the
+  // five Llama-7B shapes at 20 rows, 0.92x at 32; 1.1x at 2 and 8 rows: bench_cuda_gemm, bench/README.md).
+  static constexpr int kStreamRows = 8;
+  template <class TY>
+  void gemm(State& st, Gemm g, const T* x, const T* w, TY* y, int rows, float beta = 0.0f) const {
+    const GemmShape sh = gemm_shape(g);
+    if (st.stream_gemm_on_ && rows <= kStreamRows && cuda::stream_gemm_supported(x, w, rows, sh.in)) {
+      cuda::stream_gemm<T, TY>(st.stream(), stream_plans_[g], x, w, y, rows, sh.in, sh.out, beta);
+    } else {
+      cuda::linear<T, TY>(blas_.get(), x, w, y, rows, sh.in, sh.out, beta);
+    }
+  }
+
   // What a decode step's launches bake in: the engine (weights, schedule), step shape, GEMM groups, every
   // buffer address. Equal keys launch identical work on different uploaded data.
   std::vector<long long> graph_key(const State& st, const Plan& plan, int rows) const {
     auto addr = [](const void* p) { return static_cast<long long>(reinterpret_cast<std::uintptr_t>(p)); };
-    std::vector<long long> k{static_cast<long long>(id_), flash(st), rows, st.gen_len_, static_cast<long long>(plan.ints.size()),
+    std::vector<long long> k{static_cast<long long>(id_), flash(st), st.stream_gemm_on_, rows, st.gen_len_, static_cast<long long>(plan.ints.size()),
                              static_cast<long long>(plan.segs.size()), plan.ptr_count,
                              static_cast<long long>(plan.max_scores)};
     for (const auto& lp : plan.layers) {
@@ -487,15 +536,14 @@ class Engine<Schedule, CudaT<DType>> {
     const ModelConfig& c = w_.config;
     const cuda::DeviceLayer<DType>& lw = w_.layers[l];
     kv::Store<CudaT<DType>>& store = st.layers_[l];
-    const int hd = c.head_dim(), qd = c.n_heads * hd, kvd = c.kv_dim(), width = qd + 2 * kvd;
+    const int hd = c.head_dim();
     const cudaStream_t s = st.stream();
-    cublasHandle_t h = blas_.get();
     const typename Plan::LayerPlan& lp = plan.layers[pl];
     const cuda::Segment* segs = st.segs_.data() + lp.seg_off;
     namespace k = cuda::kernel;
 
     rmsnorm(st, st.x_.data(), lw.attn_norm.data(), rows);
-    cuda::linear<T, T>(h, st.h_.data(), lw.wqkv.data(), st.qkv_.data(), rows, c.dim, width);
+    gemm<T>(st, kQkv, st.h_.data(), lw.wqkv.data(), st.qkv_.data(), rows);
     const bool decode = row_src != nullptr;
     const int head_groups = (c.n_heads + c.n_kv_heads + k::kQkvHeads - 1) / k::kQkvHeads;
     T* k_dst = decode ? store.gen_k() : store.prefix_k_base();
@@ -540,9 +588,9 @@ class Engine<Schedule, CudaT<DType>> {
     }
 
     // x += att Wo^T; x += W2 (silu(W1 n(x)) * W3 n(x)), the residual adds fused into the GEMMs (beta = 1).
-    cuda::linear<T, float>(h, st.att_.data(), lw.wo.data(), st.x_.data(), rows, qd, c.dim, 1.0f);
+    gemm<float>(st, kWo, st.att_.data(), lw.wo.data(), st.x_.data(), rows, 1.0f);
     rmsnorm(st, st.x_.data(), lw.ffn_norm.data(), rows);
-    cuda::linear<T, T>(h, st.h_.data(), lw.w13.data(), st.gu_.data(), rows, c.dim, 2 * c.hidden_dim);
+    gemm<T>(st, kW13, st.h_.data(), lw.w13.data(), st.gu_.data(), rows);
     if (sizeof(T) == 2 && c.hidden_dim % 8 == 0)
       k::swiglu_vec8<T><<<k::grid_for(Index{rows} * c.hidden_dim / 8), k::kThreads, 0, s>>>(st.gu_.data(), rows,
                                                                                           c.hidden_dim, st.act_.data());
@@ -550,7 +598,7 @@ class Engine<Schedule, CudaT<DType>> {
       k::swiglu<T><<<k::grid_for(Index{rows} * c.hidden_dim), k::kThreads, 0, s>>>(st.gu_.data(), rows, c.hidden_dim,
                                                                                  st.act_.data());
     EARN_CUDA_CHECK_LAUNCH();
-    cuda::linear<T, float>(h, st.act_.data(), lw.w2.data(), st.x_.data(), rows, c.hidden_dim, c.dim, 1.0f);
+    gemm<float>(st, kW2, st.act_.data(), lw.w2.data(), st.x_.data(), rows, 1.0f);
   }
 
   // The cuBLAS attention path (prefill, fp32, shapes the fused decode kernel does not take).
@@ -593,8 +641,7 @@ class Engine<Schedule, CudaT<DType>> {
     const ModelConfig& c = w_.config;
     gather(st, idx, n);
     rmsnorm(st, st.x2_.data(), w_.final_norm.data(), n);
-    cublasHandle_t h = blas_.get();
-    cuda::linear<T, float>(h, st.h_.data(), w_.classifier(), st.logits_.data(), n, c.dim, c.vocab_size);
+    gemm<float>(st, kHead, st.h_.data(), w_.classifier(), st.logits_.data(), n);
     return {st.logits_.data(), n, c.vocab_size};
   }
 
@@ -752,7 +799,8 @@ class Engine<Schedule, CudaT<DType>> {
   const cuda::DeviceWeights<DType>& w_;
   Schedule schedule_;
   unsigned long long id_;
-  int sms_;  // multiprocessors of the device (flash-decoding split)
+  int sms_;  // multiprocessors of the device (flash-decoding split, stream_gemm plans)
+  cuda::StreamGemmPlan stream_plans_[kGemms] = {};  // per shape, for up to kStreamRows rows (16-bit storage only)
   cuda::BlasHandle blas_;
 };
 

@@ -1,6 +1,7 @@
 // earn/backend/cuda/mma.cuh - the PTX pieces of the hand-written tensor-core kernels (flash_attention.cuh):
 // cp.async copies global -> shared, ldmatrix fragment loads, mma.sync m16n8k16 with fp32
-// accumulation for bf16 / fp16, and packing two floats into one 16-bit pair. sm_80 and later.
+// accumulation for bf16 / fp16, and packing two floats into one 16-bit pair (sm_80 and later); cluster barrier and
+// distributed shared memory loads (sm_90, stream_gemm.cuh).
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16): lane = 4 gid + tig. A (16 x 16, row-major): a0 = (gid, 2 tig .. +1),
 // a1 = (gid + 8, same), a2 = (gid, 2 tig + 8 .. +9), a3 = (gid + 8, same). B (16 x 8, "col"): b0 = (k = 2 tig .. +1,
@@ -70,6 +71,20 @@ __device__ inline std::uint32_t pack2(float lo, float hi) {
     const __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<const std::uint32_t*>(&v);
   }
+}
+
+// Thread-block clusters (sm_90) without cooperative_groups, whose headers bring a global ::cuda namespace (as
+// CUB's do) that would make `cuda::` ambiguous for code that uses namespace earn.
+__device__ inline void cluster_sync() {  // every thread of every block of the cluster; release / acquire
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// The float at shared address p in block `rank` of this cluster (distributed shared memory).
+__device__ inline float ld_cluster_f32(const float* p, unsigned rank) {
+  std::uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_addr(p)), "r"(rank));
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+  return v;
 }
 
 __device__ inline float fast_exp2(float x) {  // ex2.approx: exp2(-inf) = 0

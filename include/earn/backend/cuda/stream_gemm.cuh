@@ -1,0 +1,300 @@
+// earn/backend/cuda/stream_gemm.cuh - y [rows, out] (+)= x [rows, in] w^T for few rows (1 <= rows <= 32) in bf16 /
+// fp16 with fp32 accumulation: one decode step of a user's 20 beams, EARN's register-only late layers, the logits
+// of a small prefill. At these shapes the product is a stream over the weights (20 rows: 20 FLOPs per weight byte)
+// and its floor is the weight bytes over the memory bandwidth; cuBLAS's kernels stream them at 1.6-3.5 TB/s on an
+// H200 against 4.25 (bench_cuda_gemm). cuda::linear (blas.cuh) stays the general path and the reference.
+//
+// The layout, chosen so the weights are read straight into tensor-core fragments with 16-byte loads:
+// - w is the MMA's A operand (16 weight rows per m16n8k16 tile), x the B operand (8 x rows per n-tile, NT tiles).
+//   The order of the k summation is free, so each lane loads 8 consecutive k of one weight row (16 bytes) and
+//   the pairs of those 8 fill the k slots {2 tig, 2 tig + 1, 2 tig + 8, 2 tig + 9} of two consecutive MMAs; x is
+//   read the same way (from shared memory), so both operands agree on which real k each slot holds.
+// - A block of WARPS warps owns WARPS * 16 * R weight rows and one k range (split-K across blocks so every
+//   multiprocessor streams: wo at Llama-7B has 4096 rows, 16 blocks of 256 before the split). Its x slice is staged
+//   in shared memory once (zero past `rows` and past the range) while the first weights are already in flight.
+// - Each warp double-buffers U 32-k chunks of its 16 R rows in registers: loads of the next chunk group are issued
+//   before the current one is multiplied.
+// - The k splits of one row range are one thread-block cluster (at most 8 blocks, one per split): each block leaves
+//   its fp32 partial sums in its shared memory and, after a cluster barrier, sums a share of the outputs over
+//   the cluster's shared memories (DSMEM) in split order. No global workspace, no second kernel, and the result
+//   does not depend on timing: runs and graph replays are bit-identical.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "earn/backend/cuda/common.cuh"
+#include "earn/backend/cuda/mma.cuh"
+
+namespace earn::cuda {
+
+/// Compile-time shape of the streaming kernel (bench_cuda_gemm sweeps a few; stream_gemm uses kStreamGemmDefault).
+template <int R_, int Warps_, int U_, bool Prefetch_ = true, int MinBlocks_ = 1>
+struct StreamGemmConfig {
+  static constexpr int R = R_;          // m16 tiles (16 weight rows each) per warp
+  static constexpr int kWarps = Warps_;  // warps per block
+  static constexpr int U = U_;          // 32-k chunks per register buffer (two buffers)
+  static constexpr bool kPrefetch = Prefetch_;  // weight loads hint L2 to fetch 256 bytes (the row's next chunks)
+  static constexpr int kRows = kWarps * 16 * R;  // weight rows per block
+  static constexpr int kMinBlocks = MinBlocks_;  // __launch_bounds__: blocks per multiprocessor to fit registers for
+};
+// 8 warps of 16 rows, 4 chunks per buffer, registers capped for 2 blocks per multiprocessor (uncapped, the fp32
+// output variants took 134 and fit one block: 0.78x cuBLAS instead of 0.99x at 20 rows; bench/cuda/NOTES.md).
+using StreamGemmDefault = StreamGemmConfig<1, 8, 4, true, 2>;
+
+inline constexpr int kStreamGemmMaxRows = 32;
+inline constexpr int kStreamGemmMaxSplits = 8;  // a portable cluster
+
+namespace kernel {
+
+template <bool Prefetch>
+__device__ inline uint4 ld_stream16(const void* p) {  // read once: keep it out of L1
+  uint4 r;
+  if constexpr (Prefetch)
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+  else
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+  return r;
+}
+
+// x is staged in pieces of kXPiece k (two buffers: the next piece loads while this one is used); rows padded to
+// 8 NT, row stride kXLd elements (= 32 mod 64: the 8 lanes of a 16-byte shared load phase, 2 rows x 4 pieces, fall
+// in distinct bank groups).
+inline constexpr int kXPiece = 512, kXLd = kXPiece + 32;
+
+template <class T, class TY, int NT, class Cfg>
+__global__ void __launch_bounds__(Cfg::kWarps * 32, Cfg::kMinBlocks)
+    stream_gemm(const T* __restrict__ x, const T* __restrict__ w, TY* __restrict__ y, int rows, int in, int out,
+                int kchunk, float beta) {
+  constexpr int R = Cfg::R, U = Cfg::U, BN = Cfg::kRows, XR = 8 * NT;
+  static_assert(kXPiece % (64 * U) == 0, "a loop step must not straddle two x pieces");
+  extern __shared__ __align__(16) unsigned char stream_smem[];
+  T* xs = reinterpret_cast<T*>(stream_smem);  // [2][XR][kXLd]
+  const int splits = gridDim.y, split = blockIdx.y;
+  const int k0 = split * kchunk, k1 = min(in, k0 + kchunk);
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3, warp = threadIdx.x >> 5;
+  const int n0 = blockIdx.x * BN + warp * 16 * R;
+
+  const T* wp[R][2];
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = min(n0 + 16 * i + 8 * h + gid, out - 1);  // rows past the end read the last row, unused
+      wp[i][h] = w + static_cast<std::size_t>(n) * in + 8 * tig;
+    }
+  uint4 a[U][R][2], b[U][R][2];
+  auto load = [&](uint4(&buf)[U][R][2], int kc) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const bool ok = kc + 32 * u + 8 * tig < k1;
+#pragma unroll
+      for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) buf[u][i][h] = ok ? ld_stream16<Cfg::kPrefetch>(wp[i][h] + kc + 32 * u) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  load(a, k0);
+
+  // x [XR, kb .. kb + kXPiece) -> buffer `buf`, asynchronously; zeros past `rows` and past k1.
+  auto stage = [&](int buf, int kb) {
+    constexpr int kPieces = kXPiece / 8;
+    T* dst = xs + buf * XR * kXLd;
+    for (int p = threadIdx.x; p < XR * kPieces; p += blockDim.x) {
+      const int r = p / kPieces, kk = (p - r * kPieces) * 8;
+      const bool ok = r < rows && kb + kk < k1;
+      cp_async16(dst + r * kXLd + kk, ok ? x + static_cast<std::size_t>(r) * in + kb + kk : x, ok ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+  stage(0, k0);  // while the first weights travel
+
+  // Two accumulator sets (the lo and hi k halves of each 32-k chunk): two independent MMA chains per tile.
+  float acc[R][NT][4], acc2[R][NT][4];
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[i][j][c] = acc2[i][j][c] = 0.0f;
+  auto multiply = [&](const uint4(&buf)[U][R][2], const T* xb, int kc) {  // xb: x at k = kc, row 0
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (kc + 32 * u >= k1) break;  // the same for the whole warp
+      const T* xp = xb + gid * kXLd + 32 * u + 8 * tig;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const uint4 bx = *reinterpret_cast<const uint4*>(xp + 8 * j * kXLd);
+#pragma unroll
+        for (int i = 0; i < R; ++i) {
+          const std::uint32_t lo[4] = {buf[u][i][0].x, buf[u][i][1].x, buf[u][i][0].y, buf[u][i][1].y};
+          const std::uint32_t hi[4] = {buf[u][i][0].z, buf[u][i][1].z, buf[u][i][0].w, buf[u][i][1].w};
+          mma16816<T>(acc[i][j], lo, bx.x, bx.y);
+          mma16816<T>(acc2[i][j], hi, bx.z, bx.w);
+        }
+      }
+    }
+  };
+  for (int kb = k0, piece = 0; kb < k1; kb += kXPiece, ++piece) {
+    const int buf = piece & 1;
+    if (kb + kXPiece < k1) {
+      stage(buf ^ 1, kb + kXPiece);  // its last readers passed the barrier at the end of the previous piece
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* xb = xs + buf * XR * kXLd;
+    for (int kc = kb; kc < min(k1, kb + kXPiece); kc += 64 * U) {
+      load(b, kc + 32 * U);
+      multiply(a, xb + (kc - kb), kc);
+      load(a, kc + 64 * U);
+      multiply(b, xb + (kc - kb) + 32 * U, kc + 32 * U);
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[i][j][c] += acc2[i][j][c];
+  // acc[i][j]: c0, c1 = (weight row n0 + 16 i + gid, x rows 8 j + 2 tig, + 1); c2, c3 = weight row + 8.
+  auto write = [&](int xr, int n, float v) {
+    TY* p = y + static_cast<std::size_t>(xr) * out + n;
+    *p = from_float<TY>(beta != 0.0f ? v + beta * to_float(*p) : v);
+  };
+  if (splits == 1) {
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int xr = 8 * j + 2 * tig + (c & 1), n = n0 + 16 * i + gid + 8 * (c >> 1);
+          if (xr < rows && n < out) write(xr, n, acc[i][j][c]);
+        }
+    return;
+  }
+  // Partial sums [rows][BN] in this block's shared memory (over the x pieces: every warp is done with them).
+  float* red = reinterpret_cast<float*>(stream_smem);
+  const int nl0 = warp * 16 * R;
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int xr = 8 * j + 2 * tig + (c & 1);
+        if (xr < rows) red[xr * BN + nl0 + 16 * i + gid + 8 * (c >> 1)] = acc[i][j][c];
+      }
+  cluster_sync();  // the cluster = this row range's splits, blockIdx.y = rank
+  // Block `rank` of the cluster finishes every splits-th output, summing the splits in order.
+  const int nb = blockIdx.x * BN;
+  for (int e = split * blockDim.x + threadIdx.x; e < rows * BN; e += splits * blockDim.x) {
+    const int xr = e / BN, n = nb + (e - xr * BN);
+    float v = 0.0f;
+    for (int r = 0; r < splits; ++r) v += ld_cluster_f32(red + e, r);
+    if (n < out) write(xr, n, v);
+  }
+  cluster_sync();  // the other blocks may still read this block's shared memory
+}
+
+}  // namespace kernel
+
+/// How one product is split: row blocks x k splits (one cluster per row block), the k range of one block and
+/// its shared memory.
+struct StreamGemmPlan {
+  int row_blocks = 0, splits = 1, kchunk = 0;
+  std::size_t smem = 0;
+};
+
+/// True when stream_gemm takes this product: 16-bit storage, 1 <= rows <= 32, in a multiple of 8 and both
+/// operands 16-byte aligned (every 16-byte piece of a row is then whole).
+template <class T>
+bool stream_gemm_supported(const T* x, const T* w, int rows, int in) {
+  const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+  return sizeof(T) == 2 && rows >= 1 && rows <= kStreamGemmMaxRows && in >= 8 && in % 8 == 0 && aligned(x) &&
+         aligned(w);
+}
+
+namespace detail {
+
+template <int NT, class F>
+decltype(auto) with_nt(int rows, F&& f) {
+  if constexpr (NT == 4) {
+    return f(std::integral_constant<int, 4>{});
+  } else {
+    if (rows <= 8 * NT) return f(std::integral_constant<int, NT>{});
+    return with_nt<NT + 1>(rows, std::forward<F>(f));
+  }
+}
+
+inline constexpr std::size_t stream_gemm_smem(int nt, int block_rows, std::size_t elem) {
+  return std::max(std::size_t(2) * 8 * nt * kernel::kXLd * elem, std::size_t(8) * nt * block_rows * sizeof(float));
+}
+
+// One wave with as many blocks as fit: the most k splits (at most 8, never a k range under 256) whose blocks are
+// all resident at once; one split when the row blocks alone fill the device.
+template <class T, class TY, int NT, class Cfg>
+StreamGemmPlan plan_stream_gemm(int in, int out, int sms, int force_splits) {
+  StreamGemmPlan p;
+  p.row_blocks = (out + Cfg::kRows - 1) / Cfg::kRows;
+  p.smem = stream_gemm_smem(NT, Cfg::kRows, sizeof(T));
+  const auto fn = kernel::stream_gemm<T, TY, NT, Cfg>;
+  if (p.smem > 48 * 1024) allow_dynamic_smem<kernel::stream_gemm<T, TY, NT, Cfg>>(p.smem);
+  int occ = 0;
+  EARN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, fn, Cfg::kWarps * 32, p.smem));
+  const long long slots = static_cast<long long>(std::max(occ, 1)) * sms;
+  const int max_splits = std::clamp(in / 256, 1, kStreamGemmMaxSplits);
+  int want = force_splits > 0 ? std::min(force_splits, max_splits) : 1;
+  if (force_splits <= 0)
+    for (int s = 2; s <= max_splits; ++s)
+      if (static_cast<long long>(p.row_blocks) * s <= slots) want = s;
+  p.kchunk = ((in + want - 1) / want + 31) / 32 * 32;
+  p.splits = (in + p.kchunk - 1) / p.kchunk;  // the 32-k rounding may leave fewer non-empty splits
+  return p;
+}
+
+}  // namespace detail
+
+/// The plan stream_gemm uses for this shape on the current device (`sms` multiprocessors). force_splits > 0
+/// (tests, benchmarks): that many k splits (at most 8 and in / 256; rounding k ranges to 32 may leave fewer).
+template <class T, class TY, class Cfg = StreamGemmDefault>
+StreamGemmPlan stream_gemm_plan(int rows, int in, int out, int sms, int force_splits = 0) {
+  return detail::with_nt<1>(rows, [&]<int NT>(std::integral_constant<int, NT>) {
+    return detail::plan_stream_gemm<T, TY, NT, Cfg>(in, out, sms, force_splits);
+  });
+}
+
+/// y [rows, out] = x [rows, in] w^T + beta y (beta = 0: y is not read). Requires stream_gemm_supported and a plan
+/// from stream_gemm_plan for the same rows' tile count, in and out.
+template <class T, class TY, class Cfg = StreamGemmDefault>
+void stream_gemm(cudaStream_t s, const StreamGemmPlan& plan, const T* x, const T* w, TY* y, int rows, int in, int out,
+                 float beta) {
+  detail::with_nt<1>(rows, [&]<int NT>(std::integral_constant<int, NT>) {
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(plan.row_blocks, plan.splits);
+    cfg.blockDim = dim3(Cfg::kWarps * 32);
+    cfg.dynamicSmemBytes = plan.smem;
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 1;
+    attr[0].val.clusterDim.y = plan.splits;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    EARN_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel::stream_gemm<T, TY, NT, Cfg>, x, w, y, rows, in, out,
+                                       plan.kchunk, beta));
+  });
+}
+
+}  // namespace earn::cuda

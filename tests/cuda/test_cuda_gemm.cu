@@ -1,0 +1,144 @@
+// The weight-streaming GEMM (stream_gemm.cuh) against a naive double-precision product on the host: y [rows, out]
+// = x [rows, in] w^T + beta y, random bf16 / fp16 operands, 16-bit and fp32 outputs, every row count of an n-tile
+// boundary (1 .. 32), shapes whose rows and k ranges end inside a block, one k split and up to 8 (the cluster's
+// reduction over its blocks' shared memory), beta = 0 over a NaN-poisoned output (an element not written, or read when it should not be, fails)
+// and beta = 1 (the residual add). Bound per element: |got - want| <= 1e-5 sum_k |x w| (fp32 accumulation) plus
+// the output's own rounding (2^-8 |want| bf16, 2^-11 fp16); NaN never passes.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "earn/backend/cuda/stream_gemm.cuh"
+
+using namespace earn;
+
+TYPE_TO_STRING(__nv_bfloat16);
+TYPE_TO_STRING(__half);
+
+namespace {
+
+template <class X>
+cuda::DeviceBuffer<X> upload(const std::vector<X>& v) {
+  cuda::DeviceBuffer<X> b(v.size());
+  EARN_CUDA_CHECK(cudaMemcpy(b.data(), v.data(), v.size() * sizeof(X), cudaMemcpyHostToDevice));
+  return b;
+}
+template <class X>
+std::vector<X> download(const cuda::DeviceBuffer<X>& b, std::size_t n) {
+  std::vector<X> v(n);
+  EARN_CUDA_CHECK(cudaMemcpy(v.data(), b.data(), n * sizeof(X), cudaMemcpyDeviceToHost));
+  return v;
+}
+
+template <class T>
+std::vector<T> random_values(std::size_t n, float scale, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.0f, scale);
+  std::vector<T> v(n);
+  for (auto& e : v) e = cuda::from_float<T>(nd(rng));
+  return v;
+}
+
+struct Case {
+  int rows, in, out, splits;  // splits 0: the device's plan
+  float beta;
+};
+
+// Runs one product, checks every element; returns the worst error over its bound (<= 1 passes).
+template <class T, class TY>
+double check(const Case& c, unsigned seed) {
+  std::mt19937 rng(seed);
+  const auto x = random_values<T>(std::size_t(c.rows) * c.in, 1.0f, rng);
+  const auto w = random_values<T>(std::size_t(c.out) * c.in, 0.05f, rng);
+  std::vector<TY> y0(std::size_t(c.rows) * c.out);
+  if (c.beta != 0.0f) y0 = random_values<TY>(y0.size(), 1.0f, rng);
+  else for (auto& e : y0) e = cuda::from_float<TY>(std::numeric_limits<float>::quiet_NaN());
+
+  const int sms = cuda::sm_count();
+  const cuda::StreamGemmPlan plan = cuda::stream_gemm_plan<T, TY>(c.rows, c.in, c.out, sms, c.splits);
+  if (c.splits > 0) REQUIRE(plan.splits == c.splits);
+  auto dx = upload(x), dw = upload(w);
+  auto dy = upload(y0);
+  REQUIRE(cuda::stream_gemm_supported(dx.data(), dw.data(), c.rows, c.in));
+  cuda::stream_gemm<T, TY>(nullptr, plan, dx.data(), dw.data(), dy.data(), c.rows, c.in, c.out, c.beta);
+  EARN_CUDA_CHECK(cudaDeviceSynchronize());
+  const auto y = download(dy, y0.size());
+
+  const double round = std::is_same_v<TY, float> ? 0.0 : std::is_same_v<TY, __half> ? 0x1p-11 : 0x1p-8;
+  double worst = 0.0;
+  int bad = 0;
+  for (int r = 0; r < c.rows; ++r)
+    for (int n = 0; n < c.out; ++n) {
+      double want = 0.0, mag = 0.0;
+      for (int k = 0; k < c.in; ++k) {
+        const double p = double(cuda::to_float(x[std::size_t(r) * c.in + k])) * cuda::to_float(w[std::size_t(n) * c.in + k]);
+        want += p;
+        mag += std::abs(p);
+      }
+      const std::size_t i = std::size_t(r) * c.out + n;
+      if (c.beta != 0.0f) {
+        want += c.beta * double(cuda::to_float(y0[i]));
+        mag += std::abs(c.beta * double(cuda::to_float(y0[i])));
+      }
+      const double got = cuda::to_float(y[i]);
+      const double bound = 1e-5 * mag + round * std::abs(want) + 1e-30;
+      const double e = std::abs(got - want) / bound;
+      if (!(e <= 1.0)) ++bad;  // NaN counts as bad
+      worst = std::max(worst, std::isnan(e) ? 1e30 : e);
+    }
+  INFO("rows " << c.rows << " in " << c.in << " out " << c.out << " splits " << plan.splits << " (asked " << c.splits
+               << ") beta " << c.beta);
+  CHECK(bad == 0);
+  return worst;
+}
+
+const Case kCases[] = {
+    {1, 8, 1, 0, 0.0f},      {2, 40, 17, 0, 0.0f},     {7, 256, 300, 1, 0.0f},    {8, 264, 257, 0, 1.0f},
+    {9, 1000, 129, 0, 0.0f}, {9, 1000, 129, 3, 1.0f},   {16, 520, 33, 2, 0.0f},    {20, 4096, 520, 0, 1.0f},
+    {20, 4096, 520, 1, 0.0f}, {20, 4096, 520, 8, 0.0f}, {24, 2048, 1000, 8, 1.0f}, {25, 776, 64, 0, 0.0f},
+    {31, 2048, 300, 0, 0.0f}, {32, 4096, 256, 5, 1.0f},  {32, 512, 4112, 0, 0.0f},
+};
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("stream_gemm equals a naive product (16-bit output)", T, __nv_bfloat16, __half) {
+  double worst = 0.0;
+  unsigned seed = 1;
+  for (const Case& c : kCases) worst = std::max(worst, check<T, T>(c, seed++));
+  MESSAGE("worst error / bound: " << worst);
+}
+
+TEST_CASE_TEMPLATE("stream_gemm equals a naive product (fp32 output, the residual stream)", T, __nv_bfloat16, __half) {
+  double worst = 0.0;
+  unsigned seed = 100;
+  for (const Case& c : kCases) worst = std::max(worst, check<T, float>(c, seed++));
+  MESSAGE("worst error / bound: " << worst);
+}
+
+TEST_CASE("stream_gemm: split products are bit-identical run to run; unsupported shapes are refused") {
+  using T = __nv_bfloat16;
+  const int rows = 20, in = 4096, out = 1024;
+  std::mt19937 rng(7);
+  auto dx = upload(random_values<T>(std::size_t(rows) * in, 1.0f, rng));
+  auto dw = upload(random_values<T>(std::size_t(out) * in, 0.05f, rng));
+  const cuda::StreamGemmPlan plan = cuda::stream_gemm_plan<T, float>(rows, in, out, cuda::sm_count(), 8);
+  REQUIRE(plan.splits == 8);
+  cuda::DeviceBuffer<float> y(std::size_t(rows) * out);
+  std::vector<std::vector<float>> runs;
+  for (int i = 0; i < 3; ++i) {
+    cuda::stream_gemm<T, float>(nullptr, plan, dx.data(), dw.data(), y.data(), rows, in, out, 0.0f);
+    runs.push_back(download(y, y.size()));
+  }
+  CHECK(runs[0] == runs[1]);
+  CHECK(runs[0] == runs[2]);
+
+  CHECK_FALSE(cuda::stream_gemm_supported(dx.data(), dw.data(), 33, in));      // more than 32 rows
+  CHECK_FALSE(cuda::stream_gemm_supported(dx.data(), dw.data(), 0, in));       // no rows
+  CHECK_FALSE(cuda::stream_gemm_supported(dx.data(), dw.data(), rows, 4092));  // rows not whole 16-byte pieces
+  CHECK_FALSE(cuda::stream_gemm_supported(dx.data() + 1, dw.data(), rows, in));  // misaligned
+  const float* f32 = nullptr;
+  CHECK_FALSE(cuda::stream_gemm_supported(f32, f32, rows, in));  // fp32 storage takes cuBLAS
+}
