@@ -60,6 +60,51 @@ __global__ void read_only(const uint4* __restrict__ p, long long n, unsigned* si
   if (acc == 0x9e3779b9u) *sink = acc;  // keeps the loads
 }
 
+// Access-pattern probes: read a [rows, in] weight matrix once (XOR-folded, no math), one warp per 16-row tile over
+// the whole k range (as stream_gemm with one split). frag: each load instruction covers 8 rows x 64 bytes (the MMA
+// fragment order stream_gemm uses), U chunks of 32 k per burst; rows: each instruction covers one row's 512
+// contiguous bytes, 16 rows per burst (what a shared-memory-staged kernel would copy).
+template <int U, bool Pf, int KS = 1>
+__global__ void probe_frag(const T* w, int rows, int in, unsigned* sink) {
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  const int wid = static_cast<int>((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+  const int tile = wid / KS, ks = wid % KS;
+  if (tile * 16 >= rows) return;
+  const T* p0 = w + static_cast<std::size_t>(tile * 16 + gid) * in + 8 * tig;
+  const T* p1 = p0 + static_cast<std::size_t>(8) * in;
+  unsigned acc = 0;
+  const int kr = in / KS;
+  for (int k = ks * kr; k < (ks + 1) * kr; k += 32 * U) {
+    uint4 v[U][2];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      v[u][0] = earn::cuda::kernel::ld_stream16<Pf>(p0 + k + 32 * u);
+      v[u][1] = earn::cuda::kernel::ld_stream16<Pf>(p1 + k + 32 * u);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) acc ^= v[u][0].x ^ v[u][0].w ^ v[u][1].y ^ v[u][1].z;
+  }
+  if (acc == 0x9e3779b9u) *sink = acc;
+}
+template <int KS = 1>
+__global__ void probe_rows(const T* w, int rows, int in, unsigned* sink) {
+  const int lane = threadIdx.x & 31;
+  const int wid = static_cast<int>((blockIdx.x * blockDim.x + threadIdx.x) >> 5);
+  const int tile = wid / KS, ks = wid % KS;
+  if (tile * 16 >= rows) return;
+  const T* p = w + static_cast<std::size_t>(tile * 16) * in + 8 * lane;
+  unsigned acc = 0;
+  const int kr = in / KS;
+  for (int k = ks * kr; k < (ks + 1) * kr; k += 256) {
+    uint4 v[16];
+#pragma unroll
+    for (int r = 0; r < 16; ++r) v[r] = earn::cuda::kernel::ld_stream16<false>(p + static_cast<std::size_t>(r) * in + k);
+#pragma unroll
+    for (int r = 0; r < 16; ++r) acc ^= v[r].x ^ v[r].w;
+  }
+  if (acc == 0x9e3779b9u) *sink = acc;
+}
+
 struct Shape {
   const char* name;
   int in, out;
@@ -100,6 +145,34 @@ void read_bandwidth(cudaStream_t s) {
     EARN_CUDA_CHECK_LAUNCH();
   });
   std::printf("read bandwidth: 2 GiB in %.3f ms = %.0f GB/s\n", ms, double(n) * 16 / (ms * 1e-3) / 1e9);
+}
+
+void probes(cudaStream_t s) {
+  const int rows = 22016, in = 4096;  // w13
+  cuda::DeviceBuffer<T> w(std::size_t(rows) * in);
+  cuda::DeviceBuffer<unsigned> sink(1);
+  EARN_CUDA_CHECK(cudaMemsetAsync(w.data(), 1, w.size() * sizeof(T), s));
+  const double bytes = double(rows) * in * sizeof(T);
+  auto run = [&](const char* name, auto kernel, int ks = 1) {
+    const int blocks = (rows / 16 * ks + 7) / 8;
+    const float ms = median_ms(s, [&] {
+      kernel<<<blocks, 256, 0, s>>>(w.data(), rows, in, sink.data());
+      EARN_CUDA_CHECK_LAUNCH();
+    });
+    std::printf("probe %-22s %6.1f us %.2f TB/s\n", name, ms * 1e3, bytes / (ms * 1e-3) / 1e12);
+  };
+  run("frag U=2", probe_frag<2, true>);
+  run("frag U=4", probe_frag<4, true>);
+  run("frag U=8", probe_frag<8, true>);
+  run("frag U=4 no prefetch", probe_frag<4, false>);
+  run("frag U=4 k/2", probe_frag<4, true, 2>, 2);
+  run("frag U=4 k/4", probe_frag<4, true, 4>, 4);
+  run("frag U=4 k/8", probe_frag<4, true, 8>, 8);
+  run("frag U=2 k/8", probe_frag<2, true, 8>, 8);
+  run("rows 512 B", probe_rows<1>);
+  run("rows 512 B k/2", probe_rows<2>, 2);
+  run("rows 512 B k/4", probe_rows<4>, 4);
+  run("rows 512 B k/8", probe_rows<8>, 8);
 }
 
 void stream_vs_cublas(cublasHandle_t h, cudaStream_t s) {
@@ -182,6 +255,7 @@ int main(int argc, char** argv) {
   cuda::Stream s;
   EARN_CUDA_CHECK(cublasSetStream(h.get(), s.get()));
   read_bandwidth(s.get());
+  probes(s.get());
   stream_vs_cublas(h.get(), s.get());
   cublasLtHandle_t lt;
   LT_CHECK(cublasLtCreate(&lt));

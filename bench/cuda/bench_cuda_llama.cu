@@ -5,10 +5,10 @@
 // card in the same run. Timed with CUDA events on the state's stream (host planning included), median of reps.
 //
 //   bench_cuda_llama [--json out.json] [--reps 3] [--layers 32] [--users 1,4,32] [--prompts 256,512]
-//                    [--ks -1,2,4,6,8] [--graphs 1] [--flash 1] [--stream-gemm 1] [--profile 0]
+//                    [--ks -1,2,4,6,8] [--graphs 1] [--flash 1] [--stream-gemm 0] [--profile 0]
 // --ks: schedules (-1 dense); --graphs 0: decode steps launch kernel by kernel instead of replaying CUDA graphs;
 // --flash 0: attention (prefill and decode) through the cuBLAS path instead of the tensor-core flash kernels;
-// --stream-gemm 0: GEMMs of <= 32 rows through cuBLAS instead of the weight-streaming kernel (stream_gemm.cuh);
+// --stream-gemm 1: GEMMs of <= 8 rows through the weight-streaming kernel (stream_gemm.cuh) instead of cuBLAS;
 // --profile 1 (2): only the last repetition's decode steps (prefill) run between cudaProfilerStart/Stop, for
 // `ncu --profile-from-start off`.
 //
@@ -119,7 +119,7 @@ struct Result {
 
 int main(int argc, char** argv) {
   std::string json;
-  int reps = 3, layers = 32, graphs = 1, flash = 1, stream_gemm = 1, profile = 0;
+  int reps = 3, layers = 32, graphs = 1, flash = 1, stream_gemm = 0, profile = 0;
   std::vector<int> Bs = {1, 4, 32}, Ps = {256, 512}, Ks = {-1, 2, 4, 6, 8};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
@@ -157,7 +157,7 @@ int main(int argc, char** argv) {
     auto weights = std::make_shared<const cuda::DeviceWeights<dtype::Bf16>>(
         cuda::DeviceWeights<dtype::Bf16>::random(c, {.seed = 7, .scale = 1.0f, .prefix_registers = 1, .suffix_registers = 1}));
     const double wbytes = double(weights->bytes());
-    std::printf("model: Llama-7B dims, %d layers, %.2f GB of bf16 weights; decode %s, attention %s, GEMMs of <= 32 "
+    std::printf("model: Llama-7B dims, %d layers, %.2f GB of bf16 weights; decode %s, attention %s, GEMMs of <= 8 "
                 "rows %s\n", layers, wbytes / 1e9, graphs ? "replays CUDA graphs" : "launches kernel by kernel",
                 flash ? "flash kernels (prefill; flash-decoding)" : "cuBLAS batched",
                 stream_gemm ? "stream_gemm" : "cuBLAS");

@@ -111,7 +111,9 @@ class CudaState : public detail::RowBook {
   void use_flash_attention(bool on) { flash_on_ = on; }
   bool flash_attention() const { return flash_on_; }
   /// bf16 / fp16 GEMMs of at most 8 rows (EARN's register-only late layers of up to 4 users, a small batch's
-  /// logits) through the weight-streaming kernel (stream_gemm.cuh; default on). Off: cuBLAS, as for larger ones.
+  /// logits) through earn's weight-streaming kernel (stream_gemm.cuh) instead of cuBLAS. Default off: alone it is
+  /// 1.04-1.15x faster than cuBLAS at 2-8 rows on an H200, but whole prefills measured no faster (0-3% slower;
+  /// bench/README.md), so it stays a switch for experiments and comparisons.
   void use_stream_gemm(bool on) { stream_gemm_on_ = on; }
   bool stream_gemm() const { return stream_gemm_on_; }
   /// Decode graphs held (tests: a repeated step shape replays instead of capturing again).
@@ -156,7 +158,7 @@ class CudaState : public detail::RowBook {
   bool poison_ = false;
   bool graphs_on_ = true;
   bool flash_on_ = true;
-  bool stream_gemm_on_ = true;
+  bool stream_gemm_on_ = false;
   cuda::Stream stream_;
   cuda::GraphCache graphs_;  // decode steps (see use_graphs)
   // Scratch, grown on demand: x/x2 the fp32 residual stream [rows, dim]; h the normalised rows [rows, dim];
@@ -463,9 +465,9 @@ class Engine<Schedule, CudaT<DType>> {
     }
   }
 
-  // y [rows, out] = x [rows, in] w^T + beta y: the weight-streaming kernel for at most kStreamRows rows, else
-  // cuBLAS. stream_gemm takes up to 32 rows, but past 8 it is only level with cuBLAS on an H200 (0.99x over the
-  // five Llama-7B shapes at 20 rows, 0.92x at 32; 1.1x at 2 and 8 rows: bench_cuda_gemm, bench/README.md).
+  // y [rows, out] = x [rows, in] w^T + beta y: with use_stream_gemm, the weight-streaming kernel for at most
+  // kStreamRows rows; cuBLAS otherwise. stream_gemm takes up to 32 rows, but past 8 it is slower than cuBLAS on an
+  // H200 (0.94x over the five Llama-7B shapes at 20 rows, 0.86x at 32: bench_cuda_gemm, bench/README.md).
   static constexpr int kStreamRows = 8;
   template <class TY>
   void gemm(State& st, Gemm g, const T* x, const T* w, TY* y, int rows, float beta = 0.0f) const {

@@ -167,34 +167,31 @@ __global__ void __launch_bounds__(Cfg::kWarps * 32, Cfg::kMinBlocks)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[i][j][c] += acc2[i][j][c];
   // acc[i][j]: c0, c1 = (weight row n0 + 16 i + gid, x rows 8 j + 2 tig, + 1); c2, c3 = weight row + 8.
-  auto write = [&](int xr, int n, float v) {
-    TY* p = y + static_cast<std::size_t>(xr) * out + n;
-    *p = from_float<TY>(beta != 0.0f ? v + beta * to_float(*p) : v);
-  };
-  if (splits == 1) {
+  // f(value, x row, weight row within this warp's 16 R rows) for every accumulator.
+  auto each_acc = [&](auto&& f) {
 #pragma unroll
     for (int i = 0; i < R; ++i)
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int xr = 8 * j + 2 * tig + (c & 1), n = n0 + 16 * i + gid + 8 * (c >> 1);
-          if (xr < rows && n < out) write(xr, n, acc[i][j][c]);
-        }
+        for (int c = 0; c < 4; ++c) f(acc[i][j][c], 8 * j + 2 * tig + (c & 1), 16 * i + gid + 8 * (c >> 1));
+  };
+  auto write = [&](int xr, int n, float v) {
+    TY* p = y + static_cast<std::size_t>(xr) * out + n;
+    *p = from_float<TY>(beta != 0.0f ? v + beta * to_float(*p) : v);
+  };
+  if (splits == 1) {
+    each_acc([&](float v, int xr, int nw) {
+      if (xr < rows && n0 + nw < out) write(xr, n0 + nw, v);
+    });
     return;
   }
   // Partial sums [rows][BN] in this block's shared memory (over the x pieces: every warp is done with them).
   float* red = reinterpret_cast<float*>(stream_smem);
   const int nl0 = warp * 16 * R;
-#pragma unroll
-  for (int i = 0; i < R; ++i)
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int xr = 8 * j + 2 * tig + (c & 1);
-        if (xr < rows) red[xr * BN + nl0 + 16 * i + gid + 8 * (c >> 1)] = acc[i][j][c];
-      }
+  each_acc([&](float v, int xr, int nw) {
+    if (xr < rows) red[xr * BN + nl0 + nw] = v;
+  });
   cluster_sync();  // the cluster = this row range's splits, blockIdx.y = rank
   // Block `rank` of the cluster finishes every splits-th output, summing the splits in order.
   const int nb = blockIdx.x * BN;
