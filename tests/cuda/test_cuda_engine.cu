@@ -8,6 +8,7 @@
 #include <cmath>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "earn/backend/cuda/beam_search.cuh"  // earn::cuda::DeviceBeamSearch (CUB: write earn::cuda)
@@ -85,6 +86,20 @@ double check_close(const Matrix& got, const Matrix& want, const char* what) {
   CHECK(worst <= tol);
   return worst;
 }
+
+// A CPU engine and a CUDA engine with the same weights and schedule, each with a state of options `o` (the
+// GPU's poisoned).
+template <class D>
+struct EnginePair {
+  Engine<EarnSchedule> cpu;
+  Engine<EarnSchedule, CudaT<D>> gpu;
+  decltype(std::declval<const Engine<EarnSchedule>&>().make_state(StateOptions{})) cs;
+  typename Engine<EarnSchedule, CudaT<D>>::State gs;
+  EnginePair(const ModelWeights& w, int k, const StateOptions& o)
+      : cpu(w, EarnSchedule{k}), gpu(w, EarnSchedule{k}), cs(cpu.make_state(o)), gs(gpu.make_state(o)) {
+    gs.enable_poison();
+  }
+};
 
 // Prints the worst error of a test case when it ends (the numbers behind the closing note).
 struct Worst {
@@ -210,16 +225,12 @@ TEST_CASE_TEMPLATE("bf16 / fp16: the flash kernels + stream_gemm and the cuBLAS 
     for (bool flash : {true, false}) {
       CAPTURE(k);
       CAPTURE(flash);
-      Engine<EarnSchedule> cpu(w, EarnSchedule{k});
-      Engine<EarnSchedule, CudaT<D>> gpu(w, EarnSchedule{k});
-      const StateOptions o{.max_users = 3, .max_rows = 6, .max_prompt = 120, .max_new_tokens = 3};
-      auto cs = cpu.make_state(o);
-      auto gs = gpu.make_state(o);
+      EnginePair<D> e(w, k, {.max_users = 3, .max_rows = 6, .max_prompt = 120, .max_new_tokens = 3});
+      auto& [cpu, gpu, cs, gs] = e;
       gs.use_flash_attention(flash);
       gs.use_stream_gemm(flash);
       CHECK(gs.flash_attention() == flash);
       CHECK(gs.stream_gemm() == flash);
-      gs.enable_poison();
       const std::vector<int> users = {1, 0, 2};
       const std::vector<std::vector<int>> prompts = {random_tokens(120, c.vocab_size, 31 + k),
                                                      random_tokens(63, c.vocab_size, 32 + k),
@@ -234,6 +245,38 @@ TEST_CASE_TEMPLATE("bf16 / fp16: the flash kernels + stream_gemm and the cuBLAS 
       cs.set_rows(row_user);
       const std::vector<std::vector<int>> steps = {{3, 9, 27, 81, 42, 7}, {5, 6, 7, 8, 9, 10}};
       for (const auto& toks : steps) worst(check_close<D>(gpu.decode(gs, toks), cpu.decode(cs, toks), "decode"));
+    }
+  }
+}
+
+TEST_CASE("bf16 with more new tokens than flash-decoding takes: flash prefill, cuBLAS decode, equal to the CPU") {
+  // max_new_tokens = 10 > 8: prefill still runs the flash kernels; decode takes the cuBLAS path over the prompt KV
+  // the flash prefill wrote, through 9 steps (up to 9 generated keys per beam).
+  using D = dtype::Bf16;
+  Worst worst{"flash prefill + cuBLAS decode, 10 new tokens"};
+  const ModelConfig c = small_config(RopeStyle::kRotateHalf, false, 3);  // GQA 4/2
+  ModelWeights w = random_weights(c, {.seed = 321, .prefix_registers = 1, .suffix_registers = 1});
+  round_to<D>(w);
+  for (int k : {1, c.n_layers}) {
+    CAPTURE(k);
+    EnginePair<D> e(w, k, {.max_users = 2, .max_rows = 4, .max_prompt = 80, .max_new_tokens = 10});
+    auto& [cpu, gpu, cs, gs] = e;
+    const std::vector<int> users = {0, 1};
+    const std::vector<std::vector<int>> prompts = {random_tokens(80, c.vocab_size, 41 + k),
+                                                   random_tokens(65, c.vocab_size, 42 + k)};
+    const Matrix got = gpu.prefill_batch(gs, users, prompts);
+    for (int i = 0; i < 2; ++i) {
+      const Vector want = cpu.prefill(cs, users[i], prompts[i]);
+      worst(check_close<D>(Matrix(got.row(i)), Matrix(want.transpose()), "prefill"));
+    }
+    const int row_user[4] = {1, 0, 1, 0};
+    gs.set_rows(row_user);
+    cs.set_rows(row_user);
+    for (int step = 0; step < 9; ++step) {
+      CAPTURE(step);
+      std::vector<int> toks(4);
+      for (int r = 0; r < 4; ++r) toks[r] = (7 * step + 13 * r + 5) % c.vocab_size;
+      worst(check_close<D>(gpu.decode(gs, toks), cpu.decode(cs, toks), "decode"));
     }
   }
 }

@@ -106,8 +106,8 @@ class CudaState : public detail::RowBook {
   }
   bool graphs() const { return graphs_on_; }
   /// bf16 / fp16 attention through the tensor-core flash kernels (flash_attention.cuh; default on): prefill, and
-  /// decode as flash-decoding (decode_attention.cuh). Off: the cuBLAS path (batched Q K^T, softmax, P V) that fp32
-  /// always takes. For comparisons and as the tests' second reference.
+  /// decode as flash-decoding (decode_attention.cuh) when max_new_tokens <= 8. Off: the cuBLAS path (batched
+  /// Q K^T, softmax, P V) that fp32 always takes. For comparisons and as the tests' second reference.
   void use_flash_attention(bool on) { flash_on_ = on; }
   bool flash_attention() const { return flash_on_; }
   /// bf16 / fp16 GEMMs of at most 8 rows (EARN's register-only late layers of up to 4 users, a small batch's
@@ -296,8 +296,8 @@ class Engine<Schedule, CudaT<DType>> {
       workspace = std::max(workspace, cuda::decode_workspace(rows, c.n_heads, c.head_dim(), lp.split.chunks));
     }
     // The fused path's workspace lives in the score buffer (the cuBLAS path's scores are not used then).
-    st.reserve(c, rows, flash(st) ? workspace : plan.max_scores, rows);
-    plan.upload(st, *this, !flash(st));
+    st.reserve(c, rows, flash(st, true) ? workspace : plan.max_scores, rows);
+    plan.upload(st, *this, !flash(st, true));
     bind_blas(st);
     // A step starts by writing x, so which of the two residual buffers is x is free: the lower address, so the
     // graph key does not depend on how many row gathers (buffer swaps) the last prefill made.
@@ -483,7 +483,7 @@ class Engine<Schedule, CudaT<DType>> {
   // buffer address. Equal keys launch identical work on different uploaded data.
   std::vector<long long> graph_key(const State& st, const Plan& plan, int rows) const {
     auto addr = [](const void* p) { return static_cast<long long>(reinterpret_cast<std::uintptr_t>(p)); };
-    std::vector<long long> k{static_cast<long long>(id_), flash(st), st.stream_gemm_on_, rows, st.gen_len_, static_cast<long long>(plan.ints.size()),
+    std::vector<long long> k{static_cast<long long>(id_), flash(st, true), st.stream_gemm_on_, rows, st.gen_len_, static_cast<long long>(plan.ints.size()),
                              static_cast<long long>(plan.segs.size()), plan.ptr_count,
                              static_cast<long long>(plan.max_scores)};
     for (const auto& lp : plan.layers) {
@@ -569,7 +569,7 @@ class Engine<Schedule, CudaT<DType>> {
     }
     EARN_CUDA_CHECK_LAUNCH();
 
-    if (!flash(st)) {
+    if (!flash(st, decode)) {
       attention<Policy>(st, store, lp, segs, pos, row_seg, row_src, rows, G);
     } else if (decode) {  // flash-decoding: prefix chunks in partial mode, then the rows' own generated keys
       cuda::decode_attention<Policy, T>(s, st.q_.data(), store.gen_k(), store.gen_v(), row_src, row_seg, segs,
@@ -633,9 +633,13 @@ class Engine<Schedule, CudaT<DType>> {
     cuda::attention<Policy, T>(blas_.get(), st.stream(), att);
   }
 
-  // Attention through the flash kernels (16-bit storage and a shape they take), unless switched off.
-  bool flash(const State& st) const {
-    return st.flash_on_ && cuda::decode_fused_supported<T>(w_.config.head_dim(), st.opts_.max_new_tokens);
+  // Attention through the flash kernels unless switched off: in prefill wherever they take the storage type and
+  // head size; in decode where flash-decoding also takes the state's new tokens (its combine keeps at most 8
+  // generated keys per row; more take the cuBLAS path, over the prompt KV the flash prefill wrote).
+  bool flash(const State& st, bool decode) const {
+    const int hd = w_.config.head_dim();
+    return st.flash_on_ && (decode ? cuda::decode_fused_supported<T>(hd, st.opts_.max_new_tokens)
+                                   : cuda::flash_supported<T>(hd));
   }
 
   // Logits of residual rows idx[0..n): final norm, classifier GEMM into the state's logits buffer.
@@ -773,8 +777,8 @@ class Engine<Schedule, CudaT<DType>> {
     }
     const int i_out = plan.add_ints(out);
 
-    st.reserve(c, max_rows, flash(st) ? 0 : plan.max_scores, out.size());  // flash: no score matrix
-    plan.upload(st, *this, !flash(st));
+    st.reserve(c, max_rows, flash(st, false) ? 0 : plan.max_scores, out.size());  // flash: no score matrix
+    plan.upload(st, *this, !flash(st, false));
     bind_blas(st);
     const int* ints = st.ints_.data();
     embed(st, ints + i_codes, static_cast<int>(max_rows));
