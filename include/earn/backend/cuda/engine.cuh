@@ -112,8 +112,8 @@ class CudaState : public detail::RowBook {
   bool flash_attention() const { return flash_on_; }
   /// bf16 / fp16 GEMMs of at most 8 rows (EARN's register-only late layers of up to 4 users, a small batch's
   /// logits) through earn's weight-streaming kernel (stream_gemm.cuh) instead of cuBLAS. Default off: alone it is
-  /// 1.04-1.15x faster than cuBLAS at 2-8 rows on an H200, but whole prefills measured no faster (0-3% slower;
-  /// bench/README.md), so it stays a switch for experiments and comparisons.
+  /// 1.04-1.15x faster than cuBLAS at 2-8 rows on an H200, but whole prefills measured no faster (level within
+  /// 2%; bench/README.md), so it stays a switch for experiments and comparisons.
   void use_stream_gemm(bool on) { stream_gemm_on_ = on; }
   bool stream_gemm() const { return stream_gemm_on_; }
   /// Decode graphs held (tests: a repeated step shape replays instead of capturing again).

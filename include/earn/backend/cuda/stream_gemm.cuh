@@ -277,6 +277,12 @@ template <class T, class TY, class Cfg = StreamGemmDefault>
 void stream_gemm(cudaStream_t s, const StreamGemmPlan& plan, const T* x, const T* w, TY* y, int rows, int in, int out,
                  float beta) {
   detail::with_nt<1>(rows, [&]<int NT>(std::integral_constant<int, NT>) {
+    if (plan.splits == 1) {  // no cluster: the scheduler need not place blocks together
+      kernel::stream_gemm<T, TY, NT, Cfg><<<plan.row_blocks, Cfg::kWarps * 32, plan.smem, s>>>(x, w, y, rows, in, out,
+                                                                                          plan.kchunk, beta);
+      EARN_CUDA_CHECK_LAUNCH();
+      return;
+    }
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(plan.row_blocks, plan.splits);
     cfg.blockDim = dim3(Cfg::kWarps * 32);
