@@ -14,7 +14,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <string>
-#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "earn/backend/cuda/stream_gemm.cuh"
@@ -126,15 +126,6 @@ float time_stream(cudaStream_t s, const Shape& sh, int rows, const T* x, const T
   return median_ms(s, [&] { cuda::stream_gemm<T, TY, Cfg>(s, plan, x, w, y, rows, sh.in, sh.out, beta); });
 }
 
-template <class Cfg>
-struct Variant {
-  static float time(cudaStream_t s, const Shape& sh, int rows, const T* x, const T* w, T* y16, float* y32, int sms,
-                    int* splits) {
-    return sh.fp32_out ? time_stream<Cfg, float>(s, sh, rows, x, w, y32, sms, splits)
-                       : time_stream<Cfg, T>(s, sh, rows, x, w, y16, sms, splits);
-  }
-};
-
 void read_bandwidth(cudaStream_t s) {
   const long long n = (2LL << 30) / 16;
   cuda::DeviceBuffer<uint4> buf(n);
@@ -197,9 +188,13 @@ void stream_vs_cublas(cublasHandle_t h, cudaStream_t s) {
         else cuda::linear<T, T>(h, x.data(), w.data(), y16.data(), rows, sh.in, sh.out);
       });
       int splits[kV];
-      auto args = [&](int i) { return std::tuple(s, sh, rows, x.data(), w.data(), y16.data(), y32.data(), sms, &splits[i]); };
-      const float t[kV] = {std::apply(Variant<Def>::time, args(0)), std::apply(Variant<Cfg1>::time, args(1)),
-                           std::apply(Variant<Cfg2>::time, args(2)), std::apply(Variant<Cfg3>::time, args(3))};
+      // Configuration Cfg (as a type tag) into slot i, with the output type of this shape.
+      auto run = [&]<class Cfg>(std::type_identity<Cfg>, int i) {
+        return sh.fp32_out ? time_stream<Cfg, float>(s, sh, rows, x.data(), w.data(), y32.data(), sms, &splits[i])
+                           : time_stream<Cfg, T>(s, sh, rows, x.data(), w.data(), y16.data(), sms, &splits[i]);
+      };
+      const float t[kV] = {run(std::type_identity<Def>{}, 0), run(std::type_identity<Cfg1>{}, 1),
+                           run(std::type_identity<Cfg2>{}, 2), run(std::type_identity<Cfg3>{}, 3)};
       const double bytes = gemm_bytes(sh, rows);
       std::printf("rows %2d %-5s cuBLAS %6.1f us %.2f TB/s |", rows, sh.name, blas * 1e3, bytes / (blas * 1e-3) / 1e12);
       for (int i = 0; i < kV; ++i) {

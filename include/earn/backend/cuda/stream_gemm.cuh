@@ -1,8 +1,9 @@
 // earn/backend/cuda/stream_gemm.cuh - y [rows, out] (+)= x [rows, in] w^T for few rows (1 <= rows <= 32) in bf16 /
 // fp16 with fp32 accumulation: one decode step of a user's 20 beams, EARN's register-only late layers, the logits
 // of a small prefill. At these shapes the product is a stream over the weights (20 rows: 20 FLOPs per weight byte)
-// and its floor is the weight bytes over the memory bandwidth; cuBLAS's kernels stream them at 1.6-3.5 TB/s on an
-// H200 against 4.25 (bench_cuda_gemm). cuda::linear (blas.cuh) stays the general path and the reference.
+// and its floor is the weight bytes over the memory bandwidth. On an H200 this kernel is level with cuBLAS (both
+// ~2.8-3.3 TB/s against ~4.2; bench_cuda_gemm, bench/README.md), so the engine uses it only when asked
+// (State::use_stream_gemm); cuda::linear (blas.cuh) stays the general path and the reference.
 //
 // The layout, chosen so the weights are read straight into tensor-core fragments with 16-byte loads:
 // - w is the MMA's A operand (16 weight rows per m16n8k16 tile), x the B operand (8 x rows per n-tile, NT tiles).
@@ -10,8 +11,9 @@
 //   the pairs of those 8 fill the k slots {2 tig, 2 tig + 1, 2 tig + 8, 2 tig + 9} of two consecutive MMAs; x is
 //   read the same way (from shared memory), so both operands agree on which real k each slot holds.
 // - A block of WARPS warps owns WARPS * 16 * R weight rows and one k range (split-K across blocks so every
-//   multiprocessor streams: wo at Llama-7B has 4096 rows, 16 blocks of 256 before the split). Its x slice is staged
-//   in shared memory once (zero past `rows` and past the range) while the first weights are already in flight.
+//   multiprocessor streams: wo at Llama-7B has 4096 rows, 32 blocks of 128 before the split). Its x range is staged
+//   in shared memory in double-buffered pieces of 512 k (zero past `rows` and past the range), the first while the
+//   first weights are already in flight.
 // - Each warp double-buffers U 32-k chunks of its 16 R rows in registers: loads of the next chunk group are issued
 //   before the current one is multiplied.
 // - The k splits of one row range are one thread-block cluster (at most 8 blocks, one per split): each block leaves
@@ -30,7 +32,7 @@
 
 namespace earn::cuda {
 
-/// Compile-time shape of the streaming kernel (bench_cuda_gemm sweeps a few; stream_gemm uses kStreamGemmDefault).
+/// Compile-time shape of the streaming kernel (bench_cuda_gemm compares a few; stream_gemm uses StreamGemmDefault).
 template <int R_, int Warps_, int U_, bool Prefetch_ = true, int MinBlocks_ = 1>
 struct StreamGemmConfig {
   static constexpr int R = R_;          // m16 tiles (16 weight rows each) per warp
