@@ -3,8 +3,10 @@
 // 1. The card's read bandwidth (a kernel that only reads 2 GiB with 16-byte loads): the rate a weight stream can
 //    reach, beside the copy bandwidth the floors use.
 // 2. rows 2, 8, 20, 32 (EARN's register rows of 1 / 4 users, one user's 20 beams): cuda::stream_gemm
-//    (stream_gemm.cuh) in its default shape and three others (StreamGemmConfig<R, warps, U, prefetch, min
-//    blocks>) against cublasGemmEx's default, per shape, same buffers, back to back; "s" = k splits.
+//    (stream_gemm.cuh) in its default shape and cuda::bulk_gemm (bulk_gemm.cuh) in five shapes
+//    (BulkGemmConfig<m-tiles, warps per m-tile, k per stage, stages, min blocks>; the first is its default:
+//    the ring's depth in bytes, 128 KB, the same as the second's and half the third's) against cublasGemmEx's default,
+//    per shape, same buffers, back to back; "s" = k splits.
 // 3. rows = 20, 80, 640: cublasGemmEx's default against every algorithm cublasLtMatmulAlgoGetHeuristic offers (up
 //    to 32, 32 MB workspace).
 // Every time is the median of 20 calls timed with CUDA events after 3 warm-ups. Without a CUDA device it prints
@@ -17,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "earn/backend/cuda/bulk_gemm.cuh"
 #include "earn/backend/cuda/stream_gemm.cuh"
 #include "earn/cuda.cuh"
 
@@ -117,13 +120,22 @@ double gemm_bytes(const Shape& sh, int rows) {
   return (double(sh.out) * sh.in + double(rows) * sh.in) * 2 + double(rows) * sh.out * (sh.fp32_out ? 4 : 2);
 }
 
-// One stream_gemm configuration on one shape: the plan for this device, then the timed calls.
+// One configuration (a StreamGemmConfig or a BulkGemmConfig) on one shape: the plan for this device, then the
+// timed calls.
+template <class Cfg>
+constexpr bool kIsBulk = requires { Cfg::KS; };
 template <class Cfg, class TY>
-float time_stream(cudaStream_t s, const Shape& sh, int rows, const T* x, const T* w, TY* y, int sms, int* splits) {
-  const cuda::StreamGemmPlan plan = cuda::stream_gemm_plan<T, TY, Cfg>(rows, sh.in, sh.out, sms);
-  *splits = plan.splits;
+float time_variant(cudaStream_t s, const Shape& sh, int rows, const T* x, const T* w, TY* y, int sms, int* splits) {
   const float beta = sh.fp32_out ? 1.0f : 0.0f;  // wo and w2 add into the residual
-  return median_ms(s, [&] { cuda::stream_gemm<T, TY, Cfg>(s, plan, x, w, y, rows, sh.in, sh.out, beta); });
+  if constexpr (kIsBulk<Cfg>) {
+    const cuda::BulkGemmPlan plan = cuda::bulk_gemm_plan<T, TY, Cfg>(rows, sh.in, sh.out, sms);
+    *splits = plan.splits;
+    return median_ms(s, [&] { cuda::bulk_gemm<T, TY, Cfg>(s, plan, x, w, y, rows, sh.in, sh.out, beta); });
+  } else {
+    const cuda::StreamGemmPlan plan = cuda::stream_gemm_plan<T, TY, Cfg>(rows, sh.in, sh.out, sms);
+    *splits = plan.splits;
+    return median_ms(s, [&] { cuda::stream_gemm<T, TY, Cfg>(s, plan, x, w, y, rows, sh.in, sh.out, beta); });
+  }
 }
 
 void read_bandwidth(cudaStream_t s) {
@@ -168,11 +180,14 @@ void probes(cudaStream_t s) {
 
 void stream_vs_cublas(cublasHandle_t h, cudaStream_t s) {
   using Def = cuda::StreamGemmDefault;  // R 1, 8 warps, U 4, 2 blocks per multiprocessor
-  using Cfg1 = cuda::StreamGemmConfig<1, 8, 2>;
-  using Cfg2 = cuda::StreamGemmConfig<1, 8, 2, true, 3>;
-  using Cfg3 = cuda::StreamGemmConfig<2, 8, 4, true, 1>;
-  constexpr int kV = 4;
-  const char* names[kV] = {"default (1,8,4,x2)", "(1,8,2)", "(1,8,2,x3)", "(2,8,4)"};
+  using B1 = cuda::BulkGemmDefault;     // 256 rows (16 warps of 16), 64 k per stage, 4 stages
+  using B2 = cuda::BulkGemmConfig<8, 1, 128, 4, 1>;
+  using B3 = cuda::BulkGemmConfig<8, 1, 64, 8, 1>;
+  using B4 = cuda::BulkGemmConfig<16, 1, 128, 3, 1>;
+  using B5 = cuda::BulkGemmConfig<4, 2, 128, 4, 2>;
+  constexpr int kV = 6;
+  const char* names[kV] = {"stream", "bulk (16,1,64,4)", "bulk (8,1,128,4)", "bulk (8,1,64,8)",
+                           "bulk (16,1,128,3)", "bulk (4,2,128,4,x2)"};
   const int sms = cuda::sm_count();
   for (int rows : {2, 8, 20, 32}) {
     double blas_total = 0, bytes_total = 0, cfg_total[kV] = {};
@@ -190,11 +205,12 @@ void stream_vs_cublas(cublasHandle_t h, cudaStream_t s) {
       int splits[kV];
       // Configuration Cfg (as a type tag) into slot i, with the output type of this shape.
       auto run = [&]<class Cfg>(std::type_identity<Cfg>, int i) {
-        return sh.fp32_out ? time_stream<Cfg, float>(s, sh, rows, x.data(), w.data(), y32.data(), sms, &splits[i])
-                           : time_stream<Cfg, T>(s, sh, rows, x.data(), w.data(), y16.data(), sms, &splits[i]);
+        return sh.fp32_out ? time_variant<Cfg, float>(s, sh, rows, x.data(), w.data(), y32.data(), sms, &splits[i])
+                           : time_variant<Cfg, T>(s, sh, rows, x.data(), w.data(), y16.data(), sms, &splits[i]);
       };
-      const float t[kV] = {run(std::type_identity<Def>{}, 0), run(std::type_identity<Cfg1>{}, 1),
-                           run(std::type_identity<Cfg2>{}, 2), run(std::type_identity<Cfg3>{}, 3)};
+      const float t[kV] = {run(std::type_identity<Def>{}, 0), run(std::type_identity<B1>{}, 1),
+                           run(std::type_identity<B2>{}, 2), run(std::type_identity<B3>{}, 3),
+                           run(std::type_identity<B4>{}, 4), run(std::type_identity<B5>{}, 5)};
       const double bytes = gemm_bytes(sh, rows);
       std::printf("rows %2d %-5s cuBLAS %6.1f us %.2f TB/s |", rows, sh.name, blas * 1e3, bytes / (blas * 1e-3) / 1e12);
       for (int i = 0; i < kV; ++i) {
@@ -249,9 +265,13 @@ int main(int argc, char** argv) {
   cuda::BlasHandle h;
   cuda::Stream s;
   EARN_CUDA_CHECK(cublasSetStream(h.get(), s.get()));
-  read_bandwidth(s.get());
-  probes(s.get());
+  const bool only_variants = argc > 1 && std::string(argv[1]) == "--variants";
+  if (!only_variants) {
+    read_bandwidth(s.get());
+    probes(s.get());
+  }
   stream_vs_cublas(h.get(), s.get());
+  if (only_variants) return 0;
   cublasLtHandle_t lt;
   LT_CHECK(cublasLtCreate(&lt));
   const std::size_t ws_bytes = std::size_t(32) << 20;

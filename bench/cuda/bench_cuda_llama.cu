@@ -5,10 +5,11 @@
 // card in the same run. Timed with CUDA events on the state's stream (host planning included), median of reps.
 //
 //   bench_cuda_llama [--json out.json] [--reps 3] [--layers 32] [--users 1,4,32] [--prompts 256,512]
-//                    [--ks -1,2,4,6,8] [--graphs 1] [--flash 1] [--stream-gemm 0] [--profile 0]
+//                    [--ks -1,2,4,6,8] [--graphs 1] [--flash 1] [--stream-gemm 0] [--bulk-gemm 0] [--profile 0]
 // --ks: schedules (-1 dense); --graphs 0: decode steps launch kernel by kernel instead of replaying CUDA graphs;
 // --flash 0: attention (prefill and decode) through the cuBLAS path instead of the tensor-core flash kernels;
 // --stream-gemm 1: GEMMs of <= 8 rows through the weight-streaming kernel (stream_gemm.cuh) instead of cuBLAS;
+// --bulk-gemm 1: GEMMs of <= 32 rows through the tensor-map ring kernel (bulk_gemm.cuh);
 // --profile 1 (2): only the last repetition's decode steps (prefill) run between cudaProfilerStart/Stop, for
 // `ncu --profile-from-start off`.
 //
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include <cuda_profiler_api.h>
+#include <nlohmann/json.hpp>
 
 #include "common.cuh"
 #include "earn/cuda.cuh"
@@ -119,7 +121,7 @@ struct Result {
 
 int main(int argc, char** argv) {
   std::string json;
-  int reps = 3, layers = 32, graphs = 1, flash = 1, stream_gemm = 0, profile = 0;
+  int reps = 3, layers = 32, graphs = 1, flash = 1, stream_gemm = 0, bulk_gemm = 0, profile = 0;
   std::vector<int> Bs = {1, 4, 32}, Ps = {256, 512}, Ks = {-1, 2, 4, 6, 8};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
@@ -132,6 +134,7 @@ int main(int argc, char** argv) {
     else if (a == "--graphs") graphs = std::atoi(argv[i + 1]);
     else if (a == "--flash") flash = std::atoi(argv[i + 1]);
     else if (a == "--stream-gemm") stream_gemm = std::atoi(argv[i + 1]);
+    else if (a == "--bulk-gemm") bulk_gemm = std::atoi(argv[i + 1]);
     else if (a == "--profile") profile = std::atoi(argv[i + 1]);
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
@@ -157,10 +160,10 @@ int main(int argc, char** argv) {
     auto weights = std::make_shared<const cuda::DeviceWeights<dtype::Bf16>>(
         cuda::DeviceWeights<dtype::Bf16>::random(c, {.seed = 7, .scale = 1.0f, .prefix_registers = 1, .suffix_registers = 1}));
     const double wbytes = double(weights->bytes());
-    std::printf("model: Llama-7B dims, %d layers, %.2f GB of bf16 weights; decode %s, attention %s, GEMMs of <= 8 "
-                "rows %s\n", layers, wbytes / 1e9, graphs ? "replays CUDA graphs" : "launches kernel by kernel",
+    std::printf("model: Llama-7B dims, %d layers, %.2f GB of bf16 weights; decode %s, attention %s, small GEMMs "
+                "%s\n", layers, wbytes / 1e9, graphs ? "replays CUDA graphs" : "launches kernel by kernel",
                 flash ? "flash kernels (prefill; flash-decoding)" : "cuBLAS batched",
-                stream_gemm ? "stream_gemm" : "cuBLAS");
+                bulk_gemm ? "bulk_gemm (<= 32 rows)" : stream_gemm ? "stream_gemm (<= 8 rows)" : "cuBLAS");
 
     const int hd = c.head_dim(), qd = c.n_heads * hd, kvd = c.kv_dim();
     const double layer_params = double(c.dim) * (qd + 2 * kvd) + double(c.dim) * qd + 3.0 * c.dim * c.hidden_dim;
@@ -178,6 +181,7 @@ int main(int argc, char** argv) {
           st.use_graphs(graphs != 0);
           st.use_flash_attention(flash != 0);
           st.use_stream_gemm(stream_gemm != 0);
+          st.use_bulk_gemm(bulk_gemm != 0);
           std::vector<int> users(B), row_user(B * beam);
           std::vector<std::vector<int>> prompts(B);
           for (int u = 0; u < B; ++u) {
@@ -260,17 +264,29 @@ int main(int argc, char** argv) {
         }
 
     if (!json.empty()) {
-      std::ofstream f(json);
-      f << "{\"card\": \"" << prop.name << "\", \"copy_bandwidth_Bps\": " << bw << ", \"bf16_gemm_flops\": " << rate << ", \"bf16_gemm_flops_burst\": " << gr.burst
-        << ", \"layers\": " << layers << ", \"weight_bytes\": " << wbytes << ", \"results\": [\n";
-      for (std::size_t i = 0; i < results.size(); ++i) {
-        const Result& x = results[i];
-        f << "  {\"B\": " << x.B << ", \"P\": " << x.P << ", \"k\": " << x.k << ", \"prefill_ms\": " << x.prefill_ms
-          << ", \"decode_ms\": " << x.decode_ms << ", \"kv_bytes\": " << x.kv_bytes
-          << ", \"prefill_floor_ms\": " << x.prefill_floor_ms << ", \"decode_floor_ms\": " << x.decode_floor_ms << ", \"burst_floor_ms\": " << x.burst_floor_ms
-          << ", \"flops\": " << x.flops << ", \"bytes\": " << x.bytes << "}" << (i + 1 < results.size() ? ",\n" : "\n");
-      }
-      f << "]}\n";
+      nlohmann::json out = {{"card", prop.name},
+                            {"copy_bandwidth_Bps", bw},
+                            {"bf16_gemm_flops", rate},
+                            {"bf16_gemm_flops_burst", gr.burst},
+                            {"layers", layers},
+                            {"weight_bytes", wbytes},
+                            {"graphs", graphs != 0},
+                            {"flash", flash != 0},
+                            {"small_gemm", bulk_gemm ? "bulk_gemm" : stream_gemm ? "stream_gemm" : "cublas"},
+                            {"results", nlohmann::json::array()}};
+      for (const Result& x : results)
+        out["results"].push_back({{"B", x.B},
+                                  {"P", x.P},
+                                  {"k", x.k},
+                                  {"prefill_ms", x.prefill_ms},
+                                  {"decode_ms", x.decode_ms},
+                                  {"kv_bytes", x.kv_bytes},
+                                  {"prefill_floor_ms", x.prefill_floor_ms},
+                                  {"decode_floor_ms", x.decode_floor_ms},
+                                  {"burst_floor_ms", x.burst_floor_ms},
+                                  {"flops", x.flops},
+                                  {"bytes", x.bytes}});
+      std::ofstream(json) << out.dump(1) << "\n";
     }
   } catch (const earn::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());

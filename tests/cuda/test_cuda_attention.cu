@@ -12,9 +12,12 @@
 #include <string>
 #include <vector>
 
+#include "cuda/device_io.cuh"
 #include "earn/cuda.cuh"
 
 using namespace earn;
+using earn::test::download;
+using earn::test::upload;
 
 TYPE_TO_STRING(__nv_bfloat16);  // short test names (tools/gpu.sh racecheck: -tc='*bfloat16*')
 TYPE_TO_STRING(__half);
@@ -40,14 +43,6 @@ std::vector<T> to_device_type(const std::vector<float>& v) {
   std::vector<T> r(v.size());
   for (std::size_t i = 0; i < v.size(); ++i) r[i] = cuda::from_float<T>(v[i]);
   return r;
-}
-
-template <class X>
-cuda::DeviceBuffer<X> upload(const std::vector<X>& v) {
-  cuda::DeviceBuffer<X> b;
-  b.reserve(std::max<std::size_t>(v.size(), 1));
-  if (!v.empty()) EARN_CUDA_CHECK(cudaMemcpy(b.data(), v.data(), v.size() * sizeof(X), cudaMemcpyHostToDevice));
-  return b;
 }
 
 struct SegSpec {
@@ -189,8 +184,7 @@ struct Problem {
       cuda::flash_attention<Policy, false>(stream.get(), fa);
       EARN_CUDA_CHECK(cudaStreamSynchronize(stream.get()));
     }
-    std::vector<T> got(std::size_t(rows) * qd);
-    EARN_CUDA_CHECK(cudaMemcpy(got.data(), out.data(), got.size() * sizeof(T), cudaMemcpyDeviceToHost));
+    const std::vector<T> got = download(out, std::size_t(rows) * qd);
     double worst = 0;
     int r = 0, bad = 0, zero_rows = 0;
     for (std::size_t s = 0; s < spec.size(); ++s)

@@ -212,25 +212,28 @@ TEST_CASE_TEMPLATE("CUDA batched prefill and all-row logits equal the CPU engine
   }
 }
 
-TEST_CASE_TEMPLATE("bf16 / fp16: the flash kernels + stream_gemm and the cuBLAS paths both equal the CPU engine", D,
+TEST_CASE_TEMPLATE("bf16 / fp16: the flash kernels + stream_gemm or bulk_gemm and the cuBLAS paths all equal the CPU engine", D,
                    dtype::Bf16, dtype::F16) {
   // Prompts past one 64-key tile (batched, different lengths), then decode steps over them: the 16-bit engine's
-  // own kernels (flash attention; stream_gemm for the <= 32-row GEMMs: decode, late layers, logits) and its cuBLAS
-  // paths against the CPU engine on the same rounded weights.
+  // own kernels (flash attention; stream_gemm for the <= 8-row GEMMs, or bulk_gemm for the <= 32-row ones: decode,
+  // late layers, logits) and its cuBLAS paths against the CPU engine on the same rounded weights.
   Worst worst{"own kernels vs cuBLAS"};
   const ModelConfig c = small_config(RopeStyle::kRotateHalf, false, 1);  // GQA 4/2
   ModelWeights w = random_weights(c, {.seed = 123, .prefix_registers = 1, .suffix_registers = 1});
   round_to<D>(w);
   for (int k : {1, c.n_layers}) {
-    for (bool flash : {true, false}) {
+    for (int mode : {0, 1, 2}) {  // flash + stream_gemm, flash + bulk_gemm, cuBLAS only
+      const bool flash = mode < 2;
       CAPTURE(k);
-      CAPTURE(flash);
+      CAPTURE(mode);
       EnginePair<D> e(w, k, {.max_users = 3, .max_rows = 6, .max_prompt = 120, .max_new_tokens = 3});
       auto& [cpu, gpu, cs, gs] = e;
       gs.use_flash_attention(flash);
-      gs.use_stream_gemm(flash);
+      gs.use_stream_gemm(mode == 0);
+      gs.use_bulk_gemm(mode == 1);
       CHECK(gs.flash_attention() == flash);
-      CHECK(gs.stream_gemm() == flash);
+      CHECK(gs.stream_gemm() == (mode == 0));
+      CHECK(gs.bulk_gemm() == (mode == 1));
       const std::vector<int> users = {1, 0, 2};
       const std::vector<std::vector<int>> prompts = {random_tokens(120, c.vocab_size, 31 + k),
                                                      random_tokens(63, c.vocab_size, 32 + k),

@@ -1,7 +1,7 @@
-// The weight-streaming GEMM (stream_gemm.cuh) against a naive double-precision product on the host: y [rows, out]
+// The weight-streaming GEMMs (stream_gemm.cuh; bulk_gemm.cuh, its bulk-copy twin) against a naive double-precision product on the host: y [rows, out]
 // = x [rows, in] w^T + beta y, random bf16 / fp16 operands, 16-bit and fp32 outputs, every row count of an n-tile
 // boundary (1 .. 32), shapes whose rows and k ranges end inside a block, one k split and up to 8 (the cluster's
-// reduction over its blocks' shared memory), beta = 0 over a NaN-poisoned output (an element not written, or read when it should not be, fails)
+// reduction over its blocks' shared memory; bulk_gemm: k ranges ending inside a stage, rows ending inside a block), beta = 0 over a NaN-poisoned output (an element not written, or read when it should not be, fails)
 // and beta = 1 (the residual add). Bound per element: |got - want| <= 1e-5 sum_k |x w| (fp32 accumulation) plus
 // the output's own rounding of the fp32 sum (2^-8 of it for bf16, 2^-11 for fp16); NaN never passes.
 #include <doctest/doctest.h>
@@ -12,27 +12,19 @@
 #include <random>
 #include <vector>
 
+#include "cuda/device_io.cuh"
+#include "earn/backend/cuda/bulk_gemm.cuh"
 #include "earn/backend/cuda/stream_gemm.cuh"
 
 using namespace earn;
+using earn::test::download;
+using earn::test::upload;
 
 TYPE_TO_STRING(__nv_bfloat16);
 TYPE_TO_STRING(__half);
 
 namespace {
 
-template <class X>
-cuda::DeviceBuffer<X> upload(const std::vector<X>& v) {
-  cuda::DeviceBuffer<X> b(v.size());
-  EARN_CUDA_CHECK(cudaMemcpy(b.data(), v.data(), v.size() * sizeof(X), cudaMemcpyHostToDevice));
-  return b;
-}
-template <class X>
-std::vector<X> download(const cuda::DeviceBuffer<X>& b, std::size_t n) {
-  std::vector<X> v(n);
-  EARN_CUDA_CHECK(cudaMemcpy(v.data(), b.data(), n * sizeof(X), cudaMemcpyDeviceToHost));
-  return v;
-}
 
 template <class T>
 std::vector<T> random_values(std::size_t n, float scale, std::mt19937& rng) {
@@ -46,9 +38,10 @@ struct Case {
   int rows, in, out, splits;  // splits 0: the device's plan
   float beta;
 };
+enum class Kernel { kStream, kBulk };
 
 // Runs one product, checks every element; returns the worst error over its bound (<= 1 passes).
-template <class T, class TY>
+template <class T, class TY, Kernel K = Kernel::kStream>
 double check(const Case& c, unsigned seed) {
   std::mt19937 rng(seed);
   const auto x = random_values<T>(std::size_t(c.rows) * c.in, 1.0f, rng);
@@ -57,13 +50,22 @@ double check(const Case& c, unsigned seed) {
   if (c.beta != 0.0f) y0 = random_values<TY>(y0.size(), 1.0f, rng);
   else for (auto& e : y0) e = cuda::from_float<TY>(std::numeric_limits<float>::quiet_NaN());
 
-  const int sms = cuda::sm_count();
-  const cuda::StreamGemmPlan plan = cuda::stream_gemm_plan<T, TY>(c.rows, c.in, c.out, sms, c.splits);
-  if (c.splits > 0) REQUIRE(plan.splits == c.splits);
   auto dx = upload(x), dw = upload(w);
   auto dy = upload(y0);
-  REQUIRE(cuda::stream_gemm_supported(dx.data(), dw.data(), c.rows, c.in));
-  cuda::stream_gemm<T, TY>(nullptr, plan, dx.data(), dw.data(), dy.data(), c.rows, c.in, c.out, c.beta);
+  int splits = 1;
+  if constexpr (K == Kernel::kStream) {
+    const cuda::StreamGemmPlan plan = cuda::stream_gemm_plan<T, TY>(c.rows, c.in, c.out, cuda::sm_count(), c.splits);
+    if (c.splits > 0) REQUIRE(plan.splits == c.splits);
+    splits = plan.splits;
+    REQUIRE(cuda::stream_gemm_supported(dx.data(), dw.data(), c.rows, c.in));
+    cuda::stream_gemm<T, TY>(nullptr, plan, dx.data(), dw.data(), dy.data(), c.rows, c.in, c.out, c.beta);
+  } else {
+    const cuda::BulkGemmPlan plan = cuda::bulk_gemm_plan<T, TY>(c.rows, c.in, c.out, cuda::sm_count(), c.splits);
+    if (c.splits > 0) REQUIRE(plan.splits == c.splits);
+    splits = plan.splits;
+    REQUIRE(cuda::bulk_gemm_supported(dx.data(), dw.data(), c.rows, c.in));
+    cuda::bulk_gemm<T, TY>(nullptr, plan, dx.data(), dw.data(), dy.data(), c.rows, c.in, c.out, c.beta);
+  }
   EARN_CUDA_CHECK(cudaDeviceSynchronize());
   const auto y = download(dy, y0.size());
 
@@ -90,7 +92,7 @@ double check(const Case& c, unsigned seed) {
       if (!(e <= 1.0)) ++bad;  // NaN counts as bad
       worst = std::max(worst, std::isnan(e) ? 1e30 : e);
     }
-  INFO("rows " << c.rows << " in " << c.in << " out " << c.out << " splits " << plan.splits << " (asked " << c.splits
+  INFO("rows " << c.rows << " in " << c.in << " out " << c.out << " splits " << splits << " (asked " << c.splits
                << ") beta " << c.beta);
   CHECK(bad == 0);
   return worst;
@@ -101,6 +103,15 @@ const Case kCases[] = {
     {9, 1000, 129, 0, 0.0f}, {9, 1000, 129, 3, 1.0f},   {16, 520, 33, 2, 0.0f},    {20, 4096, 520, 0, 1.0f},
     {20, 4096, 520, 1, 0.0f}, {20, 4096, 520, 8, 0.0f}, {24, 2048, 1000, 8, 1.0f}, {25, 776, 64, 0, 0.0f},
     {31, 2048, 300, 0, 0.0f}, {32, 4096, 256, 5, 1.0f},  {32, 512, 4112, 0, 0.0f},
+};
+// bulk_gemm: one k step, a last stage of one k step (1040 = 8 x 128 + 16), k ending inside a 64-k box (1000,
+// 776), several rounds of the ring, rows ending inside a block and inside an n-tile, every n-tile count, 1-8 k
+// splits (cluster reduction).
+const Case kBulkCases[] = {
+    {1, 16, 1, 0, 0.0f},       {3, 48, 17, 1, 1.0f},      {8, 256, 300, 0, 0.0f},   {9, 1040, 129, 3, 0.0f},
+    {16, 1040, 33, 2, 1.0f},   {20, 4096, 520, 0, 1.0f},  {20, 4096, 520, 1, 0.0f}, {20, 4096, 520, 8, 0.0f},
+    {24, 2064, 1000, 0, 0.0f}, {25, 11008, 70, 5, 1.0f},  {32, 4096, 256, 4, 1.0f}, {32, 512, 4112, 0, 0.0f},
+    {9, 1000, 129, 0, 1.0f},   {25, 776, 64, 2, 0.0f},    {2, 8, 3, 0, 0.0f},
 };
 
 }  // namespace
@@ -117,6 +128,28 @@ TEST_CASE_TEMPLATE("stream_gemm equals a naive product (fp32 output, the residua
   unsigned seed = 100;
   for (const Case& c : kCases) worst = std::max(worst, check<T, float>(c, seed++));
   MESSAGE("worst error / bound: " << worst);
+}
+
+TEST_CASE_TEMPLATE("bulk_gemm equals a naive product (16-bit and fp32 outputs)", T, __nv_bfloat16, __half) {
+  double worst16 = 0.0, worst32 = 0.0;
+  unsigned seed = 200;
+  for (const Case& c : kBulkCases) {
+    worst16 = std::max(worst16, check<T, T, Kernel::kBulk>(c, seed++));
+    worst32 = std::max(worst32, check<T, float, Kernel::kBulk>(c, seed++));
+  }
+  MESSAGE("worst error / bound: " << worst16 << " (16-bit output), " << worst32 << " (fp32)");
+}
+
+TEST_CASE("bulk_gemm: refuses what its copies cannot take") {
+  using T = __nv_bfloat16;
+  cuda::DeviceBuffer<T> x(64), w(64);
+  CHECK(cuda::bulk_gemm_supported(x.data(), w.data(), 1, 32));
+  CHECK_FALSE(cuda::bulk_gemm_supported(x.data(), w.data(), 33, 32));      // more than 32 rows
+  CHECK_FALSE(cuda::bulk_gemm_supported(x.data(), w.data(), 0, 32));       // no rows
+  CHECK_FALSE(cuda::bulk_gemm_supported(x.data(), w.data(), 1, 36));       // rows not whole 16-byte pieces
+  CHECK_FALSE(cuda::bulk_gemm_supported(x.data() + 4, w.data(), 1, 32));   // 8-byte aligned only
+  const float* f32 = nullptr;
+  CHECK_FALSE(cuda::bulk_gemm_supported(f32, f32, 1, 32));  // fp32 storage takes cuBLAS
 }
 
 TEST_CASE("stream_gemm: split products are bit-identical run to run; unsupported shapes are refused") {

@@ -31,6 +31,7 @@
 #include "earn/attention/row_kind.hpp"
 #include "earn/backend/cuda/attention.cuh"
 #include "earn/backend/cuda/blas.cuh"
+#include "earn/backend/cuda/bulk_gemm.cuh"
 #include "earn/backend/cuda/decode_attention.cuh"
 #include "earn/backend/cuda/common.cuh"
 #include "earn/backend/cuda/kernels.cuh"
@@ -116,6 +117,12 @@ class CudaState : public detail::RowBook {
   /// 2%; bench/README.md), so it stays a switch for experiments and comparisons.
   void use_stream_gemm(bool on) { stream_gemm_on_ = on; }
   bool stream_gemm() const { return stream_gemm_on_; }
+  /// bf16 / fp16 GEMMs of at most 32 rows (a user's 20 beams, late layers, small logits) through the tensor-map
+  /// ring kernel (bulk_gemm.cuh) instead of cuBLAS (or stream_gemm); it takes precedence over use_stream_gemm.
+  /// Default off: alone it is level with cuBLAS (1.00-1.07x at 2-32 rows on an H200), in the engine 13 % slower
+  /// over B = 1 decode steps (bench/README.md); a switch for experiments.
+  void use_bulk_gemm(bool on) { bulk_gemm_on_ = on; }
+  bool bulk_gemm() const { return bulk_gemm_on_; }
   /// Decode graphs held (tests: a repeated step shape replays instead of capturing again).
   std::size_t graph_count() const { return graphs_.size(); }
 
@@ -159,6 +166,7 @@ class CudaState : public detail::RowBook {
   bool graphs_on_ = true;
   bool flash_on_ = true;
   bool stream_gemm_on_ = false;
+  bool bulk_gemm_on_ = false;
   cuda::Stream stream_;
   cuda::GraphCache graphs_;  // decode steps (see use_graphs)
   // Scratch, grown on demand: x/x2 the fp32 residual stream [rows, dim]; h the normalised rows [rows, dim];
@@ -461,6 +469,9 @@ class Engine<Schedule, CudaT<DType>> {
         // qkv and w13 write 16-bit outputs, wo / w2 / the classifier fp32 (residual stream, logits).
         stream_plans_[g] = g == kQkv || g == kW13 ? cuda::stream_gemm_plan<T, T>(kStreamRows, sh.in, sh.out, sms_)
                                                   : cuda::stream_gemm_plan<T, float>(kStreamRows, sh.in, sh.out, sms_);
+        for (int nt = 1; nt <= 4; ++nt)  // one plan per n-tile count (8 nt rows): the kernels differ in shared memory
+          bulk_plans_[g][nt - 1] = g == kQkv || g == kW13 ? cuda::bulk_gemm_plan<T, T>(8 * nt, sh.in, sh.out, sms_)
+                                                          : cuda::bulk_gemm_plan<T, float>(8 * nt, sh.in, sh.out, sms_);
       }
     }
   }
@@ -472,6 +483,12 @@ class Engine<Schedule, CudaT<DType>> {
   template <class TY>
   void gemm(State& st, Gemm g, const T* x, const T* w, TY* y, int rows, float beta = 0.0f) const {
     const GemmShape sh = gemm_shape(g);
+    if constexpr (sizeof(T) == 2) {  // fp32 storage always takes cuBLAS
+      if (st.bulk_gemm_on_ && cuda::bulk_gemm_supported(x, w, rows, sh.in)) {
+        cuda::bulk_gemm<T, TY>(st.stream(), bulk_plans_[g][(rows - 1) / 8], x, w, y, rows, sh.in, sh.out, beta);
+        return;
+      }
+    }
     if (st.stream_gemm_on_ && rows <= kStreamRows && cuda::stream_gemm_supported(x, w, rows, sh.in)) {
       cuda::stream_gemm<T, TY>(st.stream(), stream_plans_[g], x, w, y, rows, sh.in, sh.out, beta);
     } else {
@@ -483,7 +500,7 @@ class Engine<Schedule, CudaT<DType>> {
   // buffer address. Equal keys launch identical work on different uploaded data.
   std::vector<long long> graph_key(const State& st, const Plan& plan, int rows) const {
     auto addr = [](const void* p) { return static_cast<long long>(reinterpret_cast<std::uintptr_t>(p)); };
-    std::vector<long long> k{static_cast<long long>(id_), flash(st, true), st.stream_gemm_on_, rows, st.gen_len_, static_cast<long long>(plan.ints.size()),
+    std::vector<long long> k{static_cast<long long>(id_), flash(st, true), st.stream_gemm_on_, st.bulk_gemm_on_, rows, st.gen_len_, static_cast<long long>(plan.ints.size()),
                              static_cast<long long>(plan.segs.size()), plan.ptr_count,
                              static_cast<long long>(plan.max_scores)};
     for (const auto& lp : plan.layers) {
@@ -807,6 +824,7 @@ class Engine<Schedule, CudaT<DType>> {
   unsigned long long id_;
   int sms_;  // multiprocessors of the device (flash-decoding split, stream_gemm plans)
   cuda::StreamGemmPlan stream_plans_[kGemms] = {};  // per shape, for up to kStreamRows rows (16-bit storage only)
+  cuda::BulkGemmPlan bulk_plans_[kGemms][4] = {};    // per shape and n-tile count (1-8, .., 25-32 rows)
   cuda::BlasHandle blas_;
 };
 

@@ -1,7 +1,8 @@
 // earn/backend/cuda/mma.cuh - the PTX pieces of the hand-written tensor-core kernels (flash_attention.cuh):
 // cp.async copies global -> shared, ldmatrix fragment loads, mma.sync m16n8k16 with fp32
 // accumulation for bf16 / fp16, and packing two floats into one 16-bit pair (sm_80 and later); cluster barrier and
-// distributed shared memory loads (sm_90, stream_gemm.cuh).
+// distributed shared memory loads (sm_90, stream_gemm.cuh); mbarriers and bulk (TMA) copies global -> shared
+// (sm_90, bulk_gemm.cuh), tensor-map box copies.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16): lane = 4 gid + tig. A (16 x 16, row-major): a0 = (gid, 2 tig .. +1),
 // a1 = (gid + 8, same), a2 = (gid, 2 tig + 8 .. +9), a3 = (gid + 8, same). B (16 x 8, "col"): b0 = (k = 2 tig .. +1,
@@ -36,6 +37,11 @@ __device__ inline void ldmatrix_x4(std::uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
+}
+__device__ inline void ldmatrix_x4_addr(std::uint32_t (&r)[4], std::uint32_t smem) {  // a shared-space address
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem));
 }
 __device__ inline void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -85,6 +91,46 @@ __device__ inline float ld_cluster_f32(const float* p, unsigned rank) {
   float v;
   asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
   return v;
+}
+
+// mbarriers in shared memory (sm_90): a phase completes when `count` arrivals and every expected byte of the
+// bulk copies tied to it have landed; waits name the parity of the phase they wait for.
+__device__ inline void mbar_init(std::uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ inline void mbar_fence_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ inline void mbar_arrive(std::uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+// Arrives and adds `bytes` to the bytes the current phase waits for.
+__device__ inline void mbar_arrive_expect_tx(std::uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ inline void mbar_wait(std::uint64_t* bar, unsigned parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+// `bytes` (a multiple of 16; both addresses 16-byte aligned) global -> shared by the tensor memory accelerator;
+// completion is counted on `bar`.
+__device__ inline void bulk_copy_g2s(void* dst, const void* src, unsigned bytes, std::uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
+
+// One box of a 2-D tensor map (cuTensorMapEncodeTiled) at coordinates (c0 inner, c1 outer) -> shared memory by
+// the tensor memory accelerator; elements outside the tensor arrive as zeros; completion is counted on `bar`.
+__device__ inline void tma_load_2d(void* dst, const void* tmap, int c0, int c1, std::uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          smem_addr(dst)),
+      "l"(reinterpret_cast<std::uint64_t>(tmap)), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+      : "memory");
 }
 
 __device__ inline float fast_exp2(float x) {  // ex2.approx: exp2(-inf) = 0

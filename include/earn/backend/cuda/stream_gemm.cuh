@@ -29,6 +29,7 @@
 
 #include "earn/backend/cuda/common.cuh"
 #include "earn/backend/cuda/mma.cuh"
+#include "earn/backend/cuda/split_k.cuh"
 
 namespace earn::cuda {
 
@@ -47,7 +48,7 @@ struct StreamGemmConfig {
 using StreamGemmDefault = StreamGemmConfig<1, 8, 4, true, 2>;
 
 inline constexpr int kStreamGemmMaxRows = 32;
-inline constexpr int kStreamGemmMaxSplits = 8;  // a portable cluster
+inline constexpr int kStreamGemmMaxSplits = kMaxClusterSplits;
 
 namespace kernel {
 
@@ -178,13 +179,9 @@ __global__ void __launch_bounds__(Cfg::kWarps * 32, Cfg::kMinBlocks)
 #pragma unroll
         for (int c = 0; c < 4; ++c) f(acc[i][j][c], 8 * j + 2 * tig + (c & 1), 16 * i + gid + 8 * (c >> 1));
   };
-  auto write = [&](int xr, int n, float v) {
-    TY* p = y + static_cast<std::size_t>(xr) * out + n;
-    *p = from_float<TY>(beta != 0.0f ? v + beta * to_float(*p) : v);
-  };
   if (splits == 1) {
     each_acc([&](float v, int xr, int nw) {
-      if (xr < rows && n0 + nw < out) write(xr, n0 + nw, v);
+      if (xr < rows && n0 + nw < out) write_out(y, out, xr, n0 + nw, v, beta);
     });
     return;
   }
@@ -194,16 +191,7 @@ __global__ void __launch_bounds__(Cfg::kWarps * 32, Cfg::kMinBlocks)
   each_acc([&](float v, int xr, int nw) {
     if (xr < rows) red[xr * BN + nl0 + nw] = v;
   });
-  cluster_sync();  // the cluster = this row range's splits, blockIdx.y = rank
-  // Block `rank` of the cluster finishes every splits-th output, summing the splits in order.
-  const int nb = blockIdx.x * BN;
-  for (int e = split * blockDim.x + threadIdx.x; e < rows * BN; e += splits * blockDim.x) {
-    const int xr = e / BN, n = nb + (e - xr * BN);
-    float v = 0.0f;
-    for (int r = 0; r < splits; ++r) v += ld_cluster_f32(red + e, r);
-    if (n < out) write(xr, n, v);
-  }
-  cluster_sync();  // the other blocks may still read this block's shared memory
+  cluster_reduce_out(red, rows, BN, blockIdx.x * BN, y, out, beta);
 }
 
 }  // namespace kernel
@@ -226,16 +214,6 @@ bool stream_gemm_supported(const T* x, const T* w, int rows, int in) {
 
 namespace detail {
 
-template <int NT, class F>
-decltype(auto) with_nt(int rows, F&& f) {
-  if constexpr (NT == 4) {
-    return f(std::integral_constant<int, 4>{});
-  } else {
-    if (rows <= 8 * NT) return f(std::integral_constant<int, NT>{});
-    return with_nt<NT + 1>(rows, std::forward<F>(f));
-  }
-}
-
 inline constexpr std::size_t stream_gemm_smem(int nt, int block_rows, std::size_t elem) {
   return std::max(std::size_t(2) * 8 * nt * kernel::kXLd * elem, std::size_t(8) * nt * block_rows * sizeof(float));
 }
@@ -252,11 +230,7 @@ StreamGemmPlan plan_stream_gemm(int in, int out, int sms, int force_splits) {
   int occ = 0;
   EARN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, fn, Cfg::kWarps * 32, p.smem));
   const long long slots = static_cast<long long>(std::max(occ, 1)) * sms;
-  const int max_splits = std::clamp(in / 256, 1, kStreamGemmMaxSplits);
-  int want = force_splits > 0 ? std::min(force_splits, max_splits) : 1;
-  if (force_splits <= 0)
-    for (int s = 2; s <= max_splits; ++s)
-      if (static_cast<long long>(p.row_blocks) * s <= slots) want = s;
+  const int want = choose_splits(p.row_blocks, slots, std::clamp(in / 256, 1, kStreamGemmMaxSplits), force_splits);
   p.kchunk = ((in + want - 1) / want + 31) / 32 * 32;
   p.splits = (in + p.kchunk - 1) / p.kchunk;  // the 32-k rounding may leave fewer non-empty splits
   return p;
@@ -268,7 +242,7 @@ StreamGemmPlan plan_stream_gemm(int in, int out, int sms, int force_splits) {
 /// (tests, benchmarks): that many k splits (at most 8 and in / 256; rounding k ranges to 32 may leave fewer).
 template <class T, class TY, class Cfg = StreamGemmDefault>
 StreamGemmPlan stream_gemm_plan(int rows, int in, int out, int sms, int force_splits = 0) {
-  return detail::with_nt<1>(rows, [&]<int NT>(std::integral_constant<int, NT>) {
+  return detail::with_n_tiles(rows, [&]<int NT>(std::integral_constant<int, NT>) {
     return detail::plan_stream_gemm<T, TY, NT, Cfg>(in, out, sms, force_splits);
   });
 }
@@ -278,27 +252,9 @@ StreamGemmPlan stream_gemm_plan(int rows, int in, int out, int sms, int force_sp
 template <class T, class TY, class Cfg = StreamGemmDefault>
 void stream_gemm(cudaStream_t s, const StreamGemmPlan& plan, const T* x, const T* w, TY* y, int rows, int in, int out,
                  float beta) {
-  detail::with_nt<1>(rows, [&]<int NT>(std::integral_constant<int, NT>) {
-    if (plan.splits == 1) {  // no cluster: the scheduler need not place blocks together
-      kernel::stream_gemm<T, TY, NT, Cfg><<<plan.row_blocks, Cfg::kWarps * 32, plan.smem, s>>>(x, w, y, rows, in, out,
-                                                                                          plan.kchunk, beta);
-      EARN_CUDA_CHECK_LAUNCH();
-      return;
-    }
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(plan.row_blocks, plan.splits);
-    cfg.blockDim = dim3(Cfg::kWarps * 32);
-    cfg.dynamicSmemBytes = plan.smem;
-    cfg.stream = s;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 1;
-    attr[0].val.clusterDim.y = plan.splits;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    EARN_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel::stream_gemm<T, TY, NT, Cfg>, x, w, y, rows, in, out,
-                                       plan.kchunk, beta));
+  detail::with_n_tiles(rows, [&]<int NT>(std::integral_constant<int, NT>) {
+    detail::launch_split_k(kernel::stream_gemm<T, TY, NT, Cfg>, plan.row_blocks, plan.splits, Cfg::kWarps * 32,
+                           plan.smem, s, x, w, y, rows, in, out, plan.kchunk, beta);
   });
 }
 
