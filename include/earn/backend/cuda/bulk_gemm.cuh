@@ -11,18 +11,18 @@
 // Consumer warps: MT m16 tiles x KW warps that share a stage's k steps; their partial sums are added in shared
 // memory in a fixed order. k splits are one thread-block cluster reduced over distributed shared memory in split
 // order (as stream_gemm): results do not depend on timing.
-// Measured (H200, bench_cuda_gemm, bench/cuda/NOTES.md v17-v18): level with cuBLAS at 2-32 rows (0.96-1.08x over
+// Measured (H200, bench_cuda_gemm, bench/cuda/NOTES.md v17-v19): level with cuBLAS at 2-32 rows (0.96-1.08x over
 // the five Llama-7B decode shapes); a first version with one bulk copy per row piece (no tensor map) was bound by
-// the copy-issue rate (0.3-1.6 TB/s). Neither engine path uses it; it is here, tested, for experiments.
+// the copy-issue rate (0.3-1.6 TB/s). The engine uses it only when asked (State::use_bulk_gemm): there it made B = 1
+// decode steps 13 % slower than cuBLAS. It is here, tested, for experiments.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include <cudaTypedefs.h>  // CUtensorMap, PFN_cuTensorMapEncodeTiled (the driver entry point, no -lcuda)
-
-#include <string>
 
 #include "earn/backend/cuda/common.cuh"
 #include "earn/backend/cuda/mma.cuh"
@@ -192,7 +192,6 @@ constexpr std::size_t bulk_gemm_smem() {
 }
 
 }  // namespace detail
-
 
 /// True when bulk_gemm takes this product: 16-bit storage, 1 <= rows <= 32, in a multiple of 8 and both operands
 /// 16-byte aligned (a tensor map's rows must start on 16-byte boundaries).
