@@ -5,11 +5,13 @@
 // card in the same run. Timed with CUDA events on the state's stream (host planning included), median of reps.
 //
 //   bench_cuda_llama [--json out.json] [--reps 3] [--layers 32] [--users 1,4,32] [--prompts 256,512]
-//                    [--ks -1,2,4,6,8] [--graphs 1] [--flash 1] [--stream-gemm 0] [--bulk-gemm 0] [--profile 0]
+//                    [--ks -1,2,4,6,8] [--graphs 1] [--flash 1] [--stream-gemm 0] [--bulk-gemm 0] [--pdl 1] [--profile 0]
 // --ks: schedules (-1 dense); --graphs 0: decode steps launch kernel by kernel instead of replaying CUDA graphs;
 // --flash 0: attention (prefill and decode) through the cuBLAS path instead of the tensor-core flash kernels;
 // --stream-gemm 1: GEMMs of <= 8 rows through the weight-streaming kernel (stream_gemm.cuh) instead of cuBLAS;
 // --bulk-gemm 1: GEMMs of <= 32 rows through the tensor-map ring kernel (bulk_gemm.cuh);
+// --pdl 0: the kernels after a layer's GEMMs as ordinary launches instead of programmatic dependent ones
+//   (State::use_pdl, on by default);
 // --profile 1 (2): only the last repetition's decode steps (prefill) run between cudaProfilerStart/Stop, for
 // `ncu --profile-from-start off`.
 //
@@ -121,7 +123,7 @@ struct Result {
 
 int main(int argc, char** argv) {
   std::string json;
-  int reps = 3, layers = 32, graphs = 1, flash = 1, stream_gemm = 0, bulk_gemm = 0, profile = 0;
+  int reps = 3, layers = 32, graphs = 1, flash = 1, stream_gemm = 0, bulk_gemm = 0, pdl = 1, profile = 0;
   std::vector<int> Bs = {1, 4, 32}, Ps = {256, 512}, Ks = {-1, 2, 4, 6, 8};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
@@ -135,6 +137,7 @@ int main(int argc, char** argv) {
     else if (a == "--flash") flash = std::atoi(argv[i + 1]);
     else if (a == "--stream-gemm") stream_gemm = std::atoi(argv[i + 1]);
     else if (a == "--bulk-gemm") bulk_gemm = std::atoi(argv[i + 1]);
+    else if (a == "--pdl") pdl = std::atoi(argv[i + 1]);
     else if (a == "--profile") profile = std::atoi(argv[i + 1]);
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
@@ -161,9 +164,11 @@ int main(int argc, char** argv) {
         cuda::DeviceWeights<dtype::Bf16>::random(c, {.seed = 7, .scale = 1.0f, .prefix_registers = 1, .suffix_registers = 1}));
     const double wbytes = double(weights->bytes());
     std::printf("model: Llama-7B dims, %d layers, %.2f GB of bf16 weights; decode %s, attention %s, small GEMMs "
-                "%s\n", layers, wbytes / 1e9, graphs ? "replays CUDA graphs" : "launches kernel by kernel",
+                "%s, programmatic dependent launch %s\n", layers, wbytes / 1e9,
+                graphs ? "replays CUDA graphs" : "launches kernel by kernel",
                 flash ? "flash kernels (prefill; flash-decoding)" : "cuBLAS batched",
-                bulk_gemm ? "bulk_gemm (<= 32 rows)" : stream_gemm ? "stream_gemm (<= 8 rows)" : "cuBLAS");
+                bulk_gemm ? "bulk_gemm (<= 32 rows)" : stream_gemm ? "stream_gemm (<= 8 rows)" : "cuBLAS",
+                pdl ? "on" : "off");
 
     const int hd = c.head_dim(), qd = c.n_heads * hd, kvd = c.kv_dim();
     const double layer_params = double(c.dim) * (qd + 2 * kvd) + double(c.dim) * qd + 3.0 * c.dim * c.hidden_dim;
@@ -182,6 +187,7 @@ int main(int argc, char** argv) {
           st.use_flash_attention(flash != 0);
           st.use_stream_gemm(stream_gemm != 0);
           st.use_bulk_gemm(bulk_gemm != 0);
+          st.use_pdl(pdl != 0);
           std::vector<int> users(B), row_user(B * beam);
           std::vector<std::vector<int>> prompts(B);
           for (int u = 0; u < B; ++u) {
@@ -273,6 +279,7 @@ int main(int argc, char** argv) {
                             {"graphs", graphs != 0},
                             {"flash", flash != 0},
                             {"small_gemm", bulk_gemm ? "bulk_gemm" : stream_gemm ? "stream_gemm" : "cublas"},
+                            {"pdl", pdl != 0},
                             {"results", nlohmann::json::array()}};
       for (const Result& x : results)
         out["results"].push_back({{"B", x.B},

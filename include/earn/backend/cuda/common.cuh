@@ -188,6 +188,28 @@ inline int device_count() {
   return n;
 }
 
+/// kern<<<grid, block, smem, s>>>(args...); with pdl, as a programmatic dependent launch: the kernel may start
+/// while the previous kernel in the stream finishes, so it must call kernel::pdl_wait() before it reads or writes
+/// anything that kernel touches (kernels.cuh).
+template <class... P, class... A>
+void launch(bool pdl, void (*kern)(P...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t s, A&&... args) {
+  if (!pdl) {
+    kern<<<grid, block, smem, s>>>(std::forward<A>(args)...);
+    EARN_CUDA_CHECK_LAUNCH();
+    return;
+  }
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  EARN_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, std::forward<A>(args)...));
+}
 
 /// Opts kernel Fn into `bytes` of dynamic shared memory (above the default 48 KB) on the current device, once per
 /// device: the attribute belongs to the device's context, so a process that launches on several GPUs sets it on each.

@@ -32,6 +32,15 @@ struct Segment {
 
 namespace kernel {
 
+/// Programmatic dependent launch (sm_90): a kernel launched with the programmatic-serialization attribute may start
+/// while the kernel before it in the stream still runs; it waits here until that kernel has finished and its
+/// writes are visible. Launched the ordinary way, this returns at once.
+__device__ inline void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 constexpr int kThreads = 256;
 
 inline unsigned grid_for(long long n, int threads = kThreads) {
@@ -87,6 +96,7 @@ __global__ void gather_rows(const T* src, const int* idx, int rows, int dim, T* 
 template <class T>
 __global__ void rmsnorm(const float* x, const float* g, float eps, int dim, T* out) {
   __shared__ float red[32];
+  pdl_wait();
   const float* xr = x + static_cast<long long>(blockIdx.x) * dim;
   float ss = 0.0f;
   for (int i = threadIdx.x; i < dim; i += blockDim.x) ss += xr[i] * xr[i];
@@ -103,6 +113,7 @@ constexpr int kNormVec = 8;  // float4 per thread
 template <class T>
 __global__ void rmsnorm_vec4(const float* x, const float* g, float eps, int dim, T* out) {
   __shared__ float red[32];
+  pdl_wait();
   const int n4 = dim / 4;
   const float4* xr = reinterpret_cast<const float4*>(x + static_cast<long long>(blockIdx.x) * dim);
   float4 v[kNormVec];
@@ -213,6 +224,7 @@ __global__ void __launch_bounds__(128) qkv_post_row(const T* qkv, const float* b
                              const int* row_src, int gen_step, int max_new, int nh, int nkv, int hd, float theta,
                              int interleaved, T* q_out, T* k_out, T* v_out, int* kpos_out) {
   __shared__ float cs[128], sn[128];
+  pdl_wait();
   const int r = blockIdx.x, half = hd / 2, qd = nh * hd, kvd = nkv * hd, width = qd + 2 * kvd;
   const T* src = qkv + static_cast<long long>(r) * width;
   const long long slot = kv_slot(r, row_seg, segs, row_src, gen_step, max_new);
@@ -294,6 +306,7 @@ __global__ void swiglu(const T* gu, int rows, int H, T* a) {
 /// swiglu for 16-bit T with H % 8 == 0: 8 elements per thread through 16-byte loads and stores.
 template <class T>
 __global__ void swiglu_vec8(const T* gu, int rows, int H, T* a) {
+  pdl_wait();
   const int h8 = H / 8;
   const long long n = static_cast<long long>(rows) * h8;
   for (long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; t < n;
