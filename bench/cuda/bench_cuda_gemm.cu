@@ -4,8 +4,8 @@
 //    reach, beside the copy bandwidth the floors use.
 // 2. rows 2, 8, 20, 32 (EARN's register rows of 1 / 4 users, one user's 20 beams): cuda::stream_gemm
 //    (stream_gemm.cuh) in its default shape and cuda::bulk_gemm (bulk_gemm.cuh) in five shapes
-//    (BulkGemmConfig<m-tiles, warps per m-tile, k per stage, stages, min blocks>; the first is its default:
-//    the ring's depth in bytes, 128 KB, the same as the second's and half the third's) against cublasGemmEx's default,
+//    (BulkGemmConfig<m-tiles, warps per m-tile, k per stage, stages, min blocks>; the first is its default; the
+//    first three hold 128 KB of weights in their rings, the fourth 192 KB) against cublasGemmEx's default,
 //    per shape, same buffers, back to back; "s" = k splits.
 // 3. rows = 20, 80, 640: cublasGemmEx's default against every algorithm cublasLtMatmulAlgoGetHeuristic offers (up
 //    to 32, 32 MB workspace).

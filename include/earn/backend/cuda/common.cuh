@@ -188,6 +188,21 @@ inline int device_count() {
   return n;
 }
 
+/// kern<<<grid, block, smem, s>>>(args...) with one launch attribute (a cluster shape, programmatic serialization).
+template <class... P, class... A>
+void launch_with(const cudaLaunchAttribute& attr, void (*kern)(P...), dim3 grid, dim3 block, std::size_t smem,
+                 cudaStream_t s, A&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attrs[1] = {attr};
+  cfg.attrs = attrs;
+  cfg.numAttrs = 1;
+  EARN_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, std::forward<A>(args)...));
+}
+
 /// kern<<<grid, block, smem, s>>>(args...); with pdl, as a programmatic dependent launch: the kernel may start
 /// while the previous kernel in the stream finishes, so it must call kernel::pdl_wait() before it reads or writes
 /// anything that kernel touches (kernels.cuh).
@@ -198,17 +213,10 @@ void launch(bool pdl, void (*kern)(P...), dim3 grid, dim3 block, std::size_t sme
     EARN_CUDA_CHECK_LAUNCH();
     return;
   }
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  EARN_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, std::forward<A>(args)...));
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  launch_with(attr, kern, grid, block, smem, s, std::forward<A>(args)...);
 }
 
 /// Opts kernel Fn into `bytes` of dynamic shared memory (above the default 48 KB) on the current device, once per

@@ -119,13 +119,13 @@ class CudaState : public detail::RowBook {
   bool stream_gemm() const { return stream_gemm_on_; }
   /// bf16 / fp16 GEMMs of at most 32 rows (a user's 20 beams, late layers, small logits) through the tensor-map
   /// ring kernel (bulk_gemm.cuh) instead of cuBLAS (or stream_gemm); it takes precedence over use_stream_gemm.
-  /// Default off: alone it is level with cuBLAS (1.00-1.07x at 2-32 rows on an H200), in the engine 13 % slower
+  /// Default off: alone it is level with cuBLAS (0.96-1.07x at 2-32 rows on an H200, two calls), in the engine 13 % slower
   /// over B = 1 decode steps (bench/README.md); a switch for experiments.
   void use_bulk_gemm(bool on) { bulk_gemm_on_ = on; }
   bool bulk_gemm() const { return bulk_gemm_on_; }
   /// Launch the kernels that follow a GEMM in a layer (rmsnorm, the RoPE / KV-store step, swiglu) as programmatic
   /// dependent launches, so each starts while the GEMM before it drains (sm_90; the kernels wait for its results
-  /// before touching memory, so the logits are bit-identical either way). Default on: B = 1 1.5-2 % faster on an
+  /// before touching memory, so the logits are bit-identical either way). Default on: B = 1 1-2 % faster on an
   /// H200, B = 4 and 32 level within noise (bench/README.md). Off: every kernel waits for the previous one to end.
   void use_pdl(bool on) { pdl_on_ = on; }
   bool pdl() const { return pdl_on_; }

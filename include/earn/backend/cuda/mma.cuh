@@ -1,8 +1,8 @@
 // earn/backend/cuda/mma.cuh - the PTX pieces of the hand-written tensor-core kernels (flash_attention.cuh):
 // cp.async copies global -> shared, ldmatrix fragment loads, mma.sync m16n8k16 with fp32
 // accumulation for bf16 / fp16, and packing two floats into one 16-bit pair (sm_80 and later); cluster barrier and
-// distributed shared memory loads (sm_90, stream_gemm.cuh); mbarriers and bulk (TMA) copies global -> shared
-// (sm_90, bulk_gemm.cuh), tensor-map box copies.
+// distributed shared memory loads (sm_90, stream_gemm.cuh); mbarriers and tensor-map box copies global -> shared
+// (sm_90, bulk_gemm.cuh).
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16): lane = 4 gid + tig. A (16 x 16, row-major): a0 = (gid, 2 tig .. +1),
 // a1 = (gid + 8, same), a2 = (gid, 2 tig + 8 .. +9), a3 = (gid + 8, same). B (16 x 8, "col"): b0 = (k = 2 tig .. +1,
@@ -114,15 +114,6 @@ __device__ inline void mbar_wait(std::uint64_t* bar, unsigned parity) {
       "r"(parity)
       : "memory");
 }
-// `bytes` (a multiple of 16; both addresses 16-byte aligned) global -> shared by the tensor memory accelerator;
-// completion is counted on `bar`.
-__device__ inline void bulk_copy_g2s(void* dst, const void* src, unsigned bytes, std::uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                   smem_addr(dst)),
-               "l"(src), "r"(bytes), "r"(smem_addr(bar))
-               : "memory");
-}
-
 // One box of a 2-D tensor map (cuTensorMapEncodeTiled) at coordinates (c0 inner, c1 outer) -> shared memory by
 // the tensor memory accelerator; elements outside the tensor arrive as zeros; completion is counted on `bar`.
 __device__ inline void tma_load_2d(void* dst, const void* tmap, int c0, int c1, std::uint64_t* bar) {

@@ -72,23 +72,15 @@ template <class... P, class... A>
 void launch_split_k(void (*kern)(P...), int row_blocks, int splits, int threads, std::size_t smem, cudaStream_t s,
                     A&&... args) {
   if (splits == 1) {
-    kern<<<row_blocks, threads, smem, s>>>(std::forward<A>(args)...);
-    EARN_CUDA_CHECK_LAUNCH();
+    launch(false, kern, row_blocks, threads, smem, s, std::forward<A>(args)...);
     return;
   }
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(row_blocks, splits);
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = splits;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  EARN_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, std::forward<A>(args)...));
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = 1;
+  attr.val.clusterDim.y = splits;
+  attr.val.clusterDim.z = 1;
+  launch_with(attr, kern, dim3(row_blocks, splits), threads, smem, s, std::forward<A>(args)...);
 }
 
 }  // namespace detail
