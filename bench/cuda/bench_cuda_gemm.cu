@@ -2,23 +2,26 @@
 // y [rows, out] = x [rows, in] w^T in bf16 (fp32 accumulation).
 // 1. The card's read bandwidth (a kernel that only reads 2 GiB with 16-byte loads): the rate a weight stream can
 //    reach, beside the copy bandwidth the floors use.
-// 2. rows 2, 8, 20, 32 (EARN's register rows of 1 / 4 users, one user's 20 beams): cuda::stream_gemm
+// 2. Access-pattern probes over w13's weights (read only, no arithmetic; see probe_frag / probe_rows).
+// 3. The five shapes as one chain (4 layers' worth) at 2-32 rows: cuBLAS, bulk_gemm, bulk_gemm as programmatic
+//    dependent launches.
+// 4. rows 2, 8, 20, 32 (EARN's register rows of 1 / 4 users, one user's 20 beams): cuda::stream_gemm
 //    (stream_gemm.cuh) in its default shape and cuda::bulk_gemm (bulk_gemm.cuh) in five shapes
 //    (BulkGemmConfig<m-tiles, warps per m-tile, k per stage, stages, min blocks>; the first is its default; the
 //    first three hold 128 KB of weights in their rings, the fourth 192 KB) against cublasGemmEx's default,
 //    per shape, same buffers, back to back; "s" = k splits.
-// 3. rows = 20, 80, 640: cublasGemmEx's default against every algorithm cublasLtMatmulAlgoGetHeuristic offers (up
-//    to 32, 32 MB workspace).
+// 5. rows 20, 80, 640: cublasGemmEx's default against up to 16 cuBLASLt heuristic algorithms per shape, each timed
+//    over 4 weight copies in turn (as Engine::tune_gemms chooses), then the chain with the defaults and the choices.
+// --variants runs 3 and 4, --lt-chain 5 only, --profile the default stream_gemm for ncu.
 // Every time is the median of 20 calls timed with CUDA events after 3 warm-ups. Without a CUDA device it prints
 // "skipped: no CUDA device" and exits 0.
-#include <cublasLt.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#include "earn/backend/cuda/blas.cuh"
 #include "earn/backend/cuda/bulk_gemm.cuh"
 #include "earn/backend/cuda/stream_gemm.cuh"
 #include "earn/cuda.cuh"
@@ -51,7 +54,6 @@ float median_ms(cudaStream_t s, F&& f) {
   return ms[ms.size() / 2];
 }
 
-#define LT_CHECK(x) EARN_CUDA_CHECK(x)
 
 __global__ void read_only(const uint4* __restrict__ p, long long n, unsigned* sink) {
   unsigned acc = 0;
@@ -230,6 +232,129 @@ void stream_vs_cublas(cublasHandle_t h, cudaStream_t s) {
   }
 }
 
+// The five decode shapes as one chain, 4 times over (as 4 layers' GEMMs, each weight evicted from L2 by the
+// others before it comes again), timed as one unit: cuBLAS; bulk_gemm; bulk_gemm launched as programmatic
+// dependents (each product asks for its first weights while the one before it drains). Per row count, same buffers.
+void chains(cublasHandle_t h, cudaStream_t s) {
+  const int sms = cuda::sm_count();
+  constexpr int kShapesN = sizeof(kShapes) / sizeof(kShapes[0]);
+  std::vector<cuda::DeviceBuffer<T>> w(kShapesN);
+  for (int i = 0; i < kShapesN; ++i) {
+    const Shape& sh = kShapes[i];
+    w[i] = cuda::DeviceBuffer<T>(std::size_t(sh.out) * sh.in);
+    cuda::kernel::fill_uniform<T><<<1024, 256, 0, s>>>(w[i].data(), static_cast<long long>(w[i].size()), 2 + i, -0.02f, 0.02f);
+    EARN_CUDA_CHECK_LAUNCH();
+  }
+  cuda::DeviceBuffer<T> x(std::size_t(32) * 11008), y16(std::size_t(32) * 33024);
+  cuda::DeviceBuffer<float> y32(std::size_t(32) * 33024);
+  cuda::kernel::fill_uniform<T><<<1024, 256, 0, s>>>(x.data(), static_cast<long long>(x.size()), 1, -1.0f, 1.0f);
+  EARN_CUDA_CHECK_LAUNCH();
+  EARN_CUDA_CHECK(cudaMemsetAsync(y32.data(), 0, y32.size() * sizeof(float), s));
+  const char* names[3] = {"cuBLAS", "bulk", "bulk + pdl"};
+  for (int rows : {2, 8, 20, 32}) {
+    cuda::BulkGemmPlan plans[kShapesN];
+    double bytes = 0;
+    for (int i = 0; i < kShapesN; ++i) {
+      const Shape& sh = kShapes[i];
+      plans[i] = sh.fp32_out ? cuda::bulk_gemm_plan<T, float>(rows, sh.in, sh.out, sms)
+                             : cuda::bulk_gemm_plan<T, T>(rows, sh.in, sh.out, sms);
+      bytes += 4 * gemm_bytes(sh, rows);
+    }
+    auto chain = [&](int mode) {
+      for (int rep = 0; rep < 4; ++rep)
+        for (int i = 0; i < kShapesN; ++i) {
+          const Shape& sh = kShapes[i];
+          const float beta = sh.fp32_out ? 1.0f : 0.0f;
+          const bool pdl = mode == 2;
+          if (mode == 0) {
+            if (sh.fp32_out) cuda::linear<T, float>(h, x.data(), w[i].data(), y32.data(), rows, sh.in, sh.out, 1.0f);
+            else cuda::linear<T, T>(h, x.data(), w[i].data(), y16.data(), rows, sh.in, sh.out);
+          } else if (sh.fp32_out) {
+            cuda::bulk_gemm<T, float>(s, plans[i], x.data(), w[i].data(), y32.data(), rows, sh.in, sh.out, beta, pdl);
+          } else {
+            cuda::bulk_gemm<T, T>(s, plans[i], x.data(), w[i].data(), y16.data(), rows, sh.in, sh.out, beta, pdl);
+          }
+        }
+    };
+    float t[3];
+    for (int m = 0; m < 3; ++m) t[m] = median_ms(s, [&] { chain(m); });
+    std::printf("chain rows %2d (5 shapes x 4, %.0f MB):", rows, bytes / 1e6);
+    for (int m = 0; m < 3; ++m)
+      std::printf(" | %s %.1f us %.2f TB/s %.2fx", names[m], t[m] * 1e3, bytes / (t[m] * 1e-3) / 1e12, t[0] / t[m]);
+    std::printf("\n");
+  }
+}
+
+// cublasGemmEx's default against cuBLASLt algorithms chosen per shape the way an engine could choose them: each of
+// up to 16 heuristic candidates (and the default) timed over 4 copies of the weights in turn (so none stays in L2),
+// the fastest kept; then the five shapes x 4 copies as one chain with the defaults and with the choices. Rows 20,
+// 80, 640 (1, 4, 32 users' beams); fp32 outputs add into y (beta = 1) as the engine's residual GEMMs do.
+void lt_chain(cublasHandle_t h, cudaStream_t s) {
+  constexpr int kShapesN = sizeof(kShapes) / sizeof(kShapes[0]), kCopies = 4;
+  cuda::LtHandle lt;
+  const std::size_t ws_bytes = std::size_t(32) << 20;
+  cuda::DeviceBuffer<char> ws(ws_bytes);
+  EARN_CUDA_CHECK(cublasSetWorkspace(h, ws.data(), ws_bytes));
+  std::vector<cuda::DeviceBuffer<T>> w(kShapesN * kCopies);
+  for (int i = 0; i < kShapesN * kCopies; ++i) {
+    const Shape& sh = kShapes[i / kCopies];
+    w[i] = cuda::DeviceBuffer<T>(std::size_t(sh.out) * sh.in);
+    cuda::kernel::fill_uniform<T><<<1024, 256, 0, s>>>(w[i].data(), static_cast<long long>(w[i].size()), 10 + i, -0.02f, 0.02f);
+    EARN_CUDA_CHECK_LAUNCH();
+  }
+  for (int rows : {20, 80, 640}) {
+    cuda::DeviceBuffer<T> x(std::size_t(rows) * 11008), y16(std::size_t(rows) * 33024);
+    cuda::DeviceBuffer<float> y32(std::size_t(rows) * 33024);
+    cuda::kernel::fill_uniform<T><<<1024, 256, 0, s>>>(x.data(), static_cast<long long>(x.size()), 1, -1.0f, 1.0f);
+    EARN_CUDA_CHECK_LAUNCH();
+    EARN_CUDA_CHECK(cudaMemsetAsync(y32.data(), 0, y32.size() * sizeof(float), s));
+    std::vector<cuda::LtProduct> products;
+    std::vector<cuda::LtAlgo> chosen(kShapesN);
+    std::vector<bool> use_lt(kShapesN, false);
+    double bytes = 0;
+    // Shape si on weight copy `copy`: cublasGemmEx's default (algo null) or the cuBLASLt algorithm.
+    auto call = [&](int si, int copy, const cuda::LtAlgo* algo) {
+      const Shape& sh = kShapes[si];
+      const T* wp = w[si * kCopies + copy].data();
+      if (algo != nullptr)
+        products[si].run(lt.get(), *algo, x.data(), wp, sh.fp32_out ? static_cast<void*>(y32.data()) : y16.data(),
+                         sh.fp32_out ? 1.0f : 0.0f, ws.data(), ws_bytes, s);
+      else if (sh.fp32_out) cuda::linear<T, float>(h, x.data(), wp, y32.data(), rows, sh.in, sh.out, 1.0f);
+      else cuda::linear<T, T>(h, x.data(), wp, y16.data(), rows, sh.in, sh.out);
+    };
+    for (int si = 0; si < kShapesN; ++si) {
+      const Shape& sh = kShapes[si];
+      bytes += kCopies * gemm_bytes(sh, rows);
+      products.push_back(sh.fp32_out ? cuda::LtProduct::make<T, float>(rows, sh.in, sh.out)
+                                     : cuda::LtProduct::make<T, T>(rows, sh.in, sh.out));
+      const auto algos = products[si].candidates(lt.get(), ws_bytes, 16);
+      float best = median_ms(s, [&] {
+        for (int k = 0; k < kCopies; ++k) call(si, k, nullptr);
+      });
+      const float def = best;
+      for (const cuda::LtAlgo& a : algos) {
+        const float t = median_ms(s, [&] {
+          for (int k = 0; k < kCopies; ++k) call(si, k, &a);
+        });
+        if (t < best) best = t, use_lt[si] = true, chosen[si] = a;
+      }
+      std::printf("lt rows %3d %-5s default %7.1f us, chosen %7.1f us (%.3fx, %s of %zu candidates)\n", rows, sh.name,
+                  def * 1e3 / kCopies, best * 1e3 / kCopies, def / best, use_lt[si] ? "a cuBLASLt algorithm" : "the default",
+                  algos.size());
+    }
+    auto chain = [&](bool tuned) {
+      for (int k = 0; k < kCopies; ++k)
+        for (int si = 0; si < kShapesN; ++si) call(si, k, tuned && use_lt[si] ? &chosen[si] : nullptr);
+    };
+    const float t0 = median_ms(s, [&] { chain(false); }), t1 = median_ms(s, [&] { chain(true); });
+    const float t2 = median_ms(s, [&] { chain(false); }), t3 = median_ms(s, [&] { chain(true); });
+    std::printf("lt chain rows %3d (5 shapes x %d, %.0f MB): default %.1f / %.1f us, chosen %.1f / %.1f us (%.3fx, "
+                "%.2f -> %.2f TB/s)\n",
+                rows, kCopies, bytes / 1e6, t0 * 1e3, t2 * 1e3, t1 * 1e3, t3 * 1e3, (t0 + t2) / (t1 + t3),
+                bytes / (0.5e-3 * (t0 + t2)) / 1e12, bytes / (0.5e-3 * (t1 + t3)) / 1e12);
+  }
+}
+
 }  // namespace
 
 // --profile: only the default stream_gemm at 20 rows, each of the five shapes 5 times (for ncu).
@@ -265,73 +390,18 @@ int main(int argc, char** argv) {
   cuda::BlasHandle h;
   cuda::Stream s;
   EARN_CUDA_CHECK(cublasSetStream(h.get(), s.get()));
+  if (argc > 1 && std::string(argv[1]) == "--lt-chain") {
+    lt_chain(h.get(), s.get());
+    return 0;
+  }
   const bool only_variants = argc > 1 && std::string(argv[1]) == "--variants";
   if (!only_variants) {
     read_bandwidth(s.get());
     probes(s.get());
   }
+  chains(h.get(), s.get());
   stream_vs_cublas(h.get(), s.get());
   if (only_variants) return 0;
-  cublasLtHandle_t lt;
-  LT_CHECK(cublasLtCreate(&lt));
-  const std::size_t ws_bytes = std::size_t(32) << 20;
-  cuda::DeviceBuffer<char> ws(ws_bytes);
-  for (int rows : {20, 80, 640}) {
-    double def_total = 0, best_total = 0, bytes_total = 0;
-    for (const Shape& sh : kShapes) {
-      cuda::DeviceBuffer<T> x(std::size_t(rows) * sh.in), w(std::size_t(sh.out) * sh.in), y16(std::size_t(rows) * sh.out);
-      cuda::DeviceBuffer<float> y32(std::size_t(rows) * sh.out);
-      cuda::kernel::fill_uniform<T><<<1024, 256>>>(x.data(), static_cast<long long>(x.size()), 1, -1.0f, 1.0f);
-      cuda::kernel::fill_uniform<T><<<1024, 256>>>(w.data(), static_cast<long long>(w.size()), 2, -0.02f, 0.02f);
-      EARN_CUDA_CHECK_LAUNCH();
-      const float def = median_ms(s.get(), [&] {
-        if (sh.fp32_out) cuda::linear<T, float>(h.get(), x.data(), w.data(), y32.data(), rows, sh.in, sh.out);
-        else cuda::linear<T, T>(h.get(), x.data(), w.data(), y16.data(), rows, sh.in, sh.out);
-      });
-      cublasLtMatmulDesc_t op;
-      LT_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-      const cublasOperation_t tA = CUBLAS_OP_T, tB = CUBLAS_OP_N;
-      LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &tA, sizeof(tA)));
-      LT_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tB, sizeof(tB)));
-      const cudaDataType_t yt = sh.fp32_out ? CUDA_R_32F : CUDA_R_16BF;
-      cublasLtMatrixLayout_t A, B, C;
-      LT_CHECK(cublasLtMatrixLayoutCreate(&A, CUDA_R_16BF, sh.in, sh.out, sh.in));
-      LT_CHECK(cublasLtMatrixLayoutCreate(&B, CUDA_R_16BF, sh.in, rows, sh.in));
-      LT_CHECK(cublasLtMatrixLayoutCreate(&C, yt, sh.out, rows, sh.out));
-      cublasLtMatmulPreference_t pref;
-      LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-      LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
-                                                    sizeof(ws_bytes)));
-      cublasLtMatmulHeuristicResult_t res[32];
-      int n = 0;
-      LT_CHECK(cublasLtMatmulAlgoGetHeuristic(lt, op, A, B, C, C, pref, 32, res, &n));
-      float best = 1e30f;
-      int best_i = -1;
-      const float alpha = 1.0f, beta = 0.0f;
-      void* y = sh.fp32_out ? static_cast<void*>(y32.data()) : static_cast<void*>(y16.data());
-      for (int i = 0; i < n; ++i) {
-        if (res[i].state != CUBLAS_STATUS_SUCCESS) continue;
-        const float t = median_ms(s.get(), [&] {
-          LT_CHECK(cublasLtMatmul(lt, op, &alpha, w.data(), A, x.data(), B, &beta, y, C, y, C, &res[i].algo, ws.data(),
-                                  ws_bytes, s.get()));
-        });
-        if (t < best) best = t, best_i = i;
-      }
-      const double bytes = gemm_bytes(sh, rows);
-      std::printf("rows %4d %-5s default %7.1f us (%.2f TB/s)  best of %2d Lt algos %7.1f us (%.2f TB/s, #%d)\n", rows,
-                  sh.name, def * 1e3, bytes / (def * 1e-3) / 1e12, n, best * 1e3, bytes / (best * 1e-3) / 1e12, best_i);
-      def_total += def;
-      best_total += std::min(best, def);
-      bytes_total += bytes;
-      cublasLtMatmulPreferenceDestroy(pref);
-      cublasLtMatrixLayoutDestroy(A);
-      cublasLtMatrixLayoutDestroy(B);
-      cublasLtMatrixLayoutDestroy(C);
-      cublasLtMatmulDescDestroy(op);
-    }
-    std::printf("rows %4d all five: default %.1f us, best %.1f us (%.2fx)\n", rows, def_total * 1e3, best_total * 1e3,
-                def_total / best_total);
-  }
-  cublasLtDestroy(lt);
+  lt_chain(h.get(), s.get());
   return 0;
 }

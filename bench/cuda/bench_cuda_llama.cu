@@ -5,11 +5,15 @@
 // card in the same run. Timed with CUDA events on the state's stream (host planning included), median of reps.
 //
 //   bench_cuda_llama [--json out.json] [--reps 3] [--layers 32] [--users 1,4,32] [--prompts 256,512]
-//                    [--ks -1,2,4,6,8] [--graphs 1] [--flash 1] [--stream-gemm 0] [--bulk-gemm 0] [--pdl 1] [--profile 0]
+//                    [--ks -1,2,4,6,8] [--graphs 1] [--flash 1] [--stream-gemm 0] [--bulk-gemm 0] [--pdl 1] [--tune 1]
+//                    [--profile 0]
 // --ks: schedules (-1 dense); --graphs 0: decode steps launch kernel by kernel instead of replaying CUDA graphs;
 // --flash 0: attention (prefill and decode) through the cuBLAS path instead of the tensor-core flash kernels;
 // --stream-gemm 1: GEMMs of <= 8 rows through the weight-streaming kernel (stream_gemm.cuh) instead of cuBLAS;
 // --bulk-gemm 1: GEMMs of <= 32 rows through the tensor-map ring kernel (bulk_gemm.cuh);
+// --tune 1 (default; 0: cublasGemmEx's default algorithm everywhere): Engine::tune_gemms for the decode rows
+//   (B x 20), the late layers' register rows (B x 2) and the prefill logits rows (B) before the first prefill (not
+//   timed; the tuning time is printed);
 // --pdl 0: the kernels after a layer's GEMMs as ordinary launches instead of programmatic dependent ones
 //   (State::use_pdl, on by default);
 // --profile 1 (2): only the last repetition's decode steps (prefill) run between cudaProfilerStart/Stop, for
@@ -123,7 +127,7 @@ struct Result {
 
 int main(int argc, char** argv) {
   std::string json;
-  int reps = 3, layers = 32, graphs = 1, flash = 1, stream_gemm = 0, bulk_gemm = 0, pdl = 1, profile = 0;
+  int reps = 3, layers = 32, graphs = 1, flash = 1, stream_gemm = 0, bulk_gemm = 0, pdl = 1, tune = 1, profile = 0;
   std::vector<int> Bs = {1, 4, 32}, Ps = {256, 512}, Ks = {-1, 2, 4, 6, 8};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
@@ -137,6 +141,7 @@ int main(int argc, char** argv) {
     else if (a == "--flash") flash = std::atoi(argv[i + 1]);
     else if (a == "--stream-gemm") stream_gemm = std::atoi(argv[i + 1]);
     else if (a == "--bulk-gemm") bulk_gemm = std::atoi(argv[i + 1]);
+    else if (a == "--tune") tune = std::atoi(argv[i + 1]);
     else if (a == "--pdl") pdl = std::atoi(argv[i + 1]);
     else if (a == "--profile") profile = std::atoi(argv[i + 1]);
     else {
@@ -188,6 +193,14 @@ int main(int argc, char** argv) {
           st.use_stream_gemm(stream_gemm != 0);
           st.use_bulk_gemm(bulk_gemm != 0);
           st.use_pdl(pdl != 0);
+          if (tune) {
+            const auto t0 = std::chrono::steady_clock::now();
+            const std::vector<int> rows = {B * beam, B * r, B};
+            int lt = 0;
+            for (const auto& t : engine.tune_gemms(st, rows)) lt += t.lt;
+            std::printf("  tune_gemms(%d, %d, %d rows): %d of 15 products on a cuBLASLt algorithm, %.0f ms\n", B * beam,
+                        B * r, B, lt, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+          }
           std::vector<int> users(B), row_user(B * beam);
           std::vector<std::vector<int>> prompts(B);
           for (int u = 0; u < B; ++u) {
@@ -280,6 +293,7 @@ int main(int argc, char** argv) {
                             {"flash", flash != 0},
                             {"small_gemm", bulk_gemm ? "bulk_gemm" : stream_gemm ? "stream_gemm" : "cublas"},
                             {"pdl", pdl != 0},
+                            {"tuned_gemms", tune != 0},
                             {"results", nlohmann::json::array()}};
       for (const Result& x : results)
         out["results"].push_back({{"B", x.B},

@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -223,17 +224,17 @@ TEST_CASE_TEMPLATE("bf16 / fp16: the flash kernels + stream_gemm or bulk_gemm an
   round_to<D>(w);
   for (int k : {1, c.n_layers}) {
     for (int mode : {0, 1, 2}) {  // flash + stream_gemm, flash + bulk_gemm, cuBLAS only
-      const bool flash = mode < 2;
+      const bool flash = mode < 2, bulk = mode == 1;
       CAPTURE(k);
       CAPTURE(mode);
       EnginePair<D> e(w, k, {.max_users = 3, .max_rows = 6, .max_prompt = 120, .max_new_tokens = 3});
       auto& [cpu, gpu, cs, gs] = e;
       gs.use_flash_attention(flash);
       gs.use_stream_gemm(mode == 0);
-      gs.use_bulk_gemm(mode == 1);
+      gs.use_bulk_gemm(bulk);
       CHECK(gs.flash_attention() == flash);
       CHECK(gs.stream_gemm() == (mode == 0));
-      CHECK(gs.bulk_gemm() == (mode == 1));
+      CHECK(gs.bulk_gemm() == bulk);
       const std::vector<int> users = {1, 0, 2};
       const std::vector<std::vector<int>> prompts = {random_tokens(120, c.vocab_size, 31 + k),
                                                      random_tokens(63, c.vocab_size, 32 + k),
@@ -303,32 +304,125 @@ TEST_CASE("CUDA engine: dense equals the CPU; EarnScheduleK<2> equals EarnSchedu
 }
 
 TEST_CASE("CUDA engine: programmatic dependent launches give bf16 logits bit-identical to ordinary launches") {
+  // With cuBLAS GEMMs (earn's kernels after them wait for them) and with bulk_gemm (which also starts early
+  // itself, asking for its weights before the kernel before it ends).
   const ModelConfig c = small_config(RopeStyle::kRotateHalf, false, 1);
   ModelWeights w = random_weights(c, {.seed = 77, .prefix_registers = 1, .suffix_registers = 1});
   round_to<dtype::Bf16>(w);
-  Engine<EarnSchedule, CudaBf16> gpu(w, EarnSchedule{1});
   Engine<EarnSchedule> cpu(w, EarnSchedule{1});
   const StateOptions o{.max_users = 2, .max_rows = 6, .max_prompt = 40, .max_new_tokens = 3};
-  auto on = gpu.make_state(o), off = gpu.make_state(o);
-  auto cs = cpu.make_state(o);
-  off.use_pdl(false);  // on is the default
-  on.enable_poison();
-  CHECK(on.pdl());
-  CHECK_FALSE(off.pdl());
+  for (const bool bulk : {false, true}) {
+    CAPTURE(bulk);
+    Engine<EarnSchedule, CudaBf16> gpu(w, EarnSchedule{1});
+    auto on = gpu.make_state(o), off = gpu.make_state(o);
+    auto cs = cpu.make_state(o);
+    off.use_pdl(false);  // on is the default
+    on.enable_poison();
+    on.use_bulk_gemm(bulk);
+    off.use_bulk_gemm(bulk);
+    CHECK(on.pdl());
+    CHECK_FALSE(off.pdl());
+    const std::vector<int> users = {0, 1};
+    const std::vector<std::vector<int>> prompts = {random_tokens(40, c.vocab_size, 5), random_tokens(17, c.vocab_size, 6)};
+    const Matrix a = gpu.prefill_batch(on, users, prompts), b = gpu.prefill_batch(off, users, prompts);
+    CHECK((a - b).cwiseAbs().maxCoeff() == 0.0f);
+    for (int i = 0; i < 2; ++i)
+      check_close<dtype::Bf16>(Matrix(a.row(i)), Matrix(cpu.prefill(cs, users[i], prompts[i]).transpose()), "prefill");
+    const int row_user[6] = {0, 0, 1, 1, 1, 0};
+    on.set_rows(row_user);
+    off.set_rows(row_user);
+    cs.set_rows(row_user);
+    for (const std::vector<int>& toks : {std::vector<int>{1, 2, 3, 4, 5, 6}, std::vector<int>{7, 8, 9, 10, 11, 12}}) {
+      const Matrix x = gpu.decode(on, toks), y = gpu.decode(off, toks);
+      CHECK((x - y).cwiseAbs().maxCoeff() == 0.0f);  // decode steps replay graphs captured with the PDL edges
+      check_close<dtype::Bf16>(x, cpu.decode(cs, toks), "decode");
+    }
+  }
+}
+
+TEST_CASE("CUDA engine: GEMMs given cuBLASLt algorithms by tune_gemms equal the CPU engine") {
+  // Every product the forward pass runs (decode 6 rows, late layers 2 users x 2 registers, 2 logits rows) forced
+  // onto a cuBLASLt algorithm (prefer_lt), then prefill and decode steps against the CPU engine.
+  using D = dtype::Bf16;
+  const ModelConfig c = small_config(RopeStyle::kRotateHalf, false, 1);
+  ModelWeights w = random_weights(c, {.seed = 91, .prefix_registers = 1, .suffix_registers = 1});
+  round_to<D>(w);
+  EnginePair<D> e(w, 1, {.max_users = 2, .max_rows = 6, .max_prompt = 40, .max_new_tokens = 3});
+  auto& [cpu, gpu, cs, gs] = e;
+  CHECK_THROWS_AS(gpu.tune_gemms(gs, std::vector<int>{0}), ConfigError);
+  CHECK_THROWS_AS(gpu.tune_gemms(gs, std::vector<int>{6}, {.candidates = 0}), ConfigError);
+  const auto report = gpu.tune_gemms(gs, std::vector<int>{6, 4, 2}, {.candidates = 4, .copies = 2, .prefer_lt = true});
+  REQUIRE(report.size() == 15);
+  for (const auto& t : report) {
+    CAPTURE(t.gemm);
+    CAPTURE(t.rows);
+    CHECK(t.candidates > 0);
+    CHECK(t.lt);
+    CHECK(t.default_us > 0.0f);
+    CHECK(t.chosen_us > 0.0f);
+  }
+  CHECK(gs.tuned_gemms() == 15);
+  Worst worst{"tuned cuBLASLt GEMMs"};
   const std::vector<int> users = {0, 1};
-  const std::vector<std::vector<int>> prompts = {random_tokens(40, c.vocab_size, 5), random_tokens(17, c.vocab_size, 6)};
-  const Matrix a = gpu.prefill_batch(on, users, prompts), b = gpu.prefill_batch(off, users, prompts);
-  CHECK((a - b).cwiseAbs().maxCoeff() == 0.0f);
+  const std::vector<std::vector<int>> prompts = {random_tokens(40, c.vocab_size, 15), random_tokens(23, c.vocab_size, 16)};
+  const Matrix got = gpu.prefill_batch(gs, users, prompts);
   for (int i = 0; i < 2; ++i)
-    check_close<dtype::Bf16>(Matrix(a.row(i)), Matrix(cpu.prefill(cs, users[i], prompts[i]).transpose()), "prefill");
-  const int row_user[6] = {0, 0, 1, 1, 1, 0};
-  on.set_rows(row_user);
-  off.set_rows(row_user);
+    worst(check_close<D>(Matrix(got.row(i)), Matrix(cpu.prefill(cs, users[i], prompts[i]).transpose()), "prefill"));
+  const int row_user[6] = {0, 1, 1, 0, 0, 1};
+  gs.set_rows(row_user);
   cs.set_rows(row_user);
-  for (const std::vector<int>& toks : {std::vector<int>{1, 2, 3, 4, 5, 6}, std::vector<int>{7, 8, 9, 10, 11, 12}}) {
-    const Matrix x = gpu.decode(on, toks), y = gpu.decode(off, toks);
-    CHECK((x - y).cwiseAbs().maxCoeff() == 0.0f);  // decode steps replay graphs captured with the PDL edges
-    check_close<dtype::Bf16>(x, cpu.decode(cs, toks), "decode");
+  for (const std::vector<int>& toks : {std::vector<int>{1, 2, 3, 4, 5, 6}, std::vector<int>{7, 8, 9, 10, 11, 12}})
+    worst(check_close<D>(gpu.decode(gs, toks), cpu.decode(cs, toks), "decode"));
+  gs.clear_tuned_gemms();
+  CHECK(gs.tuned_gemms() == 0);
+}
+
+TEST_CASE("reorder_generated moves every layer's generated K and V rows as a naive permutation, in any grouping") {
+  // 3 layers (6 buffers) of 5 rows x 3 steps (2 generated so far), kv_dim 12 (bf16: whole 16-byte pieces, the
+  // uint4 path) and 6 (the element path); scratch budgets that give groups of 1, 4 and all 6 buffers.
+  using T = __nv_bfloat16;
+  const int rows = 5, max_new = 3, gen_len = 2;
+  const std::vector<int> parent = {3, 3, 0, 4, 1};
+  for (const int kvd : {12, 6}) {
+    for (const std::size_t groups_of : {1, 4, 6}) {
+      CAPTURE(kvd);
+      CAPTURE(groups_of);
+      std::vector<kv::Store<CudaBf16>> layers;
+      for (int l = 0; l < 3; ++l) layers.emplace_back(1, 1, rows, max_new, kvd);
+      const std::size_t n = std::size_t(rows) * max_new * kvd;
+      // buffer b = 2 l + (0 K, 1 V): element e holds the bit pattern b * n + e (every element distinct)
+      std::vector<std::vector<std::uint16_t>> before;
+      for (int b = 0; b < 6; ++b) {
+        std::vector<std::uint16_t> v(n);
+        for (std::size_t e = 0; e < n; ++e) v[e] = static_cast<std::uint16_t>(b * n + e);
+        T* dst = b % 2 == 0 ? layers[b / 2].gen_k() : layers[b / 2].gen_v();
+        EARN_CUDA_CHECK(cudaMemcpy(dst, v.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+        before.push_back(std::move(v));
+      }
+      earn::cuda::DeviceBuffer<int> dparent(parent.size());
+      EARN_CUDA_CHECK(cudaMemcpy(dparent.data(), parent.data(), parent.size() * sizeof(int), cudaMemcpyHostToDevice));
+      earn::cuda::DeviceBuffer<void*> ptrs;
+      earn::cuda::DeviceBuffer<T> scratch;
+      kv::reorder_generated(layers, dparent.data(), rows, gen_len, ptrs, scratch, nullptr,
+                            groups_of * rows * gen_len * kvd * sizeof(T));
+      EARN_CUDA_CHECK(cudaDeviceSynchronize());
+      int wrong = 0;
+      for (int b = 0; b < 6; ++b) {
+        std::vector<std::uint16_t> got(n);
+        const T* src = b % 2 == 0 ? layers[b / 2].gen_k() : layers[b / 2].gen_v();
+        EARN_CUDA_CHECK(cudaMemcpy(got.data(), src, n * sizeof(T), cudaMemcpyDeviceToHost));
+        for (int i = 0; i < rows; ++i)
+          for (int g = 0; g < max_new; ++g)
+            for (int d = 0; d < kvd; ++d) {
+              // steps < gen_len come from the parent row; the step not generated yet stays as it was
+              const int from = g < gen_len ? parent[i] : i;
+              const std::size_t at = (std::size_t(i) * max_new + g) * kvd + d;
+              const std::size_t want = (std::size_t(from) * max_new + g) * kvd + d;
+              wrong += got[at] != before[b][want];
+            }
+      }
+      CHECK(wrong == 0);
+    }
   }
 }
 

@@ -2,7 +2,8 @@
 // = x [rows, in] w^T + beta y, random bf16 / fp16 operands, 16-bit and fp32 outputs, every row count of an n-tile
 // boundary (1 .. 32), shapes whose rows and k ranges end inside a block, one k split and up to 8 (the cluster's
 // reduction over its blocks' shared memory; bulk_gemm: k ranges ending inside a stage, rows ending inside a block), beta = 0 over a NaN-poisoned output (an element not written, or read when it should not be, fails)
-// and beta = 1 (the residual add). Bound per element: |got - want| <= 1e-5 sum_k |x w| (fp32 accumulation) plus
+// and beta = 1 (the residual add). bulk_gemm also as the programmatic dependent of a kernel that writes its x and y
+// late (its wait for them is tested). Bound per element: |got - want| <= 1e-5 sum_k |x w| (fp32 accumulation) plus
 // the output's own rounding of the fp32 sum (2^-8 of it for bf16, 2^-11 for fp16); NaN never passes.
 #include <doctest/doctest.h>
 
@@ -38,7 +39,21 @@ struct Case {
   int rows, in, out, splits;  // splits 0: the device's plan
   float beta;
 };
-enum class Kernel { kStream, kBulk };
+enum class Kernel { kStream, kBulk, kBulkPdl };
+
+// Copies x and y into place after spinning ~50 us, and lets the kernel after it start at once (a programmatic
+// dependent launch): a product that read x or y before this kernel ended would see the NaN they held before.
+template <class T, class TY>
+__global__ void late_copy(const T* xs, T* x, long long nx, const TY* ys, TY* y, long long ny) {
+  cuda::kernel::pdl_trigger();
+  for (const long long t0 = clock64(); clock64() - t0 < 100000;) {
+  }
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < nx + ny;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    if (i < nx) x[i] = xs[i];
+    else y[i - nx] = ys[i - nx];
+  }
+}
 
 // Runs one product, checks every element; returns the worst error over its bound (<= 1 passes).
 template <class T, class TY, Kernel K = Kernel::kStream>
@@ -64,7 +79,22 @@ double check(const Case& c, unsigned seed) {
     if (c.splits > 0) REQUIRE(plan.splits == c.splits);
     splits = plan.splits;
     REQUIRE(cuda::bulk_gemm_supported(dx.data(), dw.data(), c.rows, c.in));
-    cuda::bulk_gemm<T, TY>(nullptr, plan, dx.data(), dw.data(), dy.data(), c.rows, c.in, c.out, c.beta);
+    if constexpr (K == Kernel::kBulk) {
+      cuda::bulk_gemm<T, TY>(nullptr, plan, dx.data(), dw.data(), dy.data(), c.rows, c.in, c.out, c.beta);
+    } else {
+      // x and y written by the kernel just before the product, which is launched as its programmatic dependent
+      // (its weights, never written here, it may ask for early).
+      cuda::DeviceBuffer<T> late_x(x.size());
+      cuda::DeviceBuffer<TY> late_y(y0.size());
+      late_x.fill_bytes(0xFF, nullptr);
+      late_y.fill_bytes(0xFF, nullptr);
+      late_copy<T, TY><<<64, 256>>>(dx.data(), late_x.data(), static_cast<long long>(x.size()), dy.data(),
+                                    late_y.data(), static_cast<long long>(y0.size()));
+      EARN_CUDA_CHECK_LAUNCH();
+      cuda::bulk_gemm<T, TY>(nullptr, plan, late_x.data(), dw.data(), late_y.data(), c.rows, c.in, c.out, c.beta, true);
+      EARN_CUDA_CHECK(cudaDeviceSynchronize());
+      EARN_CUDA_CHECK(cudaMemcpy(dy.data(), late_y.data(), y0.size() * sizeof(TY), cudaMemcpyDeviceToDevice));
+    }
   }
   EARN_CUDA_CHECK(cudaDeviceSynchronize());
   const auto y = download(dy, y0.size());
@@ -130,14 +160,24 @@ TEST_CASE_TEMPLATE("stream_gemm equals a naive product (fp32 output, the residua
   MESSAGE("worst error / bound: " << worst);
 }
 
-TEST_CASE_TEMPLATE("bulk_gemm equals a naive product (16-bit and fp32 outputs)", T, __nv_bfloat16, __half) {
+// Both launches: ordinary, and as the programmatic dependent of a kernel that writes x and y late (the product
+// must wait for them).
+template <class T, Kernel K>
+void bulk_cases(unsigned seed) {
   double worst16 = 0.0, worst32 = 0.0;
-  unsigned seed = 200;
   for (const Case& c : kBulkCases) {
-    worst16 = std::max(worst16, check<T, T, Kernel::kBulk>(c, seed++));
-    worst32 = std::max(worst32, check<T, float, Kernel::kBulk>(c, seed++));
+    worst16 = std::max(worst16, check<T, T, K>(c, seed++));
+    worst32 = std::max(worst32, check<T, float, K>(c, seed++));
   }
   MESSAGE("worst error / bound: " << worst16 << " (16-bit output), " << worst32 << " (fp32)");
+}
+
+TEST_CASE_TEMPLATE("bulk_gemm equals a naive product (16-bit and fp32 outputs)", T, __nv_bfloat16, __half) {
+  bulk_cases<T, Kernel::kBulk>(200);
+}
+
+TEST_CASE_TEMPLATE("bulk_gemm as a programmatic dependent waits for the kernel before it", T, __nv_bfloat16, __half) {
+  bulk_cases<T, Kernel::kBulkPdl>(300);
 }
 
 TEST_CASE("bulk_gemm: refuses what its copies cannot take") {

@@ -11,10 +11,14 @@
 // Consumer warps: MT m16 tiles x KW warps that share a stage's k steps; their partial sums are added in shared
 // memory in a fixed order. k splits are one thread-block cluster reduced over distributed shared memory in split
 // order (as stream_gemm): results do not depend on timing.
-// Measured (H200, bench_cuda_gemm, bench/cuda/NOTES.md v17-v19): level with cuBLAS at 2-32 rows (0.96-1.08x over
-// the five Llama-7B decode shapes); a first version with one bulk copy per row piece (no tensor map) was bound by
-// the copy-issue rate (0.3-1.6 TB/s). The engine uses it only when asked (State::use_bulk_gemm): there it made B = 1
-// decode steps 13 % slower than cuBLAS. It is here, tested, for experiments.
+// Launched as a programmatic dependent (pdl), the producer asks for the first Stages of weights before waiting for
+// the kernel before it (weights are constants), so a chain of products keeps the weight stream going.
+// Measured (H200, bench_cuda_gemm, bench/cuda/NOTES.md v17-v22): level with cuBLAS at 2-32 rows timed alone
+// (0.96-1.08x over the five Llama-7B decode shapes), 0.84-0.93x in a chain of them (0.87-0.95x as dependents); a
+// first version with one bulk copy per row piece (no tensor map) was bound by the copy-issue rate (0.3-1.6 TB/s),
+// and weights packed into contiguous boxes gained 5 % in the chain, still under cuBLAS. The engine uses it only
+// when asked (State::use_bulk_gemm): there it made B = 1 decode steps 13-16 % slower than cuBLAS. It is here,
+// tested, for experiments.
 #pragma once
 
 #include <algorithm>
@@ -82,6 +86,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const int splits = gridDim.y, split = blockIdx.y;
   const int first = split * split_stages;
   const int nk = min(split_stages, (in + KS - 1) / KS - first);
+  pdl_trigger();  // the kernel after this one may be placed now: it waits for this grid before touching memory
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(&full[s], 1);
@@ -99,16 +104,33 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
   if (warp == Cfg::kConsumers) {  // the producer warp: one lane issues every copy
     if (lane == 0) {
-      for (int i = 0; i < nk; ++i) {
+      auto boxes_of = [&](int i) { return min(NB, (in - (first + i) * KS + 63) / 64); };  // boxes past `in`: not sent
+      auto load_w = [&](int i) {
+        unsigned char* st = ring + (i % S) * kStageBytes;
+        const int kb = (first + i) * KS;
+        for (int b = 0, boxes = boxes_of(i); b < boxes; ++b) tma_load_2d(st + b * kWBox, &maps.w, kb + 64 * b, n0, &full[i % S]);
+      };
+      auto load_x = [&](int i) {
+        unsigned char* st = ring + (i % S) * kStageBytes;
+        const int kb = (first + i) * KS;
+        for (int b = 0, boxes = boxes_of(i); b < boxes; ++b)
+          tma_load_2d(st + NB * kWBox + b * kXBox, &maps.x, kb + 64 * b, 0, &full[i % S]);
+      };
+      // The weights do not depend on earlier kernels: the first stages' weights are asked for before waiting for
+      // the kernel before this one (a programmatic dependent launch starts while it still runs), x after.
+      const int pre = min(nk, S);
+      for (int i = 0; i < pre; ++i) {
+        mbar_arrive_expect_tx(&full[i], boxes_of(i) * (kWBox + kXBox));
+        load_w(i);
+      }
+      pdl_wait();
+      for (int i = 0; i < pre; ++i) load_x(i);
+      for (int i = pre; i < nk; ++i) {
         const int s = i % S;
-        if (i >= S) mbar_wait(&empty[s], ((i / S) & 1) ^ 1);
-        const int kb = (first + i) * KS, boxes = min(NB, (in - kb + 63) / 64);  // boxes past `in`: not sent
-        mbar_arrive_expect_tx(&full[s], boxes * (kWBox + kXBox));
-        unsigned char* st = ring + s * kStageBytes;
-        for (int b = 0; b < boxes; ++b) {
-          tma_load_2d(st + b * kWBox, &maps.w, kb + 64 * b, n0, &full[s]);
-          tma_load_2d(st + NB * kWBox + b * kXBox, &maps.x, kb + 64 * b, 0, &full[s]);
-        }
+        mbar_wait(&empty[s], ((i / S) & 1) ^ 1);
+        mbar_arrive_expect_tx(&full[s], boxes_of(i) * (kWBox + kXBox));
+        load_w(i);
+        load_x(i);
       }
     }
   } else {
@@ -141,6 +163,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
     }
   }
   __syncthreads();  // every stage was consumed: the ring is free for the partial sums
+  pdl_wait();       // y may be read (beta) and written only once the kernel before has finished
 
   // Partial sums of the KW warps of each m-tile, [KW][MT][NT * 4][32], added in kw order by the kw = 0 warps.
   float* red = reinterpret_cast<float*>(ring);
@@ -274,15 +297,18 @@ BulkGemmPlan bulk_gemm_plan(int rows, int in, int out, int sms, int force_splits
 }
 
 /// y [rows, out] = x [rows, in] w^T + beta y (beta = 0: y is not read). Requires bulk_gemm_supported and a plan
-/// from bulk_gemm_plan for the same rows' tile count, in and out.
+/// from bulk_gemm_plan for the same rows' tile count, in and out. pdl: launched as a programmatic dependent of the
+/// kernel before it in the stream: the blocks start, and ask for their first Stages of weights, while that kernel
+/// still runs; x and y are touched only after it has finished (kernel::pdl_wait). So w must not be written by
+/// that kernel (weights are constants; write them in an earlier step and synchronise).
 template <class T, class TY, class Cfg = BulkGemmDefault>
 void bulk_gemm(cudaStream_t s, const BulkGemmPlan& plan, const T* x, const T* w, TY* y, int rows, int in, int out,
-               float beta) {
+               float beta, bool pdl = false) {
   detail::with_n_tiles(rows, [&]<int NT>(std::integral_constant<int, NT>) {
     constexpr std::size_t smem = detail::bulk_gemm_smem<Cfg, NT>();
     const BulkGemmMaps maps{detail::tensor_map_2d(w, in, out, Cfg::kRows), detail::tensor_map_2d(x, in, rows, 8 * NT)};
-    detail::launch_split_k(kernel::bulk_gemm<T, TY, NT, Cfg>, plan.row_blocks, plan.splits, Cfg::kThreads, smem, s,
-                           maps, y, rows, in, out, plan.split_stages, beta);
+    detail::launch_split_k(pdl, kernel::bulk_gemm<T, TY, NT, Cfg>, plan.row_blocks, plan.splits, Cfg::kThreads, smem,
+                           s, maps, y, rows, in, out, plan.split_stages, beta);
   });
 }
 

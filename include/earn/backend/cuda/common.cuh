@@ -7,8 +7,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
+#include <initializer_list>
 #include <string>
 #include <utility>
 #include <vector>
@@ -157,6 +159,34 @@ class BlasHandle {
   cublasHandle_t h_ = nullptr;
 };
 
+/// Owning CUDA event (timing enabled). Move-only.
+class Event {
+ public:
+  Event() { EARN_CUDA_CHECK(cudaEventCreate(&e_)); }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  Event(Event&& o) noexcept : e_(std::exchange(o.e_, nullptr)) {}
+  Event& operator=(Event&& o) noexcept {
+    std::swap(e_, o.e_);
+    return *this;
+  }
+  ~Event() {
+    if (e_) cudaEventDestroy(e_);
+  }
+  void record(cudaStream_t s) { EARN_CUDA_CHECK(cudaEventRecord(e_, s)); }
+  /// Milliseconds from a to b, once b has completed (waits for it).
+  static float elapsed_ms(const Event& a, const Event& b) {
+    EARN_CUDA_CHECK(cudaEventSynchronize(b.e_));
+    float ms = 0.0f;
+    EARN_CUDA_CHECK(cudaEventElapsedTime(&ms, a.e_, b.e_));
+    return ms;
+  }
+  cudaEvent_t get() const { return e_; }
+
+ private:
+  cudaEvent_t e_ = nullptr;
+};
+
 /// Owning non-blocking CUDA stream. Move-only.
 class Stream {
  public:
@@ -188,24 +218,55 @@ inline int device_count() {
   return n;
 }
 
-/// kern<<<grid, block, smem, s>>>(args...) with one launch attribute (a cluster shape, programmatic serialization).
+namespace kernel {
+
+/// Programmatic dependent launch (sm_90): a kernel launched with the programmatic-serialization attribute may start
+/// while the kernel before it in the stream still runs; it waits here until that kernel has finished and its
+/// writes are visible. Launched the ordinary way, this returns at once.
+__device__ inline void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+/// Lets the next kernel in the stream, when it was launched as a programmatic dependent, start now (once every
+/// block of this grid has said so) instead of when this grid ends. Safe anywhere: that kernel still waits in
+/// pdl_wait() for this grid to finish before it touches memory. A kernel launched the ordinary way ignores it.
+__device__ inline void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+}  // namespace kernel
+
+/// kern<<<grid, block, smem, s>>>(args...) with launch attributes (a cluster shape, programmatic serialization).
 template <class... P, class... A>
-void launch_with(const cudaLaunchAttribute& attr, void (*kern)(P...), dim3 grid, dim3 block, std::size_t smem,
-                 cudaStream_t s, A&&... args) {
+void launch_with(std::initializer_list<cudaLaunchAttribute> attrs, void (*kern)(P...), dim3 grid, dim3 block,
+                 std::size_t smem, cudaStream_t s, A&&... args) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = s;
-  cudaLaunchAttribute attrs[1] = {attr};
-  cfg.attrs = attrs;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute a[2];
+  if (attrs.size() > 2) throw CudaError("launch_with: at most 2 launch attributes");
+  std::copy(attrs.begin(), attrs.end(), a);
+  cfg.attrs = a;
+  cfg.numAttrs = static_cast<unsigned>(attrs.size());
   EARN_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, std::forward<A>(args)...));
+}
+
+/// The attribute that makes a launch a programmatic dependent of the kernel before it in the stream.
+inline cudaLaunchAttribute pdl_attribute() {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  return attr;
 }
 
 /// kern<<<grid, block, smem, s>>>(args...); with pdl, as a programmatic dependent launch: the kernel may start
 /// while the previous kernel in the stream finishes, so it must call kernel::pdl_wait() before it reads or writes
-/// anything that kernel touches (kernels.cuh).
+/// anything that kernel touches (above).
 template <class... P, class... A>
 void launch(bool pdl, void (*kern)(P...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t s, A&&... args) {
   if (!pdl) {
@@ -213,10 +274,7 @@ void launch(bool pdl, void (*kern)(P...), dim3 grid, dim3 block, std::size_t sme
     EARN_CUDA_CHECK_LAUNCH();
     return;
   }
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  launch_with(attr, kern, grid, block, smem, s, std::forward<A>(args)...);
+  launch_with({pdl_attribute()}, kern, grid, block, smem, s, std::forward<A>(args)...);
 }
 
 /// Opts kernel Fn into `bytes` of dynamic shared memory (above the default 48 KB) on the current device, once per

@@ -30,6 +30,7 @@ template <class Policy, class T>
 __global__ void decode_combine(const T* q, const T* gen_k, const T* gen_v, const int* row_src, const int* row_seg,
                                const Segment* segs, const int* pos, int rows, int nh, int nkv, int hd, int G,
                                int max_new, float scale, int chunks, int chunk_keys, const float* ws_o, const float* ws_ml, T* out) {
+  pdl_trigger();  // the output projection after this kernel may start streaming its weights (bulk_gemm)
   const long long warps = static_cast<long long>(rows) * nh;
   const int lane = threadIdx.x & 31, qd = nh * hd, kvd = nkv * hd;
   constexpr int kPer = kDecMaxHd / 32;  // output elements per lane

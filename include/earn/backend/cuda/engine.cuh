@@ -72,10 +72,9 @@ class CudaState : public detail::RowBook {
     if (gen_len_ > 0) {
       const int n = static_cast<int>(parent.size());
       parent_.reserve(parent.size());
-      reorder_scratch_.reserve(std::size_t(2) * n * gen_len_ * kv_dim_);
       EARN_CUDA_CHECK(cudaMemcpyAsync(parent_.data(), parent.data(), parent.size() * sizeof(int),
                                       cudaMemcpyHostToDevice, stream()));
-      for (auto& layer : layers_) layer.reorder(parent_.data(), n, gen_len_, reorder_scratch_.data(), stream());
+      kv::reorder_generated(layers_, parent_.data(), n, gen_len_, reorder_ptrs_, reorder_scratch_, stream());
     }
     row_user_ = std::move(users);
   }
@@ -119,8 +118,9 @@ class CudaState : public detail::RowBook {
   bool stream_gemm() const { return stream_gemm_on_; }
   /// bf16 / fp16 GEMMs of at most 32 rows (a user's 20 beams, late layers, small logits) through the tensor-map
   /// ring kernel (bulk_gemm.cuh) instead of cuBLAS (or stream_gemm); it takes precedence over use_stream_gemm.
-  /// Default off: alone it is level with cuBLAS (0.96-1.07x at 2-32 rows on an H200, two calls), in the engine 13 % slower
-  /// over B = 1 decode steps (bench/README.md); a switch for experiments.
+  /// Default off: alone it is level with cuBLAS (0.96-1.07x at 2-32 rows on an H200, two calls), in the engine 13-16 %
+  /// slower over B = 1 decode steps (bench/README.md); a switch for experiments. With use_pdl it is launched as a
+  /// programmatic dependent that asks for its first weights while the kernel before it runs.
   void use_bulk_gemm(bool on) { bulk_gemm_on_ = on; }
   bool bulk_gemm() const { return bulk_gemm_on_; }
   /// Launch the kernels that follow a GEMM in a layer (rmsnorm, the RoPE / KV-store step, swiglu) as programmatic
@@ -129,6 +129,12 @@ class CudaState : public detail::RowBook {
   /// H200, B = 4 and 32 level within noise (bench/README.md). Off: every kernel waits for the previous one to end.
   void use_pdl(bool on) { pdl_on_ = on; }
   bool pdl() const { return pdl_on_; }
+  /// GEMM shapes (per row count) that Engine::tune_gemms gave a cuBLASLt algorithm; forget them all.
+  std::size_t tuned_gemms() const { return tuned_.size(); }
+  void clear_tuned_gemms() {
+    tuned_.clear();
+    ++tune_gen_;
+  }
   /// Decode graphs held (tests: a repeated step shape replays instead of capturing again).
   std::size_t graph_count() const { return graphs_.size(); }
 
@@ -183,8 +189,12 @@ class CudaState : public detail::RowBook {
   cuda::DeviceBuffer<T> h_, qkv_, gu_, q_, att_, act_, probs_, reorder_scratch_;
   cuda::DeviceBuffer<int> ints_, parent_;
   cuda::DeviceBuffer<cuda::Segment> segs_;
-  cuda::DeviceBuffer<void*> ptrs_;
+  cuda::DeviceBuffer<void*> ptrs_, reorder_ptrs_;
   cuda::DeviceBuffer<char> blas_ws_;  // cuBLAS workspace of this state's calls (graph capture needs one we own)
+  // Engine::tune_gemms: products (model GEMM g at `rows` rows) that run with a chosen cuBLASLt algorithm;
+  // tune_gen_ counts changes (a graph key part: captured launches bake the algorithm in).
+  std::vector<cuda::TunedGemm> tuned_;
+  long long tune_gen_ = 0;
 };
 
 /// The CUDA engine. Copies the weights to the device (the host weights may go away afterwards), or shares one
@@ -215,6 +225,100 @@ class Engine<Schedule, CudaT<DType>> {
   const cuda::DeviceWeights<DType>& device_weights() const { return w_; }
   const Schedule& schedule() const { return schedule_; }
   int registers() const { return w_.register_count(); }
+
+  /// What tune_gemms measured for one GEMM at one row count (microseconds per product, median of its repetitions).
+  struct GemmTuning {
+    const char* gemm = "";  // qkv, wo, w13, w2, classifier
+    int rows = 0;
+    float default_us = 0, chosen_us = 0;
+    bool lt = false;  // a cuBLASLt algorithm was kept (else cublasGemmEx's default stays)
+    int candidates = 0;
+  };
+  struct TuneOptions {
+    int candidates = 8;      // cuBLASLt heuristic algorithms tried per product
+    int copies = 4;          // layers whose weights are used in turn, so none stays in L2 between calls
+    bool prefer_lt = false;  // tests: keep the fastest cuBLASLt algorithm even when the default is faster
+  };
+  /// Chooses, for each row count in `rows` and each of the model's GEMMs (qkv, wo, w13, w2, classifier), between
+  /// cublasGemmEx's default and up to opt.candidates cuBLASLt heuristic algorithms by timing them on this card:
+  /// each over the first opt.copies layers' weights in turn (the classifier repeated), on random inputs in the
+  /// state's own buffers. From then on this state runs a product whose fastest was a cuBLASLt algorithm with it
+  /// (both are fp32-accumulating; the results differ by rounding). The row counts worth tuning are those the
+  /// state will run: decode rows (users x beams), late EARN layers' register rows (users x registers), prefill's
+  /// logits rows (users). Overwrites the state's scratch: call it before prefill. bulk_gemm / stream_gemm, when on,
+  /// still take the products they take.
+  std::vector<GemmTuning> tune_gemms(State& st, std::span<const int> rows, TuneOptions opt = {}) const {
+    const ModelConfig& c = w_.config;
+    static constexpr const char* kNames[kGemms] = {"qkv", "wo", "w13", "w2", "classifier"};
+    if (opt.candidates < 1 || opt.copies < 1) throw ConfigError("tune_gemms: candidates and copies must be >= 1");
+    std::vector<GemmTuning> report;
+    bind_blas(st);
+    cuda::Event e0, e1;
+    for (const int r : rows) {
+      if (r < 1) throw ConfigError("tune_gemms: row counts must be >= 1, got " + std::to_string(r));
+      st.reserve(c, static_cast<std::size_t>(r), 0, static_cast<std::size_t>(r));
+      namespace k = cuda::kernel;
+      for (auto* b : {&st.h_, &st.att_, &st.act_})  // inputs like a forward pass's (power, hence clocks, depend on data)
+        k::fill_uniform<T><<<1024, k::kThreads, 0, st.stream()>>>(b->data(), static_cast<long long>(b->size()), 5, 0.0f, 1.0f);
+      EARN_CUDA_CHECK_LAUNCH();
+      for (int g = 0; g < kGemms; ++g) {
+        const GemmShape sh = gemm_shape(Gemm(g));
+        const bool f32 = g != kQkv && g != kW13;  // wo, w2 add into the residual stream; the classifier's logits
+        const float beta = g == kWo || g == kW2 ? 1.0f : 0.0f;
+        const T* x = g == kWo ? st.att_.data() : g == kW2 ? st.act_.data() : st.h_.data();
+        void* y = g == kQkv ? static_cast<void*>(st.qkv_.data())
+                : g == kW13 ? static_cast<void*>(st.gu_.data())
+                : g == kHead ? static_cast<void*>(st.logits_.data())
+                             : static_cast<void*>(st.x_.data());
+        auto weight = [&](int copy) -> const T* {
+          if (g == kHead) return w_.classifier();
+          const auto& lw = w_.layers[std::min(copy, c.n_layers - 1)];
+          return g == kQkv ? lw.wqkv.data() : g == kWo ? lw.wo.data() : g == kW13 ? lw.w13.data() : lw.w2.data();
+        };
+        cuda::LtProduct product = f32 ? cuda::LtProduct::make<T, float>(r, sh.in, sh.out)
+                                      : cuda::LtProduct::make<T, T>(r, sh.in, sh.out);
+        // Median over 5 timed rounds (after 2) of one product per copy, in microseconds per product.
+        auto time = [&](auto&& one) {
+          std::vector<float> ms;
+          for (int rep = 0; rep < 7; ++rep) {
+            e0.record(st.stream());
+            for (int i = 0; i < opt.copies; ++i) one(weight(i));
+            e1.record(st.stream());
+            if (rep >= 2) ms.push_back(cuda::Event::elapsed_ms(e0, e1));
+          }
+          std::sort(ms.begin(), ms.end());
+          return ms[ms.size() / 2] * 1e3f / static_cast<float>(opt.copies);
+        };
+        GemmTuning t{kNames[g], r, 0, 0, false, 0};
+        t.default_us = time([&](const T* w) {
+          if (f32) cuda::linear<T, float>(blas_.get(), x, w, static_cast<float*>(y), r, sh.in, sh.out, beta);
+          else cuda::linear<T, T>(blas_.get(), x, w, static_cast<T*>(y), r, sh.in, sh.out, beta);
+        });
+        const auto algos = product.candidates(lt_.get(), st.blas_ws_.size(), opt.candidates);
+        t.candidates = static_cast<int>(algos.size());
+        float best = opt.prefer_lt ? 3.4e38f : t.default_us;
+        int chosen = -1;
+        for (std::size_t a = 0; a < algos.size(); ++a) {
+          const float us = time([&](const T* w) {
+            product.run(lt_.get(), algos[a], x, w, y, beta, st.blas_ws_.data(), st.blas_ws_.size(), st.stream());
+          });
+          if (us < best) best = us, chosen = static_cast<int>(a);
+        }
+        t.chosen_us = chosen >= 0 ? best : t.default_us;
+        t.lt = chosen >= 0;
+        for (std::size_t i = 0; i < st.tuned_.size(); ++i)
+          if (st.tuned_[i].g == g && st.tuned_[i].rows == r) {
+            st.tuned_.erase(st.tuned_.begin() + static_cast<std::ptrdiff_t>(i));
+            break;
+          }
+        if (t.lt) st.tuned_.push_back(cuda::TunedGemm{g, r, std::move(product), algos[chosen]});
+        report.push_back(t);
+      }
+    }
+    ++st.tune_gen_;
+    st.synchronize();
+    return report;
+  }
 
   /// A state with caches sized by `o`; late layers reserve registers only, never prompt-sized blocks.
   State make_state(StateOptions o) const {
@@ -483,8 +587,8 @@ class Engine<Schedule, CudaT<DType>> {
     }
   }
 
-  // y [rows, out] = x [rows, in] w^T + beta y: with use_stream_gemm, the weight-streaming kernel for at most
-  // kStreamRows rows; cuBLAS otherwise. stream_gemm takes up to 32 rows, but past 8 it is slower than cuBLAS on an
+  // y [rows, out] = x [rows, in] w^T + beta y: with use_bulk_gemm / use_stream_gemm, earn's few-row kernels (at most
+  // 32 / kStreamRows rows); a cuBLASLt algorithm where tune_gemms chose one; cublasGemmEx's default otherwise. stream_gemm takes up to 32 rows, but past 8 it is slower than cuBLAS on an
   // H200 (0.94x over the five Llama-7B shapes at 20 rows, 0.86x at 32: bench_cuda_gemm, bench/README.md).
   static constexpr int kStreamRows = 8;
   template <class TY>
@@ -492,22 +596,30 @@ class Engine<Schedule, CudaT<DType>> {
     const GemmShape sh = gemm_shape(g);
     if constexpr (sizeof(T) == 2) {  // fp32 storage always takes cuBLAS
       if (st.bulk_gemm_on_ && cuda::bulk_gemm_supported(x, w, rows, sh.in)) {
-        cuda::bulk_gemm<T, TY>(st.stream(), bulk_plans_[g][(rows - 1) / 8], x, w, y, rows, sh.in, sh.out, beta);
+        // Weights are never written by the engine's kernels, so a dependent launch may ask for them early.
+        cuda::bulk_gemm<T, TY>(st.stream(), bulk_plans_[g][(rows - 1) / 8], x, w, y, rows, sh.in, sh.out, beta,
+                               st.pdl_on_);
         return;
       }
     }
     if (st.stream_gemm_on_ && rows <= kStreamRows && cuda::stream_gemm_supported(x, w, rows, sh.in)) {
       cuda::stream_gemm<T, TY>(st.stream(), stream_plans_[g], x, w, y, rows, sh.in, sh.out, beta);
-    } else {
-      cuda::linear<T, TY>(blas_.get(), x, w, y, rows, sh.in, sh.out, beta);
+      return;
     }
+    for (const auto& t : st.tuned_)
+      if (t.g == g && t.rows == rows) {  // tune_gemms chose a cuBLASLt algorithm for this product
+        t.product.run(lt_.get(), t.algo, x, w, y, beta, st.blas_ws_.data(), st.blas_ws_.size(), st.stream());
+        return;
+      }
+    cuda::linear<T, TY>(blas_.get(), x, w, y, rows, sh.in, sh.out, beta);
   }
 
   // What a decode step's launches bake in: the engine (weights, schedule), step shape, GEMM groups, every
   // buffer address. Equal keys launch identical work on different uploaded data.
   std::vector<long long> graph_key(const State& st, const Plan& plan, int rows) const {
     auto addr = [](const void* p) { return static_cast<long long>(reinterpret_cast<std::uintptr_t>(p)); };
-    std::vector<long long> k{static_cast<long long>(id_), flash(st, true), st.stream_gemm_on_, st.bulk_gemm_on_, st.pdl_on_, rows, st.gen_len_, static_cast<long long>(plan.ints.size()),
+    std::vector<long long> k{static_cast<long long>(id_), flash(st, true), st.stream_gemm_on_, st.bulk_gemm_on_,
+                             st.pdl_on_, st.tune_gen_, rows, st.gen_len_, static_cast<long long>(plan.ints.size()),
                              static_cast<long long>(plan.segs.size()), plan.ptr_count,
                              static_cast<long long>(plan.max_scores)};
     for (const auto& lp : plan.layers) {
@@ -834,6 +946,7 @@ class Engine<Schedule, CudaT<DType>> {
   cuda::StreamGemmPlan stream_plans_[kGemms] = {};  // per shape, for up to kStreamRows rows (16-bit storage only)
   cuda::BulkGemmPlan bulk_plans_[kGemms][4] = {};    // per shape and n-tile count (1-8, .., 25-32 rows)
   cuda::BlasHandle blas_;
+  cuda::LtHandle lt_;  // tuned products (tune_gemms)
 };
 
 }  // namespace earn

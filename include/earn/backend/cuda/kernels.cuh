@@ -32,15 +32,6 @@ struct Segment {
 
 namespace kernel {
 
-/// Programmatic dependent launch (sm_90): a kernel launched with the programmatic-serialization attribute may start
-/// while the kernel before it in the stream still runs; it waits here until that kernel has finished and its
-/// writes are visible. Launched the ordinary way, this returns at once.
-__device__ inline void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
 constexpr int kThreads = 256;
 
 inline unsigned grid_for(long long n, int threads = kThreads) {
@@ -96,6 +87,7 @@ __global__ void gather_rows(const T* src, const int* idx, int rows, int dim, T* 
 template <class T>
 __global__ void rmsnorm(const float* x, const float* g, float eps, int dim, T* out) {
   __shared__ float red[32];
+  pdl_trigger();  // the GEMM after this kernel may start streaming its weights (bulk_gemm)
   pdl_wait();
   const float* xr = x + static_cast<long long>(blockIdx.x) * dim;
   float ss = 0.0f;
@@ -113,6 +105,7 @@ constexpr int kNormVec = 8;  // float4 per thread
 template <class T>
 __global__ void rmsnorm_vec4(const float* x, const float* g, float eps, int dim, T* out) {
   __shared__ float red[32];
+  pdl_trigger();  // the GEMM after this kernel may start streaming its weights (bulk_gemm)
   pdl_wait();
   const int n4 = dim / 4;
   const float4* xr = reinterpret_cast<const float4*>(x + static_cast<long long>(blockIdx.x) * dim);
@@ -306,6 +299,7 @@ __global__ void swiglu(const T* gu, int rows, int H, T* a) {
 /// swiglu for 16-bit T with H % 8 == 0: 8 elements per thread through 16-byte loads and stores.
 template <class T>
 __global__ void swiglu_vec8(const T* gu, int rows, int H, T* a) {
+  pdl_trigger();  // the GEMM after this kernel may start streaming its weights (bulk_gemm)
   pdl_wait();
   const int h8 = H / 8;
   const long long n = static_cast<long long>(rows) * h8;
@@ -405,25 +399,28 @@ __global__ void gen_pv(const T* probs, const T* gen_v, const int* row_src, const
   }
 }
 
-/// dst [rows, gen_len, kvd] = the first gen_len generated rows of src row parent[i] (src [*, max_new, kvd]).
-template <class T>
-__global__ void gather_generated(const T* src, const int* parent, int rows, int gen_len, int max_new, int kvd, T* dst) {
-  const long long n = static_cast<long long>(rows) * gen_len * kvd;
+/// scratch [nbufs, rows, gen_len, width] = the first gen_len generated rows of row parent[i] of each buffer
+/// (bufs[b]: [*, max_new, width]).
+template <class E>
+__global__ void gather_generated(E* const* bufs, int nbufs, const int* parent, int rows, int gen_len, int max_new,
+                                 int width, E* scratch) {
+  const long long per_row = static_cast<long long>(gen_len) * width, per_buf = rows * per_row, n = nbufs * per_buf;
   for (long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; t < n;
        t += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const long long i = t / (static_cast<long long>(gen_len) * kvd), rest = t % (static_cast<long long>(gen_len) * kvd);
-    dst[t] = src[static_cast<long long>(parent[i]) * max_new * kvd + rest];
+    const long long b = t / per_buf, rest = t % per_buf, i = rest / per_row;
+    scratch[t] = bufs[b][static_cast<long long>(parent[i]) * max_new * width + rest % per_row];
   }
 }
 
-/// The inverse layout move: dst [*, max_new, kvd] rows i, steps < gen_len from src [rows, gen_len, kvd].
-template <class T>
-__global__ void scatter_generated(const T* src, int rows, int gen_len, int max_new, int kvd, T* dst) {
-  const long long n = static_cast<long long>(rows) * gen_len * kvd;
+/// The inverse layout move: bufs[b] rows i, steps < gen_len from scratch [nbufs, rows, gen_len, width].
+template <class E>
+__global__ void scatter_generated(const E* scratch, E* const* bufs, int nbufs, int rows, int gen_len, int max_new,
+                                  int width) {
+  const long long per_row = static_cast<long long>(gen_len) * width, per_buf = rows * per_row, n = nbufs * per_buf;
   for (long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; t < n;
        t += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const long long i = t / (static_cast<long long>(gen_len) * kvd), rest = t % (static_cast<long long>(gen_len) * kvd);
-    dst[i * max_new * kvd + rest] = src[t];
+    const long long b = t / per_buf, rest = t % per_buf, i = rest / per_row;
+    bufs[b][i * max_new * width + rest % per_row] = scratch[t];
   }
 }
 

@@ -1,6 +1,7 @@
 // earn/backend/cuda/kv_store.cuh - device storage of one layer's KV cache (prefix per user, generated per row).
 #pragma once
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -62,19 +63,6 @@ class Store<CudaT<DType>> {
     prefix_len_.at(user) = rows;
   }
 
-  /// New row i continues old row parent[i] (`parent` a device array of `rows` entries): copy its first `gen_len`
-  /// generated rows, through `scratch` (at least 2 * rows * gen_len * kv_dim elements).
-  void reorder(const int* parent, int rows, int gen_len, T* scratch, cudaStream_t stream) {
-    if (gen_len == 0) return;
-    // Rows of 16-byte multiples move as uint4 (8 bf16 per thread and index computation, not 1).
-    if ((std::size_t(kv_dim_) * sizeof(T)) % sizeof(uint4) == 0)
-      move_generated(reinterpret_cast<uint4*>(gen_k_.data()), reinterpret_cast<uint4*>(gen_v_.data()), parent, rows,
-                     gen_len, static_cast<int>(std::size_t(kv_dim_) * sizeof(T) / sizeof(uint4)),
-                     reinterpret_cast<uint4*>(scratch), stream);
-    else
-      move_generated(gen_k_.data(), gen_v_.data(), parent, rows, gen_len, kv_dim_, scratch, stream);
-  }
-
   /// Poison every cached number with NaN, so a read of a row nobody wrote shows up in the outputs (tests).
   void poison(cudaStream_t stream) {
     prefix_k_.fill_bytes(0xFF, stream);
@@ -89,24 +77,6 @@ class Store<CudaT<DType>> {
   }
 
  private:
-  // Gather rows parent[i] of K and V into scratch, then scatter them back in the new order; E is the moved unit
-  // (T, or uint4 when rows allow) and width the row length in E.
-  template <class E>
-  void move_generated(E* k, E* v, const int* parent, int rows, int gen_len, int width, E* scratch,
-                      cudaStream_t stream) {
-    const long long n = static_cast<long long>(rows) * gen_len * width;
-    const unsigned grid = cuda::kernel::grid_for(n);
-    namespace kk = cuda::kernel;
-    kk::gather_generated<E><<<grid, kk::kThreads, 0, stream>>>(k, parent, rows, gen_len, max_new_, width, scratch);
-    EARN_CUDA_CHECK_LAUNCH();
-    kk::gather_generated<E><<<grid, kk::kThreads, 0, stream>>>(v, parent, rows, gen_len, max_new_, width, scratch + n);
-    EARN_CUDA_CHECK_LAUNCH();
-    kk::scatter_generated<E><<<grid, kk::kThreads, 0, stream>>>(scratch, rows, gen_len, max_new_, width, k);
-    EARN_CUDA_CHECK_LAUNCH();
-    kk::scatter_generated<E><<<grid, kk::kThreads, 0, stream>>>(scratch + n, rows, gen_len, max_new_, width, v);
-    EARN_CUDA_CHECK_LAUNCH();
-  }
-
   Index prefix_capacity_ = 0;
   int max_users_ = 0, max_rows_ = 0, max_new_ = 0, kv_dim_ = 0;
   cuda::DeviceBuffer<T> prefix_k_, prefix_v_;  // [max_users * prefix_capacity, kv_dim]
@@ -114,5 +84,51 @@ class Store<CudaT<DType>> {
   std::vector<int> prefix_len_;                // per user: rows written (host mirror)
   cuda::DeviceBuffer<T> gen_k_, gen_v_;        // [max_rows * max_new, kv_dim]
 };
+
+/// Beam reordering of every layer's generated KV at once: new row i continues old row parent[i] (`parent` a device
+/// array of `rows` entries), the first `gen_len` generated rows of each layer's K and V move. The 2 x layers
+/// buffers go in groups that fit `scratch` (grown up to max_scratch_bytes, at least one buffer), each group
+/// one gather into scratch and one scatter back: two launches per group, not four per layer (a B = 1 step
+/// moves ~1 MB per layer, so the launches were the cost). `ptrs` receives the buffers' device addresses.
+inline constexpr std::size_t kReorderScratchBytes = std::size_t(256) << 20;
+
+template <class DType>
+void reorder_generated(std::vector<Store<CudaT<DType>>>& layers, const int* parent, int rows, int gen_len,
+                       cuda::DeviceBuffer<void*>& ptrs, cuda::DeviceBuffer<cuda::storage_t<DType>>& scratch,
+                       cudaStream_t stream, std::size_t max_scratch_bytes = kReorderScratchBytes) {
+  using T = cuda::storage_t<DType>;
+  if (gen_len == 0 || layers.empty()) return;
+  const int kvd = layers.front().kv_dim(), max_new = layers.front().max_new();
+  std::vector<void*> bufs;
+  for (auto& l : layers) {
+    if (l.kv_dim() != kvd || l.max_new() != max_new) throw ConfigError("kv cache: layers of different shapes");
+    bufs.push_back(l.gen_k());
+    bufs.push_back(l.gen_v());
+  }
+  ptrs.reserve(bufs.size());
+  EARN_CUDA_CHECK(cudaMemcpyAsync(ptrs.data(), bufs.data(), bufs.size() * sizeof(void*), cudaMemcpyHostToDevice, stream));
+  const std::size_t per_buf = std::size_t(rows) * gen_len * kvd;  // elements moved per buffer
+  const int nbufs = static_cast<int>(bufs.size());
+  const int group = static_cast<int>(std::clamp<std::size_t>(max_scratch_bytes / (per_buf * sizeof(T)), 1, nbufs));
+  scratch.reserve(per_buf * group);
+  namespace kk = cuda::kernel;
+  // Rows of 16-byte multiples move as uint4 (8 bf16 per thread and index computation, not 1).
+  auto move = [&]<class E>(E* scratch_e, int width) {
+    E* const* p = reinterpret_cast<E* const*>(ptrs.data());
+    for (int b0 = 0; b0 < nbufs; b0 += group) {
+      const int nb = std::min(group, nbufs - b0);
+      const unsigned grid = kk::grid_for(static_cast<long long>(nb) * rows * gen_len * width);
+      kk::gather_generated<E><<<grid, kk::kThreads, 0, stream>>>(p + b0, nb, parent, rows, gen_len, max_new, width,
+                                                                 scratch_e);
+      EARN_CUDA_CHECK_LAUNCH();
+      kk::scatter_generated<E><<<grid, kk::kThreads, 0, stream>>>(scratch_e, p + b0, nb, rows, gen_len, max_new, width);
+      EARN_CUDA_CHECK_LAUNCH();
+    }
+  };
+  if ((std::size_t(kvd) * sizeof(T)) % sizeof(uint4) == 0)
+    move(reinterpret_cast<uint4*>(scratch.data()), static_cast<int>(std::size_t(kvd) * sizeof(T) / sizeof(uint4)));
+  else
+    move(scratch.data(), kvd);
+}
 
 }  // namespace earn::kv

@@ -67,12 +67,13 @@ inline int choose_splits(int row_blocks, long long slots, int max_splits, int fo
 }
 
 // kern<<<(row_blocks, splits), threads, smem, s>>>(args...): one split without a cluster (the scheduler need not
-// place blocks together), more as clusters of (1, splits, 1).
+// place blocks together), more as clusters of (1, splits, 1); pdl: as a programmatic dependent launch (the kernel
+// calls kernel::pdl_wait() before it touches what earlier kernels write).
 template <class... P, class... A>
-void launch_split_k(void (*kern)(P...), int row_blocks, int splits, int threads, std::size_t smem, cudaStream_t s,
-                    A&&... args) {
+void launch_split_k(bool pdl, void (*kern)(P...), int row_blocks, int splits, int threads, std::size_t smem,
+                    cudaStream_t s, A&&... args) {
   if (splits == 1) {
-    launch(false, kern, row_blocks, threads, smem, s, std::forward<A>(args)...);
+    launch(pdl, kern, row_blocks, threads, smem, s, std::forward<A>(args)...);
     return;
   }
   cudaLaunchAttribute attr{};
@@ -80,7 +81,10 @@ void launch_split_k(void (*kern)(P...), int row_blocks, int splits, int threads,
   attr.val.clusterDim.x = 1;
   attr.val.clusterDim.y = splits;
   attr.val.clusterDim.z = 1;
-  launch_with(attr, kern, dim3(row_blocks, splits), threads, smem, s, std::forward<A>(args)...);
+  if (pdl)
+    launch_with({attr, pdl_attribute()}, kern, dim3(row_blocks, splits), threads, smem, s, std::forward<A>(args)...);
+  else
+    launch_with({attr}, kern, dim3(row_blocks, splits), threads, smem, s, std::forward<A>(args)...);
 }
 
 }  // namespace detail

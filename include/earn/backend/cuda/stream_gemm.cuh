@@ -253,7 +253,7 @@ template <class T, class TY, class Cfg = StreamGemmDefault>
 void stream_gemm(cudaStream_t s, const StreamGemmPlan& plan, const T* x, const T* w, TY* y, int rows, int in, int out,
                  float beta) {
   detail::with_n_tiles(rows, [&]<int NT>(std::integral_constant<int, NT>) {
-    detail::launch_split_k(kernel::stream_gemm<T, TY, NT, Cfg>, plan.row_blocks, plan.splits, Cfg::kWarps * 32,
+    detail::launch_split_k(false, kernel::stream_gemm<T, TY, NT, Cfg>, plan.row_blocks, plan.splits, Cfg::kWarps * 32,
                            plan.smem, s, x, w, y, rows, in, out, plan.kchunk, beta);
   });
 }
