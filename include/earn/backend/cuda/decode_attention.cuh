@@ -31,6 +31,7 @@ __global__ void decode_combine(const T* q, const T* gen_k, const T* gen_v, const
                                const Segment* segs, const int* pos, int rows, int nh, int nkv, int hd, int G,
                                int max_new, float scale, int chunks, int chunk_keys, const float* ws_o, const float* ws_ml, T* out) {
   pdl_trigger();  // the output projection after this kernel may start streaming its weights (bulk_gemm)
+  pdl_wait();     // the flash pass's partials and the step's generated keys come from the kernels before
   const long long warps = static_cast<long long>(rows) * nh;
   const int lane = threadIdx.x & 31, qd = nh * hd, kvd = nkv * hd;
   constexpr int kPer = kDecMaxHd / 32;  // output elements per lane
@@ -98,10 +99,11 @@ inline std::size_t decode_workspace(int rows, int nh, int hd, int chunks) {
 
 /// Fused decode attention over `nseg` segments (each with pk / pv / kpos set) into out [rows, nh * hd]; the
 /// prefixes are split as `split` says (flash_split); ws holds decode_workspace(rows, nh, hd, split.chunks) floats.
+/// pdl: both passes launched as programmatic dependents (each waits for the kernel before it on the device).
 template <class Policy, class T>
 void decode_attention(cudaStream_t s, const T* q, const T* gen_k, const T* gen_v, const int* row_src,
                       const int* row_seg, const Segment* segs, int nseg, int max_nq, const int* pos, int rows, int nh,
-                      int nkv, int hd, int G, int max_new, FlashSplit split, float* ws, T* out) {
+                      int nkv, int hd, int G, int max_new, FlashSplit split, float* ws, T* out, bool pdl = false) {
   if (!decode_fused_supported<T>(hd, max_new))
     throw ConfigError("decode_attention: head size " + std::to_string(hd) + " / " + std::to_string(max_new) +
                       " new tokens not taken by the fused kernels");
@@ -118,12 +120,12 @@ void decode_attention(cudaStream_t s, const T* q, const T* gen_k, const T* gen_v
   fa.max_nq = max_nq;
   fa.chunks = split.chunks;
   fa.chunk_keys = split.chunk_keys;
+  fa.pdl = pdl;
   flash_attention<Policy, true>(s, fa);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  kernel::decode_combine<Policy, T><<<kernel::grid_for(Index{rows} * nh * 32), kernel::kThreads, 0, s>>>(
-      q, gen_k, gen_v, row_src, row_seg, segs, pos, rows, nh, nkv, hd, G, max_new, scale, split.chunks,
-      split.chunk_keys, fa.ws_o, fa.ws_ml, out);
-  EARN_CUDA_CHECK_LAUNCH();
+  launch(pdl, kernel::decode_combine<Policy, T>, kernel::grid_for(Index{rows} * nh * 32), kernel::kThreads, 0, s, q,
+         gen_k, gen_v, row_src, row_seg, segs, pos, rows, nh, nkv, hd, G, max_new, scale, split.chunks,
+         split.chunk_keys, static_cast<const float*>(fa.ws_o), static_cast<const float*>(fa.ws_ml), out);
 }
 
 }  // namespace earn::cuda

@@ -123,10 +123,11 @@ class CudaState : public detail::RowBook {
   /// programmatic dependent that asks for its first weights while the kernel before it runs.
   void use_bulk_gemm(bool on) { bulk_gemm_on_ = on; }
   bool bulk_gemm() const { return bulk_gemm_on_; }
-  /// Launch the kernels that follow a GEMM in a layer (rmsnorm, the RoPE / KV-store step, swiglu) as programmatic
-  /// dependent launches, so each starts while the GEMM before it drains (sm_90; the kernels wait for its results
-  /// before touching memory, so the logits are bit-identical either way). Default on: B = 1 1-2 % faster on an
-  /// H200, B = 4 and 32 level within noise (bench/README.md). Off: every kernel waits for the previous one to end.
+  /// Launch earn's kernels in a layer (rmsnorm, the RoPE / KV-store step, flash attention and the decode combine,
+  /// swiglu; bulk_gemm when on) as programmatic dependent launches, so each is placed while the kernel before it
+  /// drains (sm_90; the kernels wait for its results before touching memory, so the logits are bit-identical either
+  /// way). Default on: B = 1 2-3.5 % faster on an H200, B = 4 up to 1.5 %, B = 32 level within noise
+  /// (bench/README.md). Off: every kernel waits for the previous one to end.
   void use_pdl(bool on) { pdl_on_ = on; }
   bool pdl() const { return pdl_on_; }
   /// GEMM shapes (per row count) that Engine::tune_gemms gave a cuBLASLt algorithm; forget them all.
@@ -711,7 +712,7 @@ class Engine<Schedule, CudaT<DType>> {
     } else if (decode) {  // flash-decoding: prefix chunks in partial mode, then the rows' own generated keys
       cuda::decode_attention<Policy, T>(s, st.q_.data(), store.gen_k(), store.gen_v(), row_src, row_seg, segs,
                                         lp.nseg, lp.max_nq, pos, rows, c.n_heads, c.n_kv_heads, hd, G,
-                                        store.max_new(), lp.split, st.scores_.data(), st.att_.data());
+                                        store.max_new(), lp.split, st.scores_.data(), st.att_.data(), st.pdl_on_);
     } else {
       cuda::FlashArgs<T> fa;
       fa.q = st.q_.data();
@@ -723,6 +724,7 @@ class Engine<Schedule, CudaT<DType>> {
       fa.nkv = c.n_kv_heads;
       fa.hd = hd;
       fa.max_nq = lp.max_nq;
+      fa.pdl = st.pdl_on_;
       cuda::flash_attention<Policy, false>(s, fa);
     }
 

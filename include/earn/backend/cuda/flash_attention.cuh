@@ -45,6 +45,7 @@ struct FlashArgs {
   int nh = 0, nkv = 0, hd = 0;
   int max_nq = 0;                ///< the largest segment's query rows
   int chunks = 1, chunk_keys = 0;  ///< partial mode: key ranges per (segment, head); chunk_keys % 64 == 0
+  bool pdl = false;  ///< launch as a programmatic dependent of the kernel before (it waits for it before any read)
 };
 
 namespace kernel {
@@ -86,6 +87,8 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention(const FlashArgs
   T* ks = qs + kFlashM * LD;
   T* vs = ks + kFlashM * LD;
   int* qpos = reinterpret_cast<int*>(vs + kFlashM * LD);
+  pdl_trigger();  // the kernel after this one (decode_combine) may be placed now; it waits for this grid
+  pdl_wait();     // q (and in decode the segments) come from the kernels before
 
   const int q_tiles = (a.max_nq + kFlashM - 1) / kFlashM;
   const int qt = blockIdx.x % q_tiles, chunk = blockIdx.x / q_tiles, h = blockIdx.y;
@@ -250,8 +253,7 @@ void launch_flash(cudaStream_t s, const FlashArgs<T>& a) {
   allow_dynamic_smem<flash_attention<Policy, T, HD, kPartial>>(smem);
   const int q_tiles = (a.max_nq + kFlashM - 1) / kFlashM;
   const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(a.hd));
-  fn<<<dim3(q_tiles * (kPartial ? a.chunks : 1), a.nh, a.nseg), kFlashThreads, smem, s>>>(a, scale_log2);
-  EARN_CUDA_CHECK_LAUNCH();
+  launch(a.pdl, fn, dim3(q_tiles * (kPartial ? a.chunks : 1), a.nh, a.nseg), kFlashThreads, smem, s, a, scale_log2);
 }
 
 }  // namespace kernel

@@ -217,6 +217,7 @@ __global__ void __launch_bounds__(128) qkv_post_row(const T* qkv, const float* b
                              const int* row_src, int gen_step, int max_new, int nh, int nkv, int hd, float theta,
                              int interleaved, T* q_out, T* k_out, T* v_out, int* kpos_out) {
   __shared__ float cs[128], sn[128];
+  pdl_trigger();  // the attention kernel after this one may be placed now (it waits for this grid)
   pdl_wait();
   const int r = blockIdx.x, half = hd / 2, qd = nh * hd, kvd = nkv * hd, width = qd + 2 * kvd;
   const T* src = qkv + static_cast<long long>(r) * width;
