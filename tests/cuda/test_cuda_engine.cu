@@ -340,10 +340,10 @@ TEST_CASE("CUDA engine: programmatic dependent launches give bf16 logits bit-ide
   }
 }
 
-TEST_CASE("CUDA engine: GEMMs given cuBLASLt algorithms by tune_gemms equal the CPU engine") {
+TEST_CASE_TEMPLATE("CUDA engine: GEMMs given cuBLASLt algorithms by tune_gemms equal the CPU engine", D, dtype::F32,
+                   dtype::Bf16, dtype::F16) {
   // Every product the forward pass runs (decode 6 rows, late layers 2 users x 2 registers, 2 logits rows) forced
   // onto a cuBLASLt algorithm (prefer_lt), then prefill and decode steps against the CPU engine.
-  using D = dtype::Bf16;
   const ModelConfig c = small_config(RopeStyle::kRotateHalf, false, 1);
   ModelWeights w = random_weights(c, {.seed = 91, .prefix_registers = 1, .suffix_registers = 1});
   round_to<D>(w);
