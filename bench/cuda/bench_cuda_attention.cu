@@ -205,10 +205,13 @@ void decode_dense(benchmark::State& state) {
   run<attention::DenseCausal, kFused>(state, p, flop, bytes);
 }
 
-template <bool kFused>
+// kDirect: the split the engine takes for register-only prefixes (decode_split: no flash pass, the combine pass
+// scores the 2 register keys itself); else the flash pass over one 64-key tile, then the combine.
+template <bool kFused, bool kDirect = false>
 void decode_register(benchmark::State& state) {
   const int B = static_cast<int>(state.range(0)), G = static_cast<int>(state.range(1));
   Problem p(B, kRegisters, kBeam, G);
+  if (kDirect) p.split = cuda::decode_split(kRegisters, kHeads, B, cuda::sm_count());
   const double R = double(B) * kBeam;
   const double flop = 4.0 * kQd * R * (kRegisters + G);
   const double bytes = double(B) * kRegisters * kRowKV + R * G * kRowKV + R * 2 * kQd * sizeof(T);
@@ -239,6 +242,8 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark("decode_register", decode_register<false>)->Args({B, 2})->ArgNames({"B", "G"})
         ->UseManualTime()->Unit(benchmark::kMicrosecond);
     benchmark::RegisterBenchmark("decode_register_flash", decode_register<true>)->Args({B, 2})
+        ->ArgNames({"B", "G"})->UseManualTime()->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark("decode_register_direct", decode_register<true, true>)->Args({B, 2})
         ->ArgNames({"B", "G"})->UseManualTime()->Unit(benchmark::kMicrosecond);
   }
   try {

@@ -162,7 +162,7 @@ struct Problem {
     out.fill_bytes(0xFF, nullptr);  // NaN in bf16 and fp16
     cuda::Stream stream;
     if (decode) {
-      if (auto_split) split = cuda::flash_split(max_s, nh, int(spec.size()), cuda::sm_count());
+      if (auto_split) split = cuda::decode_split(max_s, nh, int(spec.size()), cuda::sm_count());
       cuda::DeviceBuffer<float> ws;
       ws.reserve(cuda::decode_workspace(rows, nh, hd, split.chunks));
       ws.fill_bytes(0xFF, stream.get());
@@ -262,9 +262,18 @@ TEST_CASE_TEMPLATE("flash-decoding (split-key partials + generated keys) equals 
   SUBCASE("GQA 8/2 heads of 64, strided mask, 70 beams (two query tiles), 1 generated key") {
     Problem<T>(8, 2, 64, 1, {beams(300, 70, 1), beams(65, 3, 1)}, 7).template run<Strided>(true);
   }
-  SUBCASE("head 16, register-only prefix of 2 keys at 0 and P + 1, 4 generated keys") {
+  SUBCASE("head 16, register-only prefix of 2 keys at 0 and P + 1, 4 generated keys: direct and through a flash pass") {
     SegSpec sg{5, 2, {0, 200}, std::vector<int>(5, 204)};
-    Problem<T>(2, 2, 16, 4, {sg}, 8).template run<attention::RegisterOnly>(true);
+    Problem<T> p(2, 2, 16, 4, {sg}, 8);
+    p.template run<attention::RegisterOnly>(true);  // decode_split: no flash pass (2 keys)
+    p.template run<attention::RegisterOnly>(true, {1, 64}, false);
+  }
+  SUBCASE("direct (no flash pass): head 128 GQA 8/2, prefixes of 16, 1 and 7 keys, strided mask, 3 generated keys") {
+    Problem<T> p(8, 2, 128, 3, {beams(16, 20, 3), beams(1, 4, 3), beams(7, 9, 3)}, 9);
+    p.template run<Strided>(true);
+    p.template run<attention::DenseCausal>(true, {0, 0}, false);
+    p.template run<attention::DenseCausal>(true, {1, 64}, false);  // the flash pass on the same problem
+    Problem<T>(4, 4, 64, 2, {beams(0, 3, 2), beams(3, 2, 2)}, 10).template run<attention::DenseCausal>(true);  // no prefix
   }
 }
 

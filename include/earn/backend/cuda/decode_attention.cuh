@@ -6,6 +6,7 @@
 // writes per (row, head, chunk) the unnormalised output and (max, sum) to a float workspace. Pass 2
 // (decode_combine): one warp per (row, head) scores the row's own generated keys, merges them with every chunk by
 // the usual rescaling (out = sum_i e^{m_i - M} O_i / sum_i e^{m_i - M} l_i) and writes the attention output in T.
+// Prefixes of at most 16 keys (EARN's late layers: the registers) skip pass 1: the combine pass scores them too.
 // Measured against the cuBLAS path (attention.cuh) by bench/cuda/bench_cuda_attention.cu.
 #pragma once
 
@@ -23,9 +24,12 @@ namespace earn::cuda {
 namespace kernel {
 
 constexpr int kDecMaxHd = 128;  // largest head size of the combine pass (4 output elements per lane)
+constexpr int kDecDirectKeys = 16;  // prefixes the combine pass scores itself (chunks = 0: no flash pass)
 
 /// Pass 2, see the file comment. One warp per (row, head); G generated keys per row (each row's own block); chunk
-/// c of a segment covers its prefix keys [c chunk_keys, (c + 1) chunk_keys).
+/// c of a segment covers its prefix keys [c chunk_keys, (c + 1) chunk_keys). chunks = 0 (direct): there was no
+/// first pass; the warp scores the segment's prefix keys itself (at most kDecDirectKeys of them: EARN's
+/// register-only late layers; a longer prefix writes NaN, so a wrong split cannot pass unseen).
 template <class Policy, class T>
 __global__ void decode_combine(const T* q, const T* gen_k, const T* gen_v, const int* row_src, const int* row_seg,
                                const Segment* segs, const int* pos, int rows, int nh, int nkv, int hd, int G,
@@ -44,11 +48,31 @@ __global__ void decode_combine(const T* q, const T* gen_k, const T* gen_v, const
     const T* gk = gen_k + static_cast<long long>(row_src[r]) * max_new * kvd + kvh * hd;
     const T* gv = gen_v + static_cast<long long>(row_src[r]) * max_new * kvd + kvh * hd;
     const float* ml = ws_ml + (static_cast<long long>(r) * nh + h) * chunks * 2;
-    // The largest logit over the chunks and the generated keys.
+    T* dst = out + static_cast<long long>(r) * qd + h * hd;
+    const bool direct = chunks == 0;
+    if (direct && sg.S > kDecDirectKeys) {
+      for (int d = lane; d < hd; d += 32) dst[d] = from_float<T>(NAN);
+      continue;
+    }
+    // The largest logit over the chunks (or the prefix keys) and the generated keys.
     float M = -INFINITY;
-    const int nchunks = min(chunks, (sg.S + chunk_keys - 1) / chunk_keys);
+    const int nchunks = direct ? 0 : min(chunks, (sg.S + chunk_keys - 1) / chunk_keys);
     for (int c = 0; c < nchunks; ++c)
       if (ml[2 * c + 1] > 0.0f) M = fmaxf(M, ml[2 * c]);
+    const T* pk = direct ? static_cast<const T*>(sg.pk) + kvh * hd : nullptr;
+    const T* pv = direct ? static_cast<const T*>(sg.pv) + kvh * hd : nullptr;
+    float ps[kDecDirectKeys];
+#pragma unroll
+    for (int i = 0; i < kDecDirectKeys; ++i) {
+      ps[i] = -INFINITY;
+      if (direct && i < sg.S) {  // the same for the whole warp (one row)
+        float acc = 0.0f;
+        for (int d = lane; d < hd; d += 32) acc += to_float(qv[d]) * to_float(pk[static_cast<long long>(i) * kvd + d]);
+        acc = warp_sum(acc) * scale;
+        if (Policy::visible(qpos, sg.kpos[i])) ps[i] = acc;
+        M = fmaxf(M, ps[i]);
+      }
+    }
     float gs[8];  // max_new <= 8 on this path (checked by the caller)
     for (int j = 0; j < G; ++j) {
       float acc = 0.0f;
@@ -69,6 +93,14 @@ __global__ void decode_combine(const T* q, const T* gen_k, const T* gen_v, const
         for (int i = 0; i < kPer; ++i)
           if (lane + 32 * i < hd) o[i] += f * wo[static_cast<long long>(c) * hd + lane + 32 * i];
       }
+#pragma unroll
+      for (int i = 0; i < kDecDirectKeys; ++i) {
+        if (ps[i] == -INFINITY) continue;
+        const float f = __expf(ps[i] - M);
+        L += f;
+        for (int e = 0; e < kPer; ++e)
+          if (lane + 32 * e < hd) o[e] += f * to_float(pv[static_cast<long long>(i) * kvd + lane + 32 * e]);
+      }
       for (int j = 0; j < G; ++j) {
         if (gs[j] == -INFINITY) continue;
         const float f = __expf(gs[j] - M);
@@ -78,7 +110,6 @@ __global__ void decode_combine(const T* q, const T* gen_k, const T* gen_v, const
       }
     }
     const float inv = L > 0.0f ? 1.0f / L : 0.0f;  // a row that sees no key gets 0, as the CPU backend
-    T* dst = out + static_cast<long long>(r) * qd + h * hd;
     for (int i = 0; i < kPer; ++i)
       if (lane + 32 * i < hd) dst[lane + 32 * i] = from_float<T>(o[i] * inv);
   }
@@ -97,8 +128,17 @@ inline std::size_t decode_workspace(int rows, int nh, int hd, int chunks) {
   return std::size_t(rows) * nh * chunks * (hd + 2);
 }
 
+/// The split decode_attention uses for prefixes of at most max_prefix keys: none (chunks = 0: the combine pass
+/// scores the keys itself, one launch instead of two) up to kDecDirectKeys keys (EARN's register-only late
+/// layers: 2 keys a user), flash_split's chunks above.
+inline FlashSplit decode_split(int max_prefix, int heads, int segments, int sms) {
+  if (max_prefix <= kernel::kDecDirectKeys) return {0, 0};
+  return flash_split(max_prefix, heads, segments, sms);
+}
+
 /// Fused decode attention over `nseg` segments (each with pk / pv / kpos set) into out [rows, nh * hd]; the
-/// prefixes are split as `split` says (flash_split); ws holds decode_workspace(rows, nh, hd, split.chunks) floats.
+/// prefixes are split as `split` says (decode_split or flash_split; chunks = 0 only when no prefix has more than
+/// kernel::kDecDirectKeys keys); ws holds decode_workspace(rows, nh, hd, split.chunks) floats.
 /// pdl: both passes launched as programmatic dependents (each waits for the kernel before it on the device).
 template <class Policy, class T>
 void decode_attention(cudaStream_t s, const T* q, const T* gen_k, const T* gen_v, const int* row_src,
@@ -121,7 +161,7 @@ void decode_attention(cudaStream_t s, const T* q, const T* gen_k, const T* gen_v
   fa.chunks = split.chunks;
   fa.chunk_keys = split.chunk_keys;
   fa.pdl = pdl;
-  flash_attention<Policy, true>(s, fa);
+  if (split.chunks > 0) flash_attention<Policy, true>(s, fa);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   launch(pdl, kernel::decode_combine<Policy, T>, kernel::grid_for(Index{rows} * nh * 32), kernel::kThreads, 0, s, q,
          gen_k, gen_v, row_src, row_seg, segs, pos, rows, nh, nkv, hd, G, max_new, scale, split.chunks,

@@ -412,7 +412,7 @@ class Engine<Schedule, CudaT<DType>> {
       }
       plan.add_layer(std::move(segs), rw.seg_user, c.n_heads);
       auto& lp = plan.layers.back();
-      lp.split = cuda::flash_split(max_s, c.n_heads, lp.nseg, sms_);
+      lp.split = cuda::decode_split(max_s, c.n_heads, lp.nseg, sms_);
       workspace = std::max(workspace, cuda::decode_workspace(rows, c.n_heads, c.head_dim(), lp.split.chunks));
     }
     // The fused path's workspace lives in the score buffer (the cuBLAS path's scores are not used then).
