@@ -93,21 +93,17 @@ __global__ void decode_combine(const T* q, const T* gen_k, const T* gen_v, const
         for (int i = 0; i < kPer; ++i)
           if (lane + 32 * i < hd) o[i] += f * wo[static_cast<long long>(c) * hd + lane + 32 * i];
       }
-#pragma unroll
-      for (int i = 0; i < kDecDirectKeys; ++i) {
-        if (ps[i] == -INFINITY) continue;
-        const float f = __expf(ps[i] - M);
+      auto add_key = [&](float logit, const T* vrow) {  // one key of logit > -inf, value row vrow
+        const float f = __expf(logit - M);
         L += f;
         for (int e = 0; e < kPer; ++e)
-          if (lane + 32 * e < hd) o[e] += f * to_float(pv[static_cast<long long>(i) * kvd + lane + 32 * e]);
-      }
-      for (int j = 0; j < G; ++j) {
-        if (gs[j] == -INFINITY) continue;
-        const float f = __expf(gs[j] - M);
-        L += f;
-        for (int i = 0; i < kPer; ++i)
-          if (lane + 32 * i < hd) o[i] += f * to_float(gv[static_cast<long long>(j) * kvd + lane + 32 * i]);
-      }
+          if (lane + 32 * e < hd) o[e] += f * to_float(vrow[lane + 32 * e]);
+      };
+#pragma unroll
+      for (int i = 0; i < kDecDirectKeys; ++i)
+        if (ps[i] != -INFINITY) add_key(ps[i], pv + static_cast<long long>(i) * kvd);
+      for (int j = 0; j < G; ++j)
+        if (gs[j] != -INFINITY) add_key(gs[j], gv + static_cast<long long>(j) * kvd);
     }
     const float inv = L > 0.0f ? 1.0f / L : 0.0f;  // a row that sees no key gets 0, as the CPU backend
     for (int i = 0; i < kPer; ++i)
