@@ -161,21 +161,14 @@ void run(benchmark::State& state, Problem& p, double flop, double bytes) {
   cuda::BlasHandle h;
   cuda::Stream s;
   EARN_CUDA_CHECK(cublasSetStream(h.get(), s.get()));
-  cudaEvent_t a, b;
-  EARN_CUDA_CHECK(cudaEventCreate(&a));
-  EARN_CUDA_CHECK(cudaEventCreate(&b));
+  cuda::Event a, b;
   for (int i = 0; i < 3; ++i) call<Policy, kFused>(h.get(), s.get(), p);  // warm-up: cuBLAS heuristics
   for (auto _ : state) {
-    EARN_CUDA_CHECK(cudaEventRecord(a, s.get()));
+    a.record(s.get());
     call<Policy, kFused>(h.get(), s.get(), p);
-    EARN_CUDA_CHECK(cudaEventRecord(b, s.get()));
-    EARN_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    EARN_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    state.SetIterationTime(ms * 1e-3);
+    b.record(s.get());
+    state.SetIterationTime(cuda::Event::elapsed_ms(a, b) * 1e-3);
   }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
   state.counters["FLOP"] = benchmark::Counter(flop, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["bytes"] = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate);
   // fp32 scores + probs written and read by the cuBLAS path; the flash kernels keep them on chip.

@@ -34,22 +34,15 @@ using T = __nv_bfloat16;
 
 template <class F>
 float median_ms(cudaStream_t s, F&& f) {
-  cudaEvent_t a, b;
-  EARN_CUDA_CHECK(cudaEventCreate(&a));
-  EARN_CUDA_CHECK(cudaEventCreate(&b));
+  cuda::Event a, b;
   for (int i = 0; i < 3; ++i) f();
   std::vector<float> ms;
   for (int i = 0; i < 20; ++i) {
-    EARN_CUDA_CHECK(cudaEventRecord(a, s));
+    a.record(s);
     f();
-    EARN_CUDA_CHECK(cudaEventRecord(b, s));
-    EARN_CUDA_CHECK(cudaEventSynchronize(b));
-    float m = 0;
-    EARN_CUDA_CHECK(cudaEventElapsedTime(&m, a, b));
-    ms.push_back(m);
+    b.record(s);
+    ms.push_back(cuda::Event::elapsed_ms(a, b));
   }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2];
 }

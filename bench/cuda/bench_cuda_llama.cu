@@ -46,22 +46,11 @@ float median(std::vector<float> v) {
 
 // Event timer on one stream.
 struct Timer {
-  cudaEvent_t a, b;
-  Timer() {
-    EARN_CUDA_CHECK(cudaEventCreate(&a));
-    EARN_CUDA_CHECK(cudaEventCreate(&b));
-  }
-  ~Timer() {
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
-  }
-  void start(cudaStream_t s) { EARN_CUDA_CHECK(cudaEventRecord(a, s)); }
+  cuda::Event a, b;
+  void start(cudaStream_t s) { a.record(s); }
   float stop(cudaStream_t s) {
-    EARN_CUDA_CHECK(cudaEventRecord(b, s));
-    EARN_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    EARN_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    return ms;
+    b.record(s);
+    return cuda::Event::elapsed_ms(a, b);
   }
 };
 

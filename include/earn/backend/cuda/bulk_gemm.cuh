@@ -86,6 +86,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
   const int splits = gridDim.y, split = blockIdx.y;
   const int first = split * split_stages;
   const int nk = min(split_stages, (in + KS - 1) / KS - first);
+  // 64-k boxes of stage i that hold any k < in (boxes past `in` are neither sent nor read).
+  auto boxes_of = [&](int i) { return min(NB, (in - (first + i) * KS + 63) / 64); };
   pdl_trigger();  // the kernel after this one may be placed now: it waits for this grid before touching memory
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
@@ -104,11 +106,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
 
   if (warp == Cfg::kConsumers) {  // the producer warp: one lane issues every copy
     if (lane == 0) {
-      auto boxes_of = [&](int i) { return min(NB, (in - (first + i) * KS + 63) / 64); };  // boxes past `in`: not sent
       auto load_w = [&](int i) {
         unsigned char* st = ring + (i % S) * kStageBytes;
         const int kb = (first + i) * KS;
-        for (int b = 0, boxes = boxes_of(i); b < boxes; ++b) tma_load_2d(st + b * kWBox, &maps.w, kb + 64 * b, n0, &full[i % S]);
+        for (int b = 0, boxes = boxes_of(i); b < boxes; ++b)
+          tma_load_2d(st + b * kWBox, &maps.w, kb + 64 * b, n0, &full[i % S]);
       };
       auto load_x = [&](int i) {
         unsigned char* st = ring + (i % S) * kStageBytes;
@@ -139,7 +141,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocks)
       const int s = i % S;
       mbar_wait(&full[s], (i / S) & 1);
       const std::uint32_t st = smem_addr(ring + s * kStageBytes);
-      const int steps = 4 * min(NB, (in - (first + i) * KS + 63) / 64);  // zeros past `in` add nothing
+      const int steps = 4 * boxes_of(i);  // k16 steps
       for (int kk = kw; kk < steps; kk += KW) {
         const int b = kk >> 2, q0 = (kk & 3) * 2;
         const std::uint32_t wb = st + b * kWBox, xb = st + NB * kWBox + b * kXBox;

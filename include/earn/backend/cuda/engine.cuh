@@ -589,8 +589,9 @@ class Engine<Schedule, CudaT<DType>> {
   }
 
   // y [rows, out] = x [rows, in] w^T + beta y: with use_bulk_gemm / use_stream_gemm, earn's few-row kernels (at most
-  // 32 / kStreamRows rows); a cuBLASLt algorithm where tune_gemms chose one; cublasGemmEx's default otherwise. stream_gemm takes up to 32 rows, but past 8 it is slower than cuBLAS on an
-  // H200 (0.94x over the five Llama-7B shapes at 20 rows, 0.86x at 32: bench_cuda_gemm, bench/README.md).
+  // 32 / kStreamRows rows); a cuBLASLt algorithm where tune_gemms chose one; cublasGemmEx's default otherwise.
+  // stream_gemm takes up to 32 rows, but past 8 it is slower than cuBLAS on an H200 (0.94x over the five Llama-7B
+  // shapes at 20 rows, 0.86x at 32: bench_cuda_gemm, bench/README.md).
   static constexpr int kStreamRows = 8;
   template <class TY>
   void gemm(State& st, Gemm g, const T* x, const T* w, TY* y, int rows, float beta = 0.0f) const {
