@@ -63,8 +63,8 @@ struct Problem {
   std::vector<int> seg_k0;             // first key row of each segment in k / v
   int rows = 0;
 
-  Problem(int nh_, int nkv_, int hd_, int G_, std::vector<SegSpec> s, unsigned seed)
-      : nh(nh_), nkv(nkv_), hd(hd_), G(G_), spec(std::move(s)) {
+  Problem(int nh_, int nkv_, int hd_, int G_, std::vector<SegSpec> s, unsigned seed, int max_new_ = 4)
+      : nh(nh_), nkv(nkv_), hd(hd_), G(G_), max_new(max_new_), spec(std::move(s)) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd(0.0f, 1.0f);
     auto rnd = [&](std::size_t n, float scale) {
@@ -127,6 +127,36 @@ struct Problem {
   // Runs the kernels (decode when G > 0 or `partial`) and compares every (row, head). Returns the worst error.
   template <class Policy>
   double run(bool decode, cuda::FlashSplit split = {}, bool auto_split = true) {
+    const std::vector<T> got = outputs<Policy>(decode, split, auto_split);
+    double worst = 0;
+    int r = 0, bad = 0, zero_rows = 0;
+    for (std::size_t s = 0; s < spec.size(); ++s)
+      for (int i = 0; i < spec[s].nq; ++i, ++r)
+        for (int h = 0; h < nh; ++h) {
+          const std::vector<double> want = reference<Policy>(int(s), i, r, h);
+          double d2 = 0, w2 = 0;
+          bool finite = true;
+          for (int e = 0; e < hd; ++e) {
+            const double g = cuda::to_float(got[(std::size_t(r) * nh + h) * hd + e]);
+            finite &= std::isfinite(g);
+            d2 += (g - want[e]) * (g - want[e]);
+            w2 += want[e] * want[e];
+          }
+          if (w2 == 0) ++zero_rows;
+          const double err = finite ? std::sqrt(d2) / std::max(std::sqrt(w2), 1e-3) : INFINITY;
+          if (!(err <= 2e-2) && bad++ < 5) MESSAGE("segment " << s << " row " << i << " head " << h << ": error " << err);
+          worst = std::max(worst, err);
+        }
+    CHECK(bad == 0);
+    CHECK(worst <= 2e-2);
+    MESSAGE(std::string(decode ? "decode" : "prefill") << " hd " << hd << " nh " << nh << "/" << nkv << ": worst " << worst
+                                            << ", rows that see nothing " << zero_rows / nh);
+    return worst;
+  }
+
+  // The kernels' output [rows, nh * hd] (poisoned with NaN before the launch).
+  template <class Policy>
+  std::vector<T> outputs(bool decode, cuda::FlashSplit split = {}, bool auto_split = true) {
     const int qd = nh * hd, kvd = nkv * hd;
     auto dq = upload(to_device_type<T>(q)), dk = upload(to_device_type<T>(k)), dv = upload(to_device_type<T>(v));
     auto dgk = upload(to_device_type<T>(gk)), dgv = upload(to_device_type<T>(gv));
@@ -184,31 +214,7 @@ struct Problem {
       cuda::flash_attention<Policy, false>(stream.get(), fa);
       EARN_CUDA_CHECK(cudaStreamSynchronize(stream.get()));
     }
-    const std::vector<T> got = download(out, std::size_t(rows) * qd);
-    double worst = 0;
-    int r = 0, bad = 0, zero_rows = 0;
-    for (std::size_t s = 0; s < spec.size(); ++s)
-      for (int i = 0; i < spec[s].nq; ++i, ++r)
-        for (int h = 0; h < nh; ++h) {
-          const std::vector<double> want = reference<Policy>(int(s), i, r, h);
-          double d2 = 0, w2 = 0;
-          bool finite = true;
-          for (int e = 0; e < hd; ++e) {
-            const double g = cuda::to_float(got[(std::size_t(r) * nh + h) * hd + e]);
-            finite &= std::isfinite(g);
-            d2 += (g - want[e]) * (g - want[e]);
-            w2 += want[e] * want[e];
-          }
-          if (w2 == 0) ++zero_rows;
-          const double err = finite ? std::sqrt(d2) / std::max(std::sqrt(w2), 1e-3) : INFINITY;
-          if (!(err <= 2e-2) && bad++ < 5) MESSAGE("segment " << s << " row " << i << " head " << h << ": error " << err);
-          worst = std::max(worst, err);
-        }
-    CHECK(bad == 0);
-    CHECK(worst <= 2e-2);
-    MESSAGE(std::string(decode ? "decode" : "prefill") << " hd " << hd << " nh " << nh << "/" << nkv << ": worst " << worst
-                                            << ", rows that see nothing " << zero_rows / nh);
-    return worst;
+    return download(out, std::size_t(rows) * qd);
   }
 };
 
@@ -274,6 +280,28 @@ TEST_CASE_TEMPLATE("flash-decoding (split-key partials + generated keys) equals 
     p.template run<attention::DenseCausal>(true, {0, 0}, false);
     p.template run<attention::DenseCausal>(true, {1, 64}, false);  // the flash pass on the same problem
     Problem<T>(4, 4, 64, 2, {beams(0, 3, 2), beams(3, 2, 2)}, 10).template run<attention::DenseCausal>(true);  // no prefix
+  }
+  SUBCASE("direct, 4-key form (what decode_split gives for <= 4 keys): prefixes of 0-4 keys; a longer one gets NaN") {
+    CHECK(cuda::decode_split(2, 32, 1, 132).chunks == 0);
+    CHECK(cuda::decode_split(2, 32, 1, 132).chunk_keys == 4);
+    CHECK(cuda::decode_split(5, 32, 1, 132).chunk_keys == cuda::kernel::kDecDirectKeys);
+    CHECK(cuda::decode_split(17, 32, 1, 132).chunks > 0);
+    Problem<T>(8, 2, 128, 3, {beams(4, 20, 3), beams(1, 4, 3), beams(0, 2, 3)}, 11).template run<Strided>(true);
+    Problem<T> p(4, 4, 128, 2, {beams(2, 3, 2), beams(5, 4, 2)}, 12);
+    const std::vector<T> got = p.template outputs<attention::DenseCausal>(true, {0, 4}, false);
+    const std::size_t first = std::size_t(3) * 4 * 128;  // the second segment's rows
+    int nan_first = 0, nan_second = 0;
+    for (std::size_t i = 0; i < got.size(); ++i)
+      (i < first ? nan_first : nan_second) += std::isnan(cuda::to_float(got[i])) ? 1 : 0;
+    CHECK(nan_first == 0);
+    CHECK(nan_second == int(got.size() - first));
+  }
+  SUBCASE("up to 8 new tokens (the combine pass's 8-key form): 7 generated keys, chunked, direct 4 and 16 keys") {
+    Problem<T> p(4, 2, 128, 7, {beams(130, 6, 7), beams(3, 5, 7)}, 13, 8);
+    p.template run<attention::DenseCausal>(true);  // flash pass + combine
+    Problem<T> d(4, 2, 64, 7, {beams(3, 6, 7), beams(12, 5, 7)}, 14, 8);
+    d.template run<Strided>(true);                 // direct, 16-key form
+    d.template run<Strided>(true, {0, 4}, false);  // > 4 new tokens: a 4-key split still takes the 16-key form
   }
 }
 

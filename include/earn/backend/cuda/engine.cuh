@@ -694,8 +694,9 @@ class Engine<Schedule, CudaT<DType>> {
     const int interleaved = c.rope_style == RopeStyle::kInterleaved ? 1 : 0;
     bool rotated = false;
     if constexpr (sizeof(T) == 2) {
-      if (k::qkv_post_row_supported<T>(hd)) {  // one block per row, 16-byte pieces
-        cuda::launch(st.pdl_on_, k::qkv_post_row<T>, rows, 128, 0, s, st.qkv_.data(), bias, pos, row_seg, segs,
+      if (k::qkv_post_row_supported<T>(hd)) {  // blocks per row, 16-byte pieces
+        const dim3 grid(rows, k::qkv_post_parts(rows, c.n_heads + c.n_kv_heads, sms_));
+        cuda::launch(st.pdl_on_, k::qkv_post_row<T>, grid, 128, 0, s, st.qkv_.data(), bias, pos, row_seg, segs,
                      row_src, st.gen_len_, store.max_new(), c.n_heads, c.n_kv_heads, hd, c.rope_theta, interleaved,
                      st.q_.data(), k_dst, v_dst, kpos_dst);
         rotated = true;

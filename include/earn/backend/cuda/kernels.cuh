@@ -109,23 +109,24 @@ __global__ void rmsnorm_vec4(const float* x, const float* g, float eps, int dim,
   pdl_wait();
   const int n4 = dim / 4;
   const float4* xr = reinterpret_cast<const float4*>(x + static_cast<long long>(blockIdx.x) * dim);
-  float4 v[kNormVec];
+  const float4* g4 = reinterpret_cast<const float4*>(g);
+  float4 v[kNormVec], gv[kNormVec];  // the gains are read with x, not after the reduction (one wait, not two)
   float ss = 0.0f;
 #pragma unroll
   for (int j = 0; j < kNormVec; ++j) {
     const int i = threadIdx.x + j * blockDim.x;
     v[j] = i < n4 ? xr[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    gv[j] = i < n4 ? g4[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
   }
   ss = block_reduce<false>(ss, red);
   const float inv = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
   T* o = out + static_cast<long long>(blockIdx.x) * dim;
-  const float4* g4 = reinterpret_cast<const float4*>(g);
 #pragma unroll
   for (int j = 0; j < kNormVec; ++j) {
     const int i = threadIdx.x + j * blockDim.x;
     if (i >= n4) break;
-    const float4 gg = g4[i];
+    const float4 gg = gv[j];
     const T r[4] = {from_float<T>(v[j].x * inv * gg.x), from_float<T>(v[j].y * inv * gg.y),
                     from_float<T>(v[j].z * inv * gg.z), from_float<T>(v[j].w * inv * gg.w)};
     if constexpr (sizeof(T) == 2) {
@@ -208,10 +209,12 @@ __global__ void qkv_post(const T* qkv, const float* bias, const int* pos, const 
   }
 }
 
-/// qkv_post with one block per row: the row's cos / sin of every rotation pair are computed once into shared memory
-/// (the same float formula as qkv_post and the CPU backend), then q / k heads move in 16-byte pieces (8 pairs: 8
-/// elements of each half for rotate_half, 4 adjacent pairs for interleaved) and v is copied in 16-byte pieces.
-/// 16-bit T; hd % 16 == 0 and hd <= 256.
+/// qkv_post with blocks per row: block (r, part) of a grid [rows, parts] computes row r's cos / sin of every
+/// rotation pair into shared memory (the same float formula as qkv_post and the CPU backend), then moves its share
+/// of the q / k heads in 16-byte pieces (8 pairs: 8 elements of each half for rotate_half, 4 adjacent pairs for
+/// interleaved) and copies its share of v in 16-byte pieces. parts > 1 at a few rows (decode at B = 1: 20 rows)
+/// so each thread has one piece, not a chain of dependent loads (qkv_post_parts). 16-bit T; hd % 16 == 0 and hd
+/// <= 256.
 template <class T>
 __global__ void __launch_bounds__(128) qkv_post_row(const T* qkv, const float* bias, const int* pos, const int* row_seg, const Segment* segs,
                              const int* row_src, int gen_step, int max_new, int nh, int nkv, int hd, float theta,
@@ -224,7 +227,7 @@ __global__ void __launch_bounds__(128) qkv_post_row(const T* qkv, const float* b
   const long long slot = kv_slot(r, row_seg, segs, row_src, gen_step, max_new);
   const int p = pos[r];
   for (int i = threadIdx.x; i < half; i += blockDim.x) rope_cos_sin(theta, i, hd, p, cs[i], sn[i]);
-  if (threadIdx.x == 0 && kpos_out) kpos_out[slot] = p;
+  if (threadIdx.x == 0 && blockIdx.y == 0 && kpos_out) kpos_out[slot] = p;
   __syncthreads();
   auto load8 = [&](int col, float (&f)[8]) {
     const uint4 u = *reinterpret_cast<const uint4*>(src + col);
@@ -237,7 +240,10 @@ __global__ void __launch_bounds__(128) qkv_post_row(const T* qkv, const float* b
     for (int j = 0; j < 8; ++j) e[j] = from_float<T>(f[j]);
     *reinterpret_cast<uint4*>(dst) = u;
   };
-  const int heads = nh + nkv;
+  // This block's heads [h0, h1) of the nh + nkv q / k heads and its 16-byte pieces [v0, v1) of v.
+  const int per = (nh + nkv + gridDim.y - 1) / gridDim.y, vper = (kvd / 8 + gridDim.y - 1) / gridDim.y;
+  const int h0 = blockIdx.y * per, heads = min(nh + nkv - h0, per);
+  const int v0 = blockIdx.y * vper, v1 = min(kvd / 8, v0 + vper);
   // q / k head `head` of the row: its first column in qkv, and where its rotated values go.
   auto src_col = [&](int head) { return head < nh ? head * hd : qd + (head - nh) * hd; };
   auto dst_of = [&](int head) {
@@ -246,7 +252,7 @@ __global__ void __launch_bounds__(128) qkv_post_row(const T* qkv, const float* b
   if (interleaved) {  // pairs (2i, 2i + 1): a piece of 8 holds pairs i0 .. i0 + 3
     const int pieces = hd / 8;
     for (int t = threadIdx.x; t < heads * pieces; t += blockDim.x) {
-      const int head = t / pieces, c = (t % pieces) * 8;
+      const int head = h0 + t / pieces, c = (t % pieces) * 8;
       float a[8], o[8];
       load8(src_col(head) + c, a);
       for (int j = 0; j < 4; ++j) {
@@ -259,7 +265,7 @@ __global__ void __launch_bounds__(128) qkv_post_row(const T* qkv, const float* b
   } else {  // pairs (i, i + hd / 2): a piece of 8 from each half
     const int pieces = half / 8;
     for (int t = threadIdx.x; t < heads * pieces; t += blockDim.x) {
-      const int head = t / pieces, c = (t % pieces) * 8, base = src_col(head);
+      const int head = h0 + t / pieces, c = (t % pieces) * 8, base = src_col(head);
       float a[8], b[8], oa[8], ob[8];
       load8(base + c, a);
       load8(base + half + c, b);
@@ -272,7 +278,7 @@ __global__ void __launch_bounds__(128) qkv_post_row(const T* qkv, const float* b
       store8(dst + half + c, ob);
     }
   }
-  for (int c = threadIdx.x * 8; c < kvd; c += blockDim.x * 8) {
+  for (int c = (v0 + threadIdx.x) * 8; c < v1 * 8; c += blockDim.x * 8) {
     float v[8];
     load8(qd + kvd + c, v);
     store8(v_out + slot * kvd + c, v);
@@ -283,6 +289,11 @@ __global__ void __launch_bounds__(128) qkv_post_row(const T* qkv, const float* b
 template <class T>
 constexpr bool qkv_post_row_supported(int hd) {
   return sizeof(T) == 2 && hd % 16 == 0 && hd <= 256;
+}
+
+/// Blocks per row for qkv_post_row: about two blocks per multiprocessor in all, at most one per q / k head.
+inline int qkv_post_parts(int rows, int heads, int sms) {
+  return std::clamp((2 * sms + rows - 1) / std::max(rows, 1), 1, std::max(heads, 1));
 }
 
 /// a[r, i] = silu(gu[r, i]) * gu[r, H + i]: the gate and up halves of the fused w1|w3 GEMM.
