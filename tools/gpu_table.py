@@ -4,7 +4,8 @@
     python3 tools/gpu_table.py bench_earn.json [bench_peers.json]
 
 Table 1: per (B, P, schedule) prefill / decode / total ms against the floors the benchmark computed in the same
-run (sustained GEMM rate; the burst-rate ratio beside it), KV bytes and the speed-up over earn dense.
+run (sustained GEMM rate; the burst-rate and layer-sequential ratios beside it, the latter where the JSON has
+prefill_seq_floor_ms), KV bytes and the speed-up over earn dense.
 Table 2 (with the peers' JSON): Hugging Face generate and the eager PyTorch EARN against earn dense and EARN k = 6.
 """
 import json
@@ -17,16 +18,19 @@ def main(earn_path, peers_path=None):
     dense = {(r["B"], r["P"]): r["prefill_ms"] + r["decode_ms"] for r in rows if r["k"] < 0}
     print(f"card {e['card']}: copy {e['copy_bandwidth_Bps'] / 1e9:.0f} GB/s, bf16 GEMM "
           f"{e['bf16_gemm_flops'] / 1e12:.0f} TFLOP/s sustained ({e.get('bf16_gemm_flops_burst', 0) / 1e12:.0f} burst)\n")
+    seq = all("prefill_seq_floor_ms" in r for r in rows)
     print("| B | P | schedule | prefill ms (floor) | decode ms, 3 steps (floor) | total ms | floor ms | measured / floor "
-          "| / burst floor | KV MB | vs earn dense |")
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| / burst floor |" + (" / layer-seq floor |" if seq else "") + " KV MB | vs earn dense |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if seq else "") + "---:|---:|")
     for r in rows:
         total = r["prefill_ms"] + r["decode_ms"]
         floor = r["prefill_floor_ms"] + r["decode_floor_ms"]
         name = "dense" if r["k"] < 0 else f"EARN k={r['k']}"
         print(f"| {r['B']} | {r['P']} | {name} | {r['prefill_ms']:.1f} ({r['prefill_floor_ms']:.1f}) | "
               f"{r['decode_ms']:.1f} ({r['decode_floor_ms']:.1f}) | {total:.1f} | {floor:.1f} | {total / floor:.2f} | "
-              f"{total / r['burst_floor_ms']:.2f} | {r['kv_bytes'] / 1e6:.0f} | {dense[(r['B'], r['P'])] / total:.2f}x |")
+              f"{total / r['burst_floor_ms']:.2f} | "
+              + (f"{total / (r['prefill_seq_floor_ms'] + r['decode_floor_ms']):.2f} | " if seq else "")
+              + f"{r['kv_bytes'] / 1e6:.0f} | {dense[(r['B'], r['P'])] / total:.2f}x |")
     if not peers_path:
         return
     p = json.load(open(peers_path))

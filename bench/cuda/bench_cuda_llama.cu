@@ -6,7 +6,7 @@
 //
 //   bench_cuda_llama [--json out.json] [--reps 3] [--layers 32] [--users 1,4,32] [--prompts 256,512]
 //                    [--ks -1,2,4,6,8] [--graphs 1] [--flash 1] [--stream-gemm 0] [--bulk-gemm 0] [--pdl 1] [--tune 1]
-//                    [--profile 0]
+//                    [--tune-prefill 0] [--tune-candidates 8] [--profile 0]
 // --ks: schedules (-1 dense); --graphs 0: decode steps launch kernel by kernel instead of replaying CUDA graphs;
 // --flash 0: attention (prefill and decode) through the cuBLAS path instead of the tensor-core flash kernels;
 // --stream-gemm 1: GEMMs of <= 8 rows through the weight-streaming kernel (stream_gemm.cuh) instead of cuBLAS;
@@ -14,6 +14,8 @@
 // --tune 1 (default; 0: cublasGemmEx's default algorithm everywhere): Engine::tune_gemms for the decode rows
 //   (B x 20), the late layers' register rows (B x 2) and the prefill logits rows (B) before the first prefill (not
 //   timed; the tuning time is printed);
+// --tune-prefill 1: also tune the prefill's dense row count B x (P + 2) (not the classifier there; off by default:
+//   no gain measured, NOTES v29); --tune-candidates: cuBLASLt heuristic algorithms tried per product;
 // --pdl 0: the kernels after a layer's GEMMs as ordinary launches instead of programmatic dependent ones
 //   (State::use_pdl, on by default);
 // --profile 1 (2): only the last repetition's decode steps (prefill) run between cudaProfilerStart/Stop, for
@@ -108,6 +110,7 @@ struct Result {
   float prefill_ms, decode_ms;
   Index kv_bytes;
   double prefill_floor_ms, decode_floor_ms;
+  double prefill_seq_floor_ms;  // layer by layer: sum of each layer's max(bytes / bandwidth, FLOPs / rate)
   double burst_floor_ms;  // the whole floor at the burst GEMM rate
   double flops, bytes;
 };
@@ -116,7 +119,7 @@ struct Result {
 
 int main(int argc, char** argv) {
   std::string json;
-  int reps = 3, layers = 32, graphs = 1, flash = 1, stream_gemm = 0, bulk_gemm = 0, pdl = 1, tune = 1, profile = 0;
+  int reps = 3, layers = 32, graphs = 1, flash = 1, stream_gemm = 0, bulk_gemm = 0, pdl = 1, tune = 1, tune_prefill = 0, candidates = 8, profile = 0;
   std::vector<int> Bs = {1, 4, 32}, Ps = {256, 512}, Ks = {-1, 2, 4, 6, 8};
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
@@ -131,6 +134,8 @@ int main(int argc, char** argv) {
     else if (a == "--stream-gemm") stream_gemm = std::atoi(argv[i + 1]);
     else if (a == "--bulk-gemm") bulk_gemm = std::atoi(argv[i + 1]);
     else if (a == "--tune") tune = std::atoi(argv[i + 1]);
+    else if (a == "--tune-prefill") tune_prefill = std::atoi(argv[i + 1]);
+    else if (a == "--tune-candidates") candidates = std::atoi(argv[i + 1]);
     else if (a == "--pdl") pdl = std::atoi(argv[i + 1]);
     else if (a == "--profile") profile = std::atoi(argv[i + 1]);
     else {
@@ -186,9 +191,16 @@ int main(int argc, char** argv) {
             const auto t0 = std::chrono::steady_clock::now();
             const std::vector<int> rows = {B * beam, B * r, B};
             int lt = 0;
-            for (const auto& t : engine.tune_gemms(st, rows)) lt += t.lt;
-            std::printf("  tune_gemms(%d, %d, %d rows): %d of 15 products on a cuBLASLt algorithm, %.0f ms\n", B * beam,
-                        B * r, B, lt, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+            int n = 0;
+            for (const auto& t : engine.tune_gemms(st, rows, {.candidates = candidates})) lt += t.lt, ++n;
+            if (tune_prefill) {
+              const std::vector<int> pre_rows = {B * (P + r)};
+              for (const auto& t : engine.tune_gemms(st, pre_rows, {.candidates = candidates, .classifier = false}))
+                lt += t.lt, ++n;
+            }
+            std::printf("  tune_gemms(%d, %d, %d rows%s): %d of %d products on a cuBLASLt algorithm, %.0f ms\n", B * beam,
+                        B * r, B, tune_prefill ? (", " + std::to_string(B * (P + r)) + " w/o classifier").c_str() : "",
+                        lt, n, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
           }
           std::vector<int> users(B), row_user(B * beam);
           std::vector<std::vector<int>> prompts(B);
@@ -229,18 +241,25 @@ int main(int argc, char** argv) {
               dec.push_back(d_ms);
             }
           }
-          Result res{B, P, k, median(pre), median(dec), st.kv_bytes(), 0, 0, 0, 0, 0};
+          Result res{B, P, k, median(pre), median(dec), st.kv_bytes(), 0, 0, 0, 0, 0, 0};
           // Floors. Prefill: weights read once + KV written, against the GEMM FLOPs (+ causal attention pairs).
           const double n_in = P + r;
+          // The layer-sequential floor adds each layer's own roofline: a layer cannot start before the one below
+          // ends, so a compute-bound early layer does not hide a bandwidth-bound late layer's weights (EARN's
+          // prefill at few users: dense early layers over B (P + 2) rows, register-only late layers over 2B).
+          const double row_bytes = 2.0 * kvd * 2;  // K and V, bf16
           double pf = 2.0 * head_params * B, pre_kv_rows = 0;
+          double seq = std::max(2.0 * head_params / bw, 2.0 * head_params * B / rate);
           for (int l = 0; l < layers; ++l) {
             const double rows = l < kk ? n_in : r;
-            pf += 2.0 * layer_params * rows * B + 4.0 * hd * c.n_heads * (rows * (rows + 1) / 2) * B;
+            const double lf = 2.0 * layer_params * rows * B + 4.0 * hd * c.n_heads * (rows * (rows + 1) / 2) * B;
+            pf += lf;
             pre_kv_rows += rows * B;
+            seq += std::max((2.0 * layer_params + rows * B * row_bytes) / bw, lf / rate);
           }
-          const double row_bytes = 2.0 * kvd * 2;  // K and V, bf16
           const double pb = wbytes + pre_kv_rows * row_bytes;
           res.prefill_floor_ms = std::max(pb / bw, pf / rate) * 1e3;
+          res.prefill_seq_floor_ms = std::max(res.prefill_floor_ms, seq * 1e3);
           res.burst_floor_ms = std::max(pb / bw, pf / gr.burst) * 1e3;
           // Decode step g: weights + the prefix KV (once per user) + generated KV read; logits written.
           const double R = double(B) * beam;
@@ -263,11 +282,13 @@ int main(int argc, char** argv) {
           res.bytes = pb + dbytes_all;
           results.push_back(res);
           const double total = res.prefill_ms + res.decode_ms, floor = res.prefill_floor_ms + res.decode_floor_ms;
-          std::printf("B=%2d P=%3d %-6s prefill %8.2f ms (floor %7.2f)  decode %7.2f ms (floor %6.2f)  total %8.2f ms  "
-                      "floor %8.2f  x%.2f (burst floor x%.2f)  KV %.3f GB  prefill host %.1f ms\n",
-                      B, P, k < 0 ? "dense" : ("k=" + std::to_string(k)).c_str(), res.prefill_ms,
-                      res.prefill_floor_ms, res.decode_ms, res.decode_floor_ms, total, floor, total / floor, total / res.burst_floor_ms,
-                      double(res.kv_bytes) / 1e9, median(host_ms));
+          const double seq_floor = res.prefill_seq_floor_ms + res.decode_floor_ms;
+          std::printf("B=%2d P=%3d %-6s prefill %8.2f ms (floor %7.2f, layer-seq %7.2f)  decode %7.2f ms (floor %6.2f)  "
+                      "total %8.2f ms  floor %8.2f  x%.2f (burst floor x%.2f, layer-seq x%.2f)  KV %.3f GB  prefill host "
+                      "%.1f ms\n",
+                      B, P, k < 0 ? "dense" : ("k=" + std::to_string(k)).c_str(), res.prefill_ms, res.prefill_floor_ms,
+                      res.prefill_seq_floor_ms, res.decode_ms, res.decode_floor_ms, total, floor, total / floor,
+                      total / res.burst_floor_ms, total / seq_floor, double(res.kv_bytes) / 1e9, median(host_ms));
           std::fflush(stdout);
         }
 
@@ -283,6 +304,7 @@ int main(int argc, char** argv) {
                             {"small_gemm", bulk_gemm ? "bulk_gemm" : stream_gemm ? "stream_gemm" : "cublas"},
                             {"pdl", pdl != 0},
                             {"tuned_gemms", tune != 0},
+                            {"tuned_prefill_rows", tune != 0 && tune_prefill != 0},
                             {"results", nlohmann::json::array()}};
       for (const Result& x : results)
         out["results"].push_back({{"B", x.B},
@@ -292,6 +314,7 @@ int main(int argc, char** argv) {
                                   {"decode_ms", x.decode_ms},
                                   {"kv_bytes", x.kv_bytes},
                                   {"prefill_floor_ms", x.prefill_floor_ms},
+                                  {"prefill_seq_floor_ms", x.prefill_seq_floor_ms},
                                   {"decode_floor_ms", x.decode_floor_ms},
                                   {"burst_floor_ms", x.burst_floor_ms},
                                   {"flops", x.flops},

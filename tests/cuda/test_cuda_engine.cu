@@ -362,6 +362,12 @@ TEST_CASE_TEMPLATE("CUDA engine: GEMMs given cuBLASLt algorithms by tune_gemms e
     CHECK(t.chosen_us > 0.0f);
   }
   CHECK(gs.tuned_gemms() == 15);
+  // Prefill's dense rows (42 + 25 in layer 0) without the classifier, which never runs at that row count.
+  const auto pre = gpu.tune_gemms(gs, std::vector<int>{67}, {.candidates = 4, .copies = 2, .prefer_lt = true,
+                                                             .classifier = false});
+  REQUIRE(pre.size() == 4);
+  for (const auto& t : pre) CHECK(std::string(t.gemm) != "classifier");
+  CHECK(gs.tuned_gemms() == 19);
   Worst worst{"tuned cuBLASLt GEMMs"};
   const std::vector<int> users = {0, 1};
   const std::vector<std::vector<int>> prompts = {random_tokens(40, c.vocab_size, 15), random_tokens(23, c.vocab_size, 16)};

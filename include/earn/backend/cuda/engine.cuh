@@ -239,6 +239,8 @@ class Engine<Schedule, CudaT<DType>> {
     int candidates = 8;      // cuBLASLt heuristic algorithms tried per product
     int copies = 4;          // layers whose weights are used in turn, so none stays in L2 between calls
     bool prefer_lt = false;  // tests: keep the fastest cuBLASLt algorithm even when the default is faster
+    bool classifier = true;  // false: the four layer products only (row counts the classifier never runs at,
+                             // such as prefill's dense rows; spares a logits buffer of that many rows)
   };
   /// Chooses, for each row count in `rows` and each of the model's GEMMs (qkv, wo, w13, w2, classifier), between
   /// cublasGemmEx's default and up to opt.candidates cuBLASLt heuristic algorithms by timing them on this card:
@@ -246,8 +248,9 @@ class Engine<Schedule, CudaT<DType>> {
   /// state's own buffers. From then on this state runs a product whose fastest was a cuBLASLt algorithm with it
   /// (both are fp32-accumulating; the results differ by rounding). The row counts worth tuning are those the
   /// state will run: decode rows (users x beams), late EARN layers' register rows (users x registers), prefill's
-  /// logits rows (users). Overwrites the state's scratch: call it before prefill. bulk_gemm / stream_gemm, when on,
-  /// still take the products they take.
+  /// logits rows (users), and prefill's dense rows (users x (prompt + registers), with opt.classifier = false).
+  /// Overwrites the state's scratch: call it before prefill. bulk_gemm / stream_gemm, when on, still take the
+  /// products they take.
   std::vector<GemmTuning> tune_gemms(State& st, std::span<const int> rows, TuneOptions opt = {}) const {
     const ModelConfig& c = w_.config;
     static constexpr const char* kNames[kGemms] = {"qkv", "wo", "w13", "w2", "classifier"};
@@ -257,12 +260,12 @@ class Engine<Schedule, CudaT<DType>> {
     cuda::Event e0, e1;
     for (const int r : rows) {
       if (r < 1) throw ConfigError("tune_gemms: row counts must be >= 1, got " + std::to_string(r));
-      st.reserve(c, static_cast<std::size_t>(r), 0, static_cast<std::size_t>(r));
+      st.reserve(c, static_cast<std::size_t>(r), 0, opt.classifier ? static_cast<std::size_t>(r) : 1);
       namespace k = cuda::kernel;
       for (auto* b : {&st.h_, &st.att_, &st.act_})  // inputs like a forward pass's (power, hence clocks, depend on data)
         k::fill_uniform<T><<<1024, k::kThreads, 0, st.stream()>>>(b->data(), static_cast<long long>(b->size()), 5, 0.0f, 1.0f);
       EARN_CUDA_CHECK_LAUNCH();
-      for (int g = 0; g < kGemms; ++g) {
+      for (int g = 0; g < (opt.classifier ? kGemms : kHead); ++g) {
         const GemmShape sh = gemm_shape(Gemm(g));
         const bool f32 = g != kQkv && g != kW13;  // wo, w2 add into the residual stream; the classifier's logits
         const float beta = g == kWo || g == kW2 ? 1.0f : 0.0f;
