@@ -698,7 +698,7 @@ class Engine<Schedule, CudaT<DType>> {
     bool rotated = false;
     if constexpr (sizeof(T) == 2) {
       if (k::qkv_post_row_supported<T>(hd)) {  // blocks per row, 16-byte pieces
-        const dim3 grid(rows, k::qkv_post_parts(rows, c.n_heads + c.n_kv_heads, sms_));
+        const dim3 grid(rows, k::qkv_post_parts(rows, c.n_heads + c.n_kv_heads, hd, sms_));
         cuda::launch(st.pdl_on_, k::qkv_post_row<T>, grid, 128, 0, s, st.qkv_.data(), bias, pos, row_seg, segs,
                      row_src, st.gen_len_, store.max_new(), c.n_heads, c.n_kv_heads, hd, c.rope_theta, interleaved,
                      st.q_.data(), k_dst, v_dst, kpos_dst);

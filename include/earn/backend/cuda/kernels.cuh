@@ -291,9 +291,13 @@ constexpr bool qkv_post_row_supported(int hd) {
   return sizeof(T) == 2 && hd % 16 == 0 && hd <= 256;
 }
 
-/// Blocks per row for qkv_post_row: about two blocks per multiprocessor in all, at most one per q / k head.
-inline int qkv_post_parts(int rows, int heads, int sms) {
-  return std::clamp((2 * sms + rows - 1) / std::max(rows, 1), 1, std::max(heads, 1));
+/// Blocks per row for qkv_post_row (128 threads each): enough that each thread moves about one 16-byte piece of the
+/// q / k heads (so its loads are in flight together, not a chain: 4 parts for Llama-7B's 64 heads of 128), more at
+/// a few rows so there are about two blocks per multiprocessor in all; at most one per q / k head.
+inline int qkv_post_parts(int rows, int heads, int hd, int sms) {
+  const int pieces = std::max(1, heads * (hd / 16) / 128);
+  const int fill = (2 * sms + rows - 1) / std::max(rows, 1);
+  return std::clamp(std::max(pieces, fill), 1, std::max(heads, 1));
 }
 
 /// a[r, i] = silu(gu[r, i]) * gu[r, H + i]: the gate and up halves of the fused w1|w3 GEMM.
