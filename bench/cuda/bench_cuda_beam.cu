@@ -5,6 +5,9 @@
 // median of reps after a warm-up; both return their items, which are compared position by position.
 //
 //   bench_cuda_beam [--users 4,32] [--prompt 512] [--items 20000] [--reps 3] [--layers 32]
+//
+// A third device search, batched and with DeviceBeamSearch::tune_gemms (not timed), shows what tuning adds; the
+// first two run cublasGemmEx's defaults like the host search.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -75,10 +78,13 @@ int main(int argc, char** argv) {
       rec::BeamSearch host(engine, trie, {.beam = 20}, B, P);
       earn::cuda::DeviceBeamSearch dev(engine, trie, {.beam = 20}, B, P);
       earn::cuda::DeviceBeamSearch dev_batched(engine, trie, {.beam = 20}, B, P, /*batched_prefill=*/true);
-      std::vector<std::vector<rec::Recommendation>> a, b, d;
+      earn::cuda::DeviceBeamSearch dev_tuned(engine, trie, {.beam = 20}, B, P, /*batched_prefill=*/true);
+      dev_tuned.tune_gemms(B);
+      std::vector<std::vector<rec::Recommendation>> a, b, d, e;
       const double th = median_ms(reps, [&] { a = host.run(prompts); });
       const double td = median_ms(reps, [&] { b = dev.run(prompts); });
       const double tb = median_ms(reps, [&] { d = dev_batched.run(prompts); });
+      const double tt = median_ms(reps, [&] { e = dev_tuned.run(prompts); });
       auto same = [&](const auto& x) {
         int k = 0;
         for (int u = 0; u < B; ++u)
@@ -86,8 +92,9 @@ int main(int argc, char** argv) {
         return k;
       };
       std::printf("B=%2d host selection %8.2f ms (of which selection %.2f ms per run)  device selection %8.2f ms "
-                  "(items equal %d / %d)  + batched prefill %8.2f ms (items equal %d)\n",
-                  B, th, host.stats().select_s * 1e3 / (reps + 1), td, same(b), B * 20, tb, same(d));
+                  "(items equal %d / %d)  + batched prefill %8.2f ms (items equal %d)  + tuned GEMMs %8.2f ms (items "
+                  "equal %d)\n",
+                  B, th, host.stats().select_s * 1e3 / (reps + 1), td, same(b), B * 20, tb, same(d), tt, same(e));
       std::fflush(stdout);
     }
   } catch (const earn::Error& e) {

@@ -513,6 +513,18 @@ TEST_CASE("Trie-constrained beam search returns the same items on the GPU (host 
       REQUIRE(e[u].size() == b[u].size());
       for (std::size_t j = 0; j < e[u].size(); ++j) CHECK(e[u][j].identifier == b[u][j].identifier);
     }
+    // GEMMs tuned for this search's row counts, every product on a cuBLASLt algorithm (prefer_lt): the same items.
+    earn::cuda::DeviceBeamSearch tuned(gpu, trie, {.beam = 8}, 3, max_prompt, /*batched_prefill=*/true);
+    CHECK_THROWS_AS(tuned.tune_gemms(4), RangeError);
+    CHECK_THROWS_AS(tuned.tune_gemms(0), RangeError);
+    const auto report = tuned.tune_gemms(3, {.candidates = 2, .copies = 1, .prefer_lt = true});
+    CHECK(report.size() % 5 == 0);
+    CHECK(tuned.state().tuned_gemms() > 0);
+    const auto tt = tuned.run(prompts);
+    for (std::size_t u = 0; u < tt.size(); ++u) {
+      REQUIRE(tt[u].size() == b[u].size());
+      for (std::size_t j = 0; j < tt[u].size(); ++j) CHECK(tt[u][j].identifier == b[u][j].identifier);
+    }
     // top_k < beam and a beam wider than some prefixes' fan-out: the same items as the host search.
     BeamSearch narrow_host(gpu, trie, {.beam = 5, .top_k = 3}, 3, max_prompt);
     earn::cuda::DeviceBeamSearch narrow_dev(gpu, trie, {.beam = 5, .top_k = 3}, 3, max_prompt);

@@ -120,6 +120,23 @@ class DeviceBeamSearch {
   const State& state() const { return state_; }
   int max_users() const { return state_.options().max_users; }
 
+  /// Engine::tune_gemms for the products this search runs with `users` prompts a run(): the decode rows (users x
+  /// beam), the late layers' register rows and the prefill's logits rows (users x registers and users with the
+  /// batched prefill, registers and 1 without). Overwrites the state's scratch, so call it before the first run();
+  /// the results then differ from an untuned search's by rounding (near-tied items may swap, as with the batched
+  /// prefill). Not timed by run().
+  std::vector<typename EngineT::GemmTuning> tune_gemms(int users, typename EngineT::TuneOptions opt = {}) {
+    if (users < 1 || users > max_users())
+      throw RangeError("beam search: tune_gemms for " + std::to_string(users) + " users, the searcher holds 1.." +
+                       std::to_string(max_users()));
+    const int reg = engine_.registers(), per = batched_prefill_ ? users : 1;
+    std::vector<int> rows = {users * opt_.beam, per};
+    if (reg > 0) rows.push_back(per * reg);
+    std::sort(rows.begin(), rows.end());
+    rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+    return engine_.tune_gemms(state_, rows, opt);
+  }
+
   /// Top-K identifiers for each prompt, best first (as rec::BeamSearch::run).
   std::vector<std::vector<rec::Recommendation>> run(std::span<const std::vector<int>> prompts) {
     const int n_users = static_cast<int>(prompts.size());
