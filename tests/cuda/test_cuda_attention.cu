@@ -322,4 +322,14 @@ TEST_CASE("flash attention refuses shapes it does not take") {
   CHECK_THROWS_AS((cuda::flash_attention<attention::DenseCausal, true>(nullptr, fa)), ConfigError);
   CHECK_FALSE(cuda::flash_supported<float>(64));
   CHECK(cuda::flash_supported<__half>(128));
+  // Decode: more generated keys than the cache holds (the combine pass keeps max_new of them in registers), or
+  // more new tokens than it takes, throw before any launch.
+  using T = __nv_bfloat16;
+  auto decode = [](int G, int max_new) {
+    cuda::decode_attention<attention::DenseCausal, T>(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                                      1, 1, nullptr, 1, 4, 4, 64, G, max_new, {0, 4}, nullptr, nullptr);
+  };
+  CHECK_THROWS_AS(decode(5, 4), ConfigError);
+  CHECK_THROWS_AS(decode(-1, 4), ConfigError);
+  CHECK_THROWS_AS(decode(3, 9), ConfigError);
 }

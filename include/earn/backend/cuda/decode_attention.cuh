@@ -219,6 +219,9 @@ void decode_attention(cudaStream_t s, const T* q, const T* gen_k, const T* gen_v
   if (!decode_fused_supported<T>(hd, max_new))
     throw ConfigError("decode_attention: head size " + std::to_string(hd) + " / " + std::to_string(max_new) +
                       " new tokens not taken by the fused kernels");
+  if (G < 0 || G > max_new)  // the combine pass holds at most max_new generated keys a row in registers
+    throw ConfigError("decode_attention: " + std::to_string(G) + " generated keys a row, the cache holds " +
+                      std::to_string(max_new));
   FlashArgs<T> fa;
   fa.q = q;
   fa.segs = segs;
