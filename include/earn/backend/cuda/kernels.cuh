@@ -212,9 +212,9 @@ __global__ void qkv_post(const T* qkv, const float* bias, const int* pos, const 
 /// qkv_post with blocks per row: block (r, part) of a grid [rows, parts] computes row r's cos / sin of every
 /// rotation pair into shared memory (the same float formula as qkv_post and the CPU backend), then moves its share
 /// of the q / k heads in 16-byte pieces (8 pairs: 8 elements of each half for rotate_half, 4 adjacent pairs for
-/// interleaved) and copies its share of v in 16-byte pieces. parts > 1 at a few rows (decode at B = 1: 20 rows)
-/// so each thread has one piece, not a chain of dependent loads (qkv_post_parts). 16-bit T; hd % 16 == 0 and hd
-/// <= 256.
+/// interleaved) and copies its share of v in 16-byte pieces. qkv_post_parts picks the parts so each thread has
+/// about one piece, not a chain of dependent loads (4 for Llama-7B's 64 q / k heads of 128, more at a few rows).
+/// 16-bit T; hd % 16 == 0 and hd <= 256.
 template <class T>
 __global__ void __launch_bounds__(128) qkv_post_row(const T* qkv, const float* bias, const int* pos, const int* row_seg, const Segment* segs,
                              const int* row_src, int gen_step, int max_new, int nh, int nkv, int hd, float theta,
@@ -240,7 +240,7 @@ __global__ void __launch_bounds__(128) qkv_post_row(const T* qkv, const float* b
     for (int j = 0; j < 8; ++j) e[j] = from_float<T>(f[j]);
     *reinterpret_cast<uint4*>(dst) = u;
   };
-  // This block's heads [h0, h1) of the nh + nkv q / k heads and its 16-byte pieces [v0, v1) of v.
+  // This block's `heads` q / k heads from h0 (of nh + nkv; none for a trailing part) and 16-byte pieces [v0, v1) of v.
   const int per = (nh + nkv + gridDim.y - 1) / gridDim.y, vper = (kvd / 8 + gridDim.y - 1) / gridDim.y;
   const int h0 = blockIdx.y * per, heads = min(nh + nkv - h0, per);
   const int v0 = blockIdx.y * vper, v1 = min(kvd / 8, v0 + vper);
