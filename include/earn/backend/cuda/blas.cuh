@@ -44,23 +44,9 @@ inline void gemm_batched(cublasHandle_t h, const BatchedGemm& g, const void* con
 }
 
 /// Owning cuBLASLt handle. Move-only.
-class LtHandle {
+class LtHandle : public OwnedHandle<cublasLtHandle_t, cublasLtDestroy> {
  public:
   LtHandle() { EARN_CUDA_CHECK(cublasLtCreate(&h_)); }
-  LtHandle(const LtHandle&) = delete;
-  LtHandle& operator=(const LtHandle&) = delete;
-  LtHandle(LtHandle&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
-  LtHandle& operator=(LtHandle&& o) noexcept {
-    std::swap(h_, o.h_);
-    return *this;
-  }
-  ~LtHandle() {
-    if (h_) cublasLtDestroy(h_);
-  }
-  cublasLtHandle_t get() const { return h_; }
-
- private:
-  cublasLtHandle_t h_ = nullptr;
 };
 
 /// One cuBLASLt algorithm (a named wrapper: see LtProduct::candidates).

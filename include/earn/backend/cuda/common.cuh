@@ -139,73 +139,53 @@ class DeviceBuffer {
   std::size_t n_ = 0;
 };
 
-/// Owning cuBLAS handle. Move-only.
-class BlasHandle {
+/// Move-only owner of one CUDA / cuBLAS handle H, released with Destroy: the base of BlasHandle, Event, Stream and
+/// LtHandle (blas.cuh), whose constructors create the handle.
+template <class H, auto Destroy>
+class OwnedHandle {
  public:
-  BlasHandle() { EARN_CUDA_CHECK(cublasCreate(&h_)); }
-  BlasHandle(const BlasHandle&) = delete;
-  BlasHandle& operator=(const BlasHandle&) = delete;
-  BlasHandle(BlasHandle&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
-  BlasHandle& operator=(BlasHandle&& o) noexcept {
+  OwnedHandle() = default;
+  OwnedHandle(const OwnedHandle&) = delete;
+  OwnedHandle& operator=(const OwnedHandle&) = delete;
+  OwnedHandle(OwnedHandle&& o) noexcept : h_(std::exchange(o.h_, nullptr)) {}
+  OwnedHandle& operator=(OwnedHandle&& o) noexcept {
     std::swap(h_, o.h_);
     return *this;
   }
-  ~BlasHandle() {
-    if (h_) cublasDestroy(h_);
+  ~OwnedHandle() {
+    if (h_) Destroy(h_);
   }
-  cublasHandle_t get() const { return h_; }
+  H get() const { return h_; }
 
- private:
-  cublasHandle_t h_ = nullptr;
+ protected:
+  H h_ = nullptr;
+};
+
+/// Owning cuBLAS handle. Move-only.
+class BlasHandle : public OwnedHandle<cublasHandle_t, cublasDestroy> {
+ public:
+  BlasHandle() { EARN_CUDA_CHECK(cublasCreate(&h_)); }
 };
 
 /// Owning CUDA event (timing enabled). Move-only.
-class Event {
+class Event : public OwnedHandle<cudaEvent_t, cudaEventDestroy> {
  public:
-  Event() { EARN_CUDA_CHECK(cudaEventCreate(&e_)); }
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
-  Event(Event&& o) noexcept : e_(std::exchange(o.e_, nullptr)) {}
-  Event& operator=(Event&& o) noexcept {
-    std::swap(e_, o.e_);
-    return *this;
-  }
-  ~Event() {
-    if (e_) cudaEventDestroy(e_);
-  }
-  void record(cudaStream_t s) { EARN_CUDA_CHECK(cudaEventRecord(e_, s)); }
+  Event() { EARN_CUDA_CHECK(cudaEventCreate(&h_)); }
+  void record(cudaStream_t s) { EARN_CUDA_CHECK(cudaEventRecord(h_, s)); }
   /// Milliseconds from a to b, once b has completed (waits for it).
   static float elapsed_ms(const Event& a, const Event& b) {
-    EARN_CUDA_CHECK(cudaEventSynchronize(b.e_));
+    EARN_CUDA_CHECK(cudaEventSynchronize(b.h_));
     float ms = 0.0f;
-    EARN_CUDA_CHECK(cudaEventElapsedTime(&ms, a.e_, b.e_));
+    EARN_CUDA_CHECK(cudaEventElapsedTime(&ms, a.h_, b.h_));
     return ms;
   }
-  cudaEvent_t get() const { return e_; }
-
- private:
-  cudaEvent_t e_ = nullptr;
 };
 
 /// Owning non-blocking CUDA stream. Move-only.
-class Stream {
+class Stream : public OwnedHandle<cudaStream_t, cudaStreamDestroy> {
  public:
-  Stream() { EARN_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-  Stream(Stream&& o) noexcept : s_(std::exchange(o.s_, nullptr)) {}
-  Stream& operator=(Stream&& o) noexcept {
-    std::swap(s_, o.s_);
-    return *this;
-  }
-  ~Stream() {
-    if (s_) cudaStreamDestroy(s_);
-  }
-  cudaStream_t get() const { return s_; }
-  void synchronize() const { EARN_CUDA_CHECK(cudaStreamSynchronize(s_)); }
-
- private:
-  cudaStream_t s_ = nullptr;
+  Stream() { EARN_CUDA_CHECK(cudaStreamCreateWithFlags(&h_, cudaStreamNonBlocking)); }
+  void synchronize() const { EARN_CUDA_CHECK(cudaStreamSynchronize(h_)); }
 };
 
 /// Number of CUDA devices, 0 when there is none or no driver (never throws: callers decide to skip).
