@@ -4,7 +4,8 @@
 //    reach, beside the copy bandwidth the floors use.
 // 2. Access-pattern probes over w13's weights (read only, no arithmetic; see probe_frag / probe_rows).
 // 3. The five shapes as one chain (4 layers' worth) at 2-32 rows: cuBLAS, bulk_gemm, bulk_gemm as programmatic
-//    dependent launches.
+//    dependent launches, stream_gemm over row-major weights, over the two stream-packed layouts, and chunk-major
+//    as programmatic dependents.
 // 4. rows 2, 8, 20, 32 (EARN's register rows of 1 / 4 users, one user's 20 beams): cuda::stream_gemm
 //    (stream_gemm.cuh) in its default shape and cuda::bulk_gemm (bulk_gemm.cuh) in five shapes
 //    (BulkGemmConfig<m-tiles, warps per m-tile, k per stage, stages, min blocks>; the first is its default; the
@@ -12,7 +13,8 @@
 //    per shape, same buffers, back to back; "s" = k splits.
 // 5. rows 20, 80, 640: cublasGemmEx's default against up to 16 cuBLASLt heuristic algorithms per shape, each timed
 //    over 4 weight copies in turn (as Engine::tune_gemms chooses), then the chain with the defaults and the choices.
-// --variants runs 3 and 4, --lt-chain 5 only, --profile the default stream_gemm for ncu.
+// --variants runs 3 and 4, --chains 3 only, --stream-configs stream_gemm's shapes in the chain, --lt-chain 5 only, --read-chain 1 and the read-only chain (read_chain), --profile the
+// default stream_gemm for ncu.
 // Every time is the median of 20 calls timed with CUDA events after 3 warm-ups. Without a CUDA device it prints
 // "skipped: no CUDA device" and exits 0.
 #include <algorithm>
@@ -145,6 +147,71 @@ void read_bandwidth(cudaStream_t s) {
   std::printf("read bandwidth: 2 GiB in %.3f ms = %.0f GB/s\n", ms, double(n) * 16 / (ms * 1e-3) / 1e9);
 }
 
+// The ceiling of any one-kernel-per-product design: the 5 shapes x 4 copies (2.7 GB, one buffer) read by one
+// launch, against the same bytes read by 20 launches, one per product, in the chain's order; launched plainly or as
+// programmatic dependents (each triggers its dependent at its start; WaitAfter: each waits for the previous after
+// its first loads, as a GEMM that asks for weights before x would). Same kernel, same grid, same buffer.
+template <bool WaitAfter>
+__global__ void read_only_pdl(const uint4* __restrict__ p, long long n, unsigned* sink) {
+  earn::cuda::kernel::pdl_trigger();
+  unsigned acc = 0;
+  bool waited = !WaitAfter;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const uint4 v = earn::cuda::kernel::ld_stream16<false>(p + i);
+    if (!waited) {
+      earn::cuda::kernel::pdl_wait();
+      waited = true;
+    }
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9e3779b9u) *sink = acc;
+}
+
+void read_chain(cudaStream_t s) {
+  constexpr int kShapesN = sizeof(kShapes) / sizeof(kShapes[0]), kCopies = 4;
+  std::vector<long long> len;  // uint4 per product, chain order
+  long long total = 0;
+  for (int c = 0; c < kCopies; ++c)
+    for (const Shape& sh : kShapes) {
+      len.push_back(static_cast<long long>(sh.out) * sh.in * 2 / 16);
+      total += len.back();
+    }
+  cuda::DeviceBuffer<uint4> buf(total);
+  cuda::DeviceBuffer<unsigned> sink(1);
+  EARN_CUDA_CHECK(cudaMemsetAsync(buf.data(), 1, total * 16, s));
+  const double bytes = double(total) * 16;
+  for (int per_sm : {2, 4, 8, 16}) {
+    const int blocks = cuda::sm_count() * per_sm;
+    auto one = [&] {
+      read_only<<<blocks, 256, 0, s>>>(buf.data(), total, sink.data());
+      EARN_CUDA_CHECK_LAUNCH();
+    };
+    auto chain = [&](int mode) {
+      long long off = 0;
+      for (long long n : len) {
+        if (mode == 0) {
+          read_only<<<blocks, 256, 0, s>>>(buf.data() + off, n, sink.data());
+          EARN_CUDA_CHECK_LAUNCH();
+        } else if (mode == 1) {
+          cuda::launch(true, read_only_pdl<false>, dim3(blocks), dim3(256), 0, s, buf.data() + off, n, sink.data());
+        } else {
+          cuda::launch(true, read_only_pdl<true>, dim3(blocks), dim3(256), 0, s, buf.data() + off, n, sink.data());
+        }
+        off += n;
+      }
+    };
+    float t[4];
+    t[0] = median_ms(s, one);
+    for (int m = 0; m < 3; ++m) t[m + 1] = median_ms(s, [&] { chain(m); });
+    std::printf("read chain %d blocks/SM (%.0f MB): one launch %.1f us %.2f TB/s | 20 launches %.1f us %.2f TB/s | "
+                "20 pdl %.1f us %.2f TB/s | 20 pdl wait-after-first %.1f us %.2f TB/s\n",
+                per_sm, bytes / 1e6, t[0] * 1e3, bytes / (t[0] * 1e-3) / 1e12, t[1] * 1e3,
+                bytes / (t[1] * 1e-3) / 1e12, t[2] * 1e3, bytes / (t[2] * 1e-3) / 1e12, t[3] * 1e3,
+                bytes / (t[3] * 1e-3) / 1e12);
+  }
+}
+
 void probes(cudaStream_t s) {
   const int rows = 22016, in = 4096;  // w13
   cuda::DeviceBuffer<T> w(std::size_t(rows) * in);
@@ -243,14 +310,24 @@ void chains(cublasHandle_t h, cudaStream_t s) {
   cuda::kernel::fill_uniform<T><<<1024, 256, 0, s>>>(x.data(), static_cast<long long>(x.size()), 1, -1.0f, 1.0f);
   EARN_CUDA_CHECK_LAUNCH();
   EARN_CUDA_CHECK(cudaMemsetAsync(y32.data(), 0, y32.size() * sizeof(float), s));
-  const char* names[3] = {"cuBLAS", "bulk", "bulk + pdl"};
+  std::vector<cuda::StreamPackedWeights<T>> tile_major, chunk_major;
+  for (int i = 0; i < kShapesN; ++i) {
+    tile_major.emplace_back(w[i].data(), kShapes[i].out, kShapes[i].in, s, cuda::StreamLayout::kTileMajor);
+    chunk_major.emplace_back(w[i].data(), kShapes[i].out, kShapes[i].in, s, cuda::StreamLayout::kChunkMajor);
+  }
+  constexpr int kModes = 7;
+  const char* names[kModes] = {"cuBLAS", "bulk", "bulk + pdl", "stream", "stream tile-major",
+                               "stream chunk-major", "stream chunk-major + pdl"};
   for (int rows : {2, 8, 20, 32}) {
     cuda::BulkGemmPlan plans[kShapesN];
+    cuda::StreamGemmPlan splans[kShapesN];
     double bytes = 0;
     for (int i = 0; i < kShapesN; ++i) {
       const Shape& sh = kShapes[i];
       plans[i] = sh.fp32_out ? cuda::bulk_gemm_plan<T, float>(rows, sh.in, sh.out, sms)
                              : cuda::bulk_gemm_plan<T, T>(rows, sh.in, sh.out, sms);
+      splans[i] = sh.fp32_out ? cuda::stream_gemm_plan<T, float>(rows, sh.in, sh.out, sms)
+                              : cuda::stream_gemm_plan<T, T>(rows, sh.in, sh.out, sms);
       bytes += 4 * gemm_bytes(sh, rows);
     }
     auto chain = [&](int mode) {
@@ -258,8 +335,17 @@ void chains(cublasHandle_t h, cudaStream_t s) {
         for (int i = 0; i < kShapesN; ++i) {
           const Shape& sh = kShapes[i];
           const float beta = sh.fp32_out ? 1.0f : 0.0f;
-          const bool pdl = mode == 2;
-          if (mode == 0) {
+          const bool pdl = mode == 2 || mode == 6;
+          if (mode >= 3) {
+            const auto& pw = mode == 4 ? tile_major[i] : chunk_major[i];
+            if (sh.fp32_out) {
+              if (mode == 3) cuda::stream_gemm<T, float>(s, splans[i], x.data(), w[i].data(), y32.data(), rows, sh.in, sh.out, beta);
+              else cuda::stream_gemm<T, float>(s, splans[i], x.data(), pw, y32.data(), rows, beta, pdl);
+            } else {
+              if (mode == 3) cuda::stream_gemm<T, T>(s, splans[i], x.data(), w[i].data(), y16.data(), rows, sh.in, sh.out, beta);
+              else cuda::stream_gemm<T, T>(s, splans[i], x.data(), pw, y16.data(), rows, beta, pdl);
+            }
+          } else if (mode == 0) {
             if (sh.fp32_out) cuda::linear<T, float>(h, x.data(), w[i].data(), y32.data(), rows, sh.in, sh.out, 1.0f);
             else cuda::linear<T, T>(h, x.data(), w[i].data(), y16.data(), rows, sh.in, sh.out);
           } else if (sh.fp32_out) {
@@ -269,11 +355,73 @@ void chains(cublasHandle_t h, cudaStream_t s) {
           }
         }
     };
-    float t[3];
-    for (int m = 0; m < 3; ++m) t[m] = median_ms(s, [&] { chain(m); });
+    float t[kModes];
+    for (int m = 0; m < kModes; ++m) t[m] = median_ms(s, [&] { chain(m); });
     std::printf("chain rows %2d (5 shapes x 4, %.0f MB):", rows, bytes / 1e6);
-    for (int m = 0; m < 3; ++m)
+    for (int m = 0; m < kModes; ++m)
       std::printf(" | %s %.1f us %.2f TB/s %.2fx", names[m], t[m] * 1e3, bytes / (t[m] * 1e-3) / 1e12, t[0] / t[m]);
+    std::printf("\n");
+  }
+}
+
+// --stream-configs: stream_gemm's compile-time shapes over chunk-major packed weights, the five shapes x 4 as one
+// chain (as chains() times them), against cuBLAS's default in the same call.
+template <class Cfg>
+float stream_chain_ms(cudaStream_t s, int rows, const std::vector<cuda::StreamPackedWeights<T>>& pw, const T* x,
+                      T* y16, float* y32) {
+  constexpr int kShapesN = sizeof(kShapes) / sizeof(kShapes[0]);
+  const int sms = cuda::sm_count();
+  cuda::StreamGemmPlan plans[kShapesN];
+  for (int i = 0; i < kShapesN; ++i)
+    plans[i] = kShapes[i].fp32_out ? cuda::stream_gemm_plan<T, float, Cfg>(rows, kShapes[i].in, kShapes[i].out, sms)
+                                   : cuda::stream_gemm_plan<T, T, Cfg>(rows, kShapes[i].in, kShapes[i].out, sms);
+  return median_ms(s, [&] {
+    for (int rep = 0; rep < 4; ++rep)
+      for (int i = 0; i < kShapesN; ++i) {
+        if (kShapes[i].fp32_out) cuda::stream_gemm<T, float, Cfg>(s, plans[i], x, pw[i], y32, rows, 1.0f);
+        else cuda::stream_gemm<T, T, Cfg>(s, plans[i], x, pw[i], y16, rows, 0.0f);
+      }
+  });
+}
+
+void stream_configs(cublasHandle_t h, cudaStream_t s) {
+  constexpr int kShapesN = sizeof(kShapes) / sizeof(kShapes[0]);
+  std::vector<cuda::DeviceBuffer<T>> w(kShapesN);
+  std::vector<cuda::StreamPackedWeights<T>> pw;
+  for (int i = 0; i < kShapesN; ++i) {
+    const Shape& sh = kShapes[i];
+    w[i] = cuda::DeviceBuffer<T>(std::size_t(sh.out) * sh.in);
+    cuda::kernel::fill_uniform<T><<<1024, 256, 0, s>>>(w[i].data(), static_cast<long long>(w[i].size()), 2 + i, -0.02f, 0.02f);
+    EARN_CUDA_CHECK_LAUNCH();
+    pw.emplace_back(w[i].data(), sh.out, sh.in, s);
+  }
+  cuda::DeviceBuffer<T> x(std::size_t(32) * 11008), y16(std::size_t(32) * 33024);
+  cuda::DeviceBuffer<float> y32(std::size_t(32) * 33024);
+  cuda::kernel::fill_uniform<T><<<1024, 256, 0, s>>>(x.data(), static_cast<long long>(x.size()), 1, -1.0f, 1.0f);
+  EARN_CUDA_CHECK_LAUNCH();
+  EARN_CUDA_CHECK(cudaMemsetAsync(y32.data(), 0, y32.size() * sizeof(float), s));
+  for (int rows : {2, 8, 20, 32}) {
+    double bytes = 0;
+    for (const Shape& sh : kShapes) bytes += 4 * gemm_bytes(sh, rows);
+    const float blas = median_ms(s, [&] {
+      for (int rep = 0; rep < 4; ++rep)
+        for (int i = 0; i < kShapesN; ++i) {
+          const Shape& sh = kShapes[i];
+          if (sh.fp32_out) cuda::linear<T, float>(h, x.data(), w[i].data(), y32.data(), rows, sh.in, sh.out, 1.0f);
+          else cuda::linear<T, T>(h, x.data(), w[i].data(), y16.data(), rows, sh.in, sh.out);
+        }
+    });
+    std::printf("configs rows %2d: cuBLAS %.1f us %.2f TB/s", rows, blas * 1e3, bytes / (blas * 1e-3) / 1e12);
+    auto one = [&]<class Cfg>(const char* name, std::type_identity<Cfg>) {
+      const float t = stream_chain_ms<Cfg>(s, rows, pw, x.data(), y16.data(), y32.data());
+      std::printf(" | %s %.1f us %.2f TB/s %.2fx", name, t * 1e3, bytes / (t * 1e-3) / 1e12, blas / t);
+    };
+    one("(1,8,4,pf,2)", std::type_identity<cuda::StreamGemmConfig<1, 8, 4, true, 2>>{});
+    one("(1,8,4,-,2)", std::type_identity<cuda::StreamGemmConfig<1, 8, 4, false, 2>>{});
+    one("(1,8,2,pf,4)", std::type_identity<cuda::StreamGemmConfig<1, 8, 2, true, 4>>{});
+    one("(1,16,4,pf,1)", std::type_identity<cuda::StreamGemmConfig<1, 16, 4, true, 1>>{});
+    one("(1,4,4,pf,4)", std::type_identity<cuda::StreamGemmConfig<1, 4, 4, true, 4>>{});
+    one("(2,8,2,pf,2)", std::type_identity<cuda::StreamGemmConfig<2, 8, 2, true, 2>>{});
     std::printf("\n");
   }
 }
@@ -350,20 +498,25 @@ void lt_chain(cublasHandle_t h, cudaStream_t s) {
 
 }  // namespace
 
-// --profile: only the default stream_gemm at 20 rows, each of the five shapes 5 times (for ncu).
-void profile_stream(cudaStream_t s) {
+// --profile: only the default stream_gemm at 20 rows, each of the five shapes 5 times (for ncu); --profile-chunk:
+// the same over chunk-major packed weights.
+void profile_stream(cudaStream_t s, bool chunk_major) {
   const int rows = 20, sms = cuda::sm_count();
   for (const Shape& sh : kShapes) {
     cuda::DeviceBuffer<T> x(std::size_t(rows) * sh.in), w(std::size_t(sh.out) * sh.in), y16(std::size_t(rows) * sh.out);
     cuda::DeviceBuffer<float> y32(std::size_t(rows) * sh.out);
     EARN_CUDA_CHECK(cudaMemsetAsync(y32.data(), 0, y32.size() * sizeof(float), s));
+    cuda::StreamPackedWeights<T> pw;
+    if (chunk_major) pw = cuda::StreamPackedWeights<T>(w.data(), sh.out, sh.in, s);
     for (int i = 0; i < 5; ++i) {
       if (sh.fp32_out) {
         const auto plan = cuda::stream_gemm_plan<T, float>(rows, sh.in, sh.out, sms);
-        cuda::stream_gemm<T, float>(s, plan, x.data(), w.data(), y32.data(), rows, sh.in, sh.out, 1.0f);
+        if (chunk_major) cuda::stream_gemm<T, float>(s, plan, x.data(), pw, y32.data(), rows, 1.0f);
+        else cuda::stream_gemm<T, float>(s, plan, x.data(), w.data(), y32.data(), rows, sh.in, sh.out, 1.0f);
       } else {
         const auto plan = cuda::stream_gemm_plan<T, T>(rows, sh.in, sh.out, sms);
-        cuda::stream_gemm<T, T>(s, plan, x.data(), w.data(), y16.data(), rows, sh.in, sh.out, 0.0f);
+        if (chunk_major) cuda::stream_gemm<T, T>(s, plan, x.data(), pw, y16.data(), rows, 0.0f);
+        else cuda::stream_gemm<T, T>(s, plan, x.data(), w.data(), y16.data(), rows, sh.in, sh.out, 0.0f);
       }
     }
   }
@@ -375,16 +528,29 @@ int main(int argc, char** argv) {
     std::printf("skipped: no CUDA device\n");
     return 0;
   }
-  if (argc > 1 && std::string(argv[1]) == "--profile") {
+  if (argc > 1 && (std::string(argv[1]) == "--profile" || std::string(argv[1]) == "--profile-chunk")) {
     cuda::Stream s;
-    profile_stream(s.get());
+    profile_stream(s.get(), std::string(argv[1]) == "--profile-chunk");
     return 0;
   }
   cuda::BlasHandle h;
   cuda::Stream s;
   EARN_CUDA_CHECK(cublasSetStream(h.get(), s.get()));
+  if (argc > 1 && std::string(argv[1]) == "--read-chain") {
+    read_bandwidth(s.get());
+    read_chain(s.get());
+    return 0;
+  }
   if (argc > 1 && std::string(argv[1]) == "--lt-chain") {
     lt_chain(h.get(), s.get());
+    return 0;
+  }
+  if (argc > 1 && std::string(argv[1]) == "--stream-configs") {
+    stream_configs(h.get(), s.get());
+    return 0;
+  }
+  if (argc > 1 && std::string(argv[1]) == "--chains") {
+    chains(h.get(), s.get());
     return 0;
   }
   const bool only_variants = argc > 1 && std::string(argv[1]) == "--variants";

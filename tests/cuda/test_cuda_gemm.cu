@@ -1,5 +1,5 @@
 // The weight-streaming GEMMs (stream_gemm.cuh; bulk_gemm.cuh, its bulk-copy twin) against a naive double-precision product on the host: y [rows, out]
-// = x [rows, in] w^T + beta y, random bf16 / fp16 operands, 16-bit and fp32 outputs, every row count of an n-tile
+// = x [rows, in] w^T + beta y (stream_gemm also over stream-packed weights), random bf16 / fp16 operands, 16-bit and fp32 outputs, every row count of an n-tile
 // boundary (1 .. 32), shapes whose rows and k ranges end inside a block, one k split and up to 8 (the cluster's
 // reduction over its blocks' shared memory; bulk_gemm: k ranges ending inside a stage, rows ending inside a block), beta = 0 over a NaN-poisoned output (an element not written, or read when it should not be, fails)
 // and beta = 1 (the residual add). bulk_gemm also as the programmatic dependent of a kernel that writes its x and y
@@ -39,7 +39,7 @@ struct Case {
   int rows, in, out, splits;  // splits 0: the device's plan
   float beta;
 };
-enum class Kernel { kStream, kBulk, kBulkPdl };
+enum class Kernel { kStream, kStreamTileMajor, kStreamPacked, kStreamPackedPdl, kBulk, kBulkPdl };
 
 // Copies x and y into place after spinning ~50 us, and lets the kernel after it start at once (a programmatic
 // dependent launch): a product that read x or y before this kernel ended would see the NaN they held before.
@@ -68,33 +68,49 @@ double check(const Case& c, unsigned seed) {
   auto dx = upload(x), dw = upload(w);
   auto dy = upload(y0);
   int splits = 1;
-  if constexpr (K == Kernel::kStream) {
-    const cuda::StreamGemmPlan plan = cuda::stream_gemm_plan<T, TY>(c.rows, c.in, c.out, cuda::sm_count(), c.splits);
-    if (c.splits > 0) REQUIRE(plan.splits == c.splits);
-    splits = plan.splits;
+  constexpr bool kStreamKind = K == Kernel::kStream || K == Kernel::kStreamTileMajor || K == Kernel::kStreamPacked ||
+                               K == Kernel::kStreamPackedPdl;
+  constexpr bool kPdl = K == Kernel::kBulkPdl || K == Kernel::kStreamPackedPdl;
+  cuda::StreamGemmPlan splan;
+  cuda::BulkGemmPlan bplan;
+  cuda::StreamPackedWeights<T> packed;
+  if constexpr (kStreamKind) {
+    splan = cuda::stream_gemm_plan<T, TY>(c.rows, c.in, c.out, cuda::sm_count(), c.splits);
+    splits = splan.splits;
     REQUIRE(cuda::stream_gemm_supported(dx.data(), dw.data(), c.rows, c.in));
-    cuda::stream_gemm<T, TY>(nullptr, plan, dx.data(), dw.data(), dy.data(), c.rows, c.in, c.out, c.beta);
+    if constexpr (K != Kernel::kStream)  // chunk-major (the default) unless asked
+      packed = cuda::StreamPackedWeights<T>(dw.data(), c.out, c.in, nullptr,
+                                            K == Kernel::kStreamTileMajor ? cuda::StreamLayout::kTileMajor
+                                                                          : cuda::StreamLayout::kChunkMajor);
   } else {
-    const cuda::BulkGemmPlan plan = cuda::bulk_gemm_plan<T, TY>(c.rows, c.in, c.out, cuda::sm_count(), c.splits);
-    if (c.splits > 0) REQUIRE(plan.splits == c.splits);
-    splits = plan.splits;
+    bplan = cuda::bulk_gemm_plan<T, TY>(c.rows, c.in, c.out, cuda::sm_count(), c.splits);
+    splits = bplan.splits;
     REQUIRE(cuda::bulk_gemm_supported(dx.data(), dw.data(), c.rows, c.in));
-    if constexpr (K == Kernel::kBulk) {
-      cuda::bulk_gemm<T, TY>(nullptr, plan, dx.data(), dw.data(), dy.data(), c.rows, c.in, c.out, c.beta);
-    } else {
-      // x and y written by the kernel just before the product, which is launched as its programmatic dependent
-      // (its weights, never written here, it may ask for early).
-      cuda::DeviceBuffer<T> late_x(x.size());
-      cuda::DeviceBuffer<TY> late_y(y0.size());
-      late_x.fill_bytes(0xFF, nullptr);
-      late_y.fill_bytes(0xFF, nullptr);
-      late_copy<T, TY><<<64, 256>>>(dx.data(), late_x.data(), static_cast<long long>(x.size()), dy.data(),
-                                    late_y.data(), static_cast<long long>(y0.size()));
-      EARN_CUDA_CHECK_LAUNCH();
-      cuda::bulk_gemm<T, TY>(nullptr, plan, late_x.data(), dw.data(), late_y.data(), c.rows, c.in, c.out, c.beta, true);
-      EARN_CUDA_CHECK(cudaDeviceSynchronize());
-      EARN_CUDA_CHECK(cudaMemcpy(dy.data(), late_y.data(), y0.size() * sizeof(TY), cudaMemcpyDeviceToDevice));
-    }
+  }
+  if (c.splits > 0) REQUIRE(splits == c.splits);
+  auto product = [&](const T* xp, TY* yp, bool pdl) {
+    if constexpr (K == Kernel::kStream)
+      cuda::stream_gemm<T, TY>(nullptr, splan, xp, dw.data(), yp, c.rows, c.in, c.out, c.beta);
+    else if constexpr (kStreamKind)
+      cuda::stream_gemm<T, TY>(nullptr, splan, xp, packed, yp, c.rows, c.beta, pdl);
+    else
+      cuda::bulk_gemm<T, TY>(nullptr, bplan, xp, dw.data(), yp, c.rows, c.in, c.out, c.beta, pdl);
+  };
+  if constexpr (!kPdl) {
+    product(dx.data(), dy.data(), false);
+  } else {
+    // x and y written by the kernel just before the product, which is launched as its programmatic dependent
+    // (its weights, never written here, it may ask for early).
+    cuda::DeviceBuffer<T> late_x(x.size());
+    cuda::DeviceBuffer<TY> late_y(y0.size());
+    late_x.fill_bytes(0xFF, nullptr);
+    late_y.fill_bytes(0xFF, nullptr);
+    late_copy<T, TY><<<64, 256>>>(dx.data(), late_x.data(), static_cast<long long>(x.size()), dy.data(),
+                                  late_y.data(), static_cast<long long>(y0.size()));
+    EARN_CUDA_CHECK_LAUNCH();
+    product(late_x.data(), late_y.data(), true);
+    EARN_CUDA_CHECK(cudaDeviceSynchronize());
+    EARN_CUDA_CHECK(cudaMemcpy(dy.data(), late_y.data(), y0.size() * sizeof(TY), cudaMemcpyDeviceToDevice));
   }
   EARN_CUDA_CHECK(cudaDeviceSynchronize());
   const auto y = download(dy, y0.size());
@@ -158,6 +174,43 @@ TEST_CASE_TEMPLATE("stream_gemm equals a naive product (fp32 output, the residua
   unsigned seed = 100;
   for (const Case& c : kCases) worst = std::max(worst, check<T, float>(c, seed++));
   MESSAGE("worst error / bound: " << worst);
+}
+
+TEST_CASE_TEMPLATE("stream_gemm over stream-packed weights equals a naive product, also as a programmatic dependent", T,
+                   __nv_bfloat16, __half) {
+  double worst = 0.0;
+  unsigned seed = 400;
+  for (const Case& c : kCases) {
+    worst = std::max(worst, check<T, T, Kernel::kStreamPacked>(c, seed++));
+    worst = std::max(worst, check<T, float, Kernel::kStreamPackedPdl>(c, seed++));
+    worst = std::max(worst, check<T, T, Kernel::kStreamTileMajor>(c, seed++));
+  }
+  MESSAGE("worst error / bound: " << worst);
+}
+
+TEST_CASE("stream_gemm: packed and row-major weights give bit-identical products; bad shapes are refused") {
+  using T = __nv_bfloat16;
+  for (const Case& c : {Case{20, 4096, 520, 8, 0.0f}, Case{9, 1000, 129, 3, 0.0f}, Case{32, 512, 4112, 0, 0.0f}}) {
+    std::mt19937 rng(11);
+    auto dx = upload(random_values<T>(std::size_t(c.rows) * c.in, 1.0f, rng));
+    auto dw = upload(random_values<T>(std::size_t(c.out) * c.in, 0.05f, rng));
+    const cuda::StreamGemmPlan plan = cuda::stream_gemm_plan<T, float>(c.rows, c.in, c.out, cuda::sm_count(), c.splits);
+    cuda::DeviceBuffer<float> y0(std::size_t(c.rows) * c.out), y1(y0.size());
+    cuda::stream_gemm<T, float>(nullptr, plan, dx.data(), dw.data(), y0.data(), c.rows, c.in, c.out, 0.0f);
+    for (auto layout : {cuda::StreamLayout::kTileMajor, cuda::StreamLayout::kChunkMajor}) {
+      const cuda::StreamPackedWeights<T> packed(dw.data(), c.out, c.in, nullptr, layout);
+      CHECK(packed.bytes() == std::size_t((c.out + 15) / 16) * 16 * ((c.in + 31) / 32 * 32) * sizeof(T));
+      y1.fill_bytes(0xFF, nullptr);
+      cuda::stream_gemm<T, float>(nullptr, plan, dx.data(), packed, y1.data(), c.rows, 0.0f);
+      INFO("rows " << c.rows << " in " << c.in << " out " << c.out << " layout " << static_cast<int>(layout));
+      CHECK(download(y0, y0.size()) == download(y1, y1.size()));
+    }
+  }
+  cuda::DeviceBuffer<T> w(64 * 64);
+  CHECK_THROWS_AS(cuda::StreamPackedWeights<T>(w.data(), 4, 36, nullptr), ConfigError);       // in not a multiple of 8
+  CHECK_THROWS_AS(cuda::StreamPackedWeights<T>(w.data() + 4, 4, 32, nullptr), ConfigError);   // misaligned
+  CHECK_THROWS_AS(cuda::StreamPackedWeights<T>(w.data(), 0, 32, nullptr), ConfigError);       // no rows
+  CHECK_THROWS_AS(cuda::StreamPackedWeights<T>(w.data(), 4, 32, nullptr, cuda::StreamLayout::kRowMajor), ConfigError);
 }
 
 // Both launches: ordinary, and as the programmatic dependent of a kernel that writes x and y late (the product

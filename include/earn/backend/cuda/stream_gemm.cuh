@@ -20,6 +20,11 @@
 //   its fp32 partial sums in its shared memory and, after a cluster barrier, sums a share of the outputs over
 //   the cluster's shared memories (DSMEM) in split order. No global workspace, no second kernel, and the result
 //   does not depend on timing: runs and graph replays are bit-identical.
+// - Or over a packed copy of the weights (StreamPackedWeights, StreamLayout): the same 16 bytes per lane, stored so
+//   each 512 bytes a warp loads are contiguous. Chunk-major lifts the kernel 3-5 % in a chain of the decode shapes
+//   (1.04x / 0.93x of cuBLAS at 2 / 20 rows without the L2 prefetch hint), short of the ~4.0 TB/s that any one
+//   launch per product reaches on an H200 (bench/cuda/NOTES.md v33-v34); the engine does not use it.
+// - Launched as a programmatic dependent (pdl), both register buffers of weights are requested before the wait.
 #pragma once
 
 #include <algorithm>
@@ -66,15 +71,50 @@ __device__ inline uint4 ld_stream16(const void* p) {  // read once: keep it out 
   return r;
 }
 
+}  // namespace kernel
+
+/// How stream_gemm finds its weights. Row-major: w [out, in] as it is. The packed layouts cut the matrix into
+/// pieces of 512 bytes, piece (tile, c, h) = rows 16 tile + 8 h .. + 8 at k 32 c .. + 32, stored as 32 lanes x 16
+/// bytes with lane (gid, tig) holding row 16 tile + 8 h + gid, k 32 c + 8 tig .. + 8: the bytes a warp loads in
+/// one instruction, contiguous. kTileMajor stores a tile's pieces together (each warp streams its own region);
+/// kChunkMajor stores every tile's pieces of one 32-k chunk together (the warps of a grid, moving through k
+/// side by side, read one compact window). Zeros past out and in (k rounded up to 32, rows to 16).
+enum class StreamLayout { kRowMajor = 0, kTileMajor = 1, kChunkMajor = 2 };
+
+namespace kernel {
+
+__host__ __device__ constexpr int stream_packed_kp(int in) { return (in + 31) / 32 * 32; }
+
+template <class T>
+__global__ void pack_stream_weights(const T* __restrict__ w, T* __restrict__ packed, int out, int in, int layout) {
+  const int kp = stream_packed_kp(in), tiles = (out + 15) / 16, chunks = kp / 32;
+  const long long pieces = static_cast<long long>(tiles) * chunks * 64;  // 16-byte pieces
+  for (long long p = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; p < pieces;
+       p += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const int lane = static_cast<int>(p % 32), h = static_cast<int>((p / 32) % 2);
+    const long long q = p / 64;  // the 1 KB (tile, chunk) pair
+    const int tile = layout == static_cast<int>(StreamLayout::kTileMajor) ? static_cast<int>(q / chunks)
+                                                                           : static_cast<int>(q % tiles);
+    const int c = layout == static_cast<int>(StreamLayout::kTileMajor) ? static_cast<int>(q % chunks)
+                                                                        : static_cast<int>(q / tiles);
+    const int n = 16 * tile + 8 * h + lane / 4, k = 32 * c + 8 * (lane % 4);
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (n < out && k < in) v = *reinterpret_cast<const uint4*>(w + static_cast<std::size_t>(n) * in + k);
+    reinterpret_cast<uint4*>(packed)[p] = v;
+  }
+}
+
 // x is staged in pieces of kXPiece k (two buffers: the next piece loads while this one is used); rows padded to
 // 8 NT, row stride kXLd elements (= 32 mod 64: the 8 lanes of a 16-byte shared load phase, 2 rows x 4 pieces, fall
 // in distinct bank groups).
 inline constexpr int kXPiece = 512, kXLd = kXPiece + 32;
 
+// layout: a StreamLayout (packed copies from pack_stream_weights: every 512 bytes a warp loads are contiguous).
 template <class T, class TY, int NT, class Cfg>
 __global__ void __launch_bounds__(Cfg::kWarps * 32, Cfg::kMinBlocks)
     stream_gemm(const T* __restrict__ x, const T* __restrict__ w, TY* __restrict__ y, int rows, int in, int out,
-                int kchunk, float beta) {
+                int kchunk, float beta, int layout) {
+  pdl_trigger();  // the next kernel may be placed now; it waits for this grid before it touches memory
   constexpr int R = Cfg::R, U = Cfg::U, BN = Cfg::kRows, XR = 8 * NT;
   static_assert(kXPiece % (64 * U) == 0, "a loop step must not straddle two x pieces");
   extern __shared__ __align__(16) unsigned char stream_smem[];
@@ -84,13 +124,26 @@ __global__ void __launch_bounds__(Cfg::kWarps * 32, Cfg::kMinBlocks)
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3, warp = threadIdx.x >> 5;
   const int n0 = blockIdx.x * BN + warp * 16 * R;
 
+  // Row-major: lane (gid, tig) reads 16 bytes of weight row n at k + 8 tig. Packed: the same 16 bytes sit at
+  // lane * 16 of the 512-byte piece (tile, k / 32, h); the element offset grows by kmul per k.
   const T* wp[R][2];
+  const int tiles = (out + 15) >> 4;
+  const std::size_t kmul = layout == static_cast<int>(StreamLayout::kRowMajor)    ? 1
+                           : layout == static_cast<int>(StreamLayout::kTileMajor) ? 16
+                                                                                  : std::size_t(16) * tiles;
 #pragma unroll
   for (int i = 0; i < R; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int n = min(n0 + 16 * i + 8 * h + gid, out - 1);  // rows past the end read the last row, unused
-      wp[i][h] = w + static_cast<std::size_t>(n) * in + 8 * tig;
+      const int tile = min((n0 >> 4) + i, tiles - 1);  // tiles past the end read the last, unused
+      if (layout == static_cast<int>(StreamLayout::kTileMajor)) {
+        wp[i][h] = w + static_cast<std::size_t>(tile) * stream_packed_kp(in) * 16 + h * 256 + lane * 8;
+      } else if (layout == static_cast<int>(StreamLayout::kChunkMajor)) {
+        wp[i][h] = w + static_cast<std::size_t>(tile) * 512 + h * 256 + lane * 8;
+      } else {
+        const int n = min(n0 + 16 * i + 8 * h + gid, out - 1);  // rows past the end read the last row, unused
+        wp[i][h] = w + static_cast<std::size_t>(n) * in + 8 * tig;
+      }
     }
   uint4 a[U][R][2], b[U][R][2];
   auto load = [&](uint4(&buf)[U][R][2], int kc) {
@@ -100,10 +153,16 @@ __global__ void __launch_bounds__(Cfg::kWarps * 32, Cfg::kMinBlocks)
 #pragma unroll
       for (int i = 0; i < R; ++i)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) buf[u][i][h] = ok ? ld_stream16<Cfg::kPrefetch>(wp[i][h] + kc + 32 * u) : make_uint4(0, 0, 0, 0);
+        for (int h = 0; h < 2; ++h)
+          buf[u][i][h] = ok ? ld_stream16<Cfg::kPrefetch>(wp[i][h] + static_cast<std::size_t>(kc + 32 * u) * kmul)
+                            : make_uint4(0, 0, 0, 0);
     }
   };
+  // Both register buffers of weights in flight before the wait: they do not depend on earlier kernels (x and y
+  // may). The loop below keeps the same order of loads and multiplies: a buffer is refilled right after its use.
   load(a, k0);
+  load(b, k0 + 32 * U);
+  pdl_wait();
 
   // x [XR, kb .. kb + kXPiece) -> buffer `buf`, asynchronously; zeros past `rows` and past k1.
   auto stage = [&](int buf, int kb) {
@@ -155,10 +214,10 @@ __global__ void __launch_bounds__(Cfg::kWarps * 32, Cfg::kMinBlocks)
     __syncthreads();
     const T* xb = xs + buf * XR * kXLd;
     for (int kc = kb; kc < min(k1, kb + kXPiece); kc += 64 * U) {
-      load(b, kc + 32 * U);
       multiply(a, xb + (kc - kb), kc);
       load(a, kc + 64 * U);
       multiply(b, xb + (kc - kb) + 32 * U, kc + 32 * U);
+      load(b, kc + 96 * U);
     }
     __syncthreads();
   }
@@ -247,15 +306,60 @@ StreamGemmPlan stream_gemm_plan(int rows, int in, int out, int sms, int force_sp
   });
 }
 
+namespace detail {
+template <class T, class TY, class Cfg>
+void launch_stream_gemm(cudaStream_t s, const StreamGemmPlan& plan, const T* x, const T* w, TY* y, int rows, int in,
+                        int out, float beta, bool pdl, StreamLayout layout) {
+  detail::with_n_tiles(rows, [&]<int NT>(std::integral_constant<int, NT>) {
+    detail::launch_split_k(pdl, kernel::stream_gemm<T, TY, NT, Cfg>, plan.row_blocks, plan.splits, Cfg::kWarps * 32,
+                           plan.smem, s, x, w, y, rows, in, out, plan.kchunk, beta, static_cast<int>(layout));
+  });
+}
+}  // namespace detail
+
 /// y [rows, out] = x [rows, in] w^T + beta y (beta = 0: y is not read). Requires stream_gemm_supported and a plan
-/// from stream_gemm_plan for the same rows' tile count, in and out.
+/// from stream_gemm_plan for the same rows' tile count, in and out. pdl: launched as a programmatic dependent (its
+/// first weight loads are issued before it waits for the kernel before it).
 template <class T, class TY, class Cfg = StreamGemmDefault>
 void stream_gemm(cudaStream_t s, const StreamGemmPlan& plan, const T* x, const T* w, TY* y, int rows, int in, int out,
-                 float beta) {
-  detail::with_n_tiles(rows, [&]<int NT>(std::integral_constant<int, NT>) {
-    detail::launch_split_k(false, kernel::stream_gemm<T, TY, NT, Cfg>, plan.row_blocks, plan.splits, Cfg::kWarps * 32,
-                           plan.smem, s, x, w, y, rows, in, out, plan.kchunk, beta);
-  });
+                 float beta, bool pdl = false) {
+  detail::launch_stream_gemm<T, TY, Cfg>(s, plan, x, w, y, rows, in, out, beta, pdl, StreamLayout::kRowMajor);
+}
+
+/// A weight matrix [out, in] in the stream-packed layout (pack_stream_weights above): stream_gemm's warps read it
+/// 512 contiguous bytes an instruction instead of 8 rows x 64 bytes. Owns its device copy.
+template <class T>
+class StreamPackedWeights {
+ public:
+  StreamPackedWeights() = default;
+  /// Packs w [out, in] (16-bit, in a multiple of 8, 16-byte aligned) on stream s.
+  StreamPackedWeights(const T* w, int out, int in, cudaStream_t s, StreamLayout layout = StreamLayout::kChunkMajor)
+      : out_(out), in_(in), layout_(layout), buf_(std::size_t((out + 15) / 16) * 16 * kernel::stream_packed_kp(in)) {
+    static_assert(sizeof(T) == 2, "stream-packed weights are 16-bit");
+    if (layout == StreamLayout::kRowMajor) throw ConfigError("StreamPackedWeights: a packed layout, not row-major");
+    if (out < 1 || in < 8 || in % 8 != 0 || reinterpret_cast<std::uintptr_t>(w) % 16 != 0)
+      throw ConfigError("StreamPackedWeights: a [" + std::to_string(out) + ", " + std::to_string(in) +
+                        "] matrix needs in a multiple of 8 and 16-byte alignment");
+    kernel::pack_stream_weights<T><<<1024, 256, 0, s>>>(w, buf_.data(), out, in, static_cast<int>(layout));
+    EARN_CUDA_CHECK_LAUNCH();
+  }
+  const T* data() const { return buf_.data(); }
+  int out() const { return out_; }
+  int in() const { return in_; }
+  StreamLayout layout() const { return layout_; }
+  std::size_t bytes() const { return buf_.size() * sizeof(T); }
+
+ private:
+  int out_ = 0, in_ = 0;
+  StreamLayout layout_ = StreamLayout::kChunkMajor;
+  DeviceBuffer<T> buf_;
+};
+
+/// stream_gemm over stream-packed weights (same plan, same result bit for bit: the same products in the same order).
+template <class T, class TY, class Cfg = StreamGemmDefault>
+void stream_gemm(cudaStream_t s, const StreamGemmPlan& plan, const T* x, const StreamPackedWeights<T>& w, TY* y,
+                 int rows, float beta, bool pdl = false) {
+  detail::launch_stream_gemm<T, TY, Cfg>(s, plan, x, w.data(), y, rows, w.in(), w.out(), beta, pdl, w.layout());
 }
 
 }  // namespace earn::cuda
