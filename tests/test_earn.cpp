@@ -226,3 +226,26 @@ TEST_CASE("Beams sharing a prompt equal separately prefilled users, and reorder 
     CHECK((a.row(1) - c1.row(0)).cwiseAbs().maxCoeff() <= 1e-5f * std::max(1.0f, c1.cwiseAbs().maxCoeff()));
   }
 }
+
+namespace {
+struct WindowPolicy {  // a policy without the causal promise: the kernels must ask it pair by pair
+  static constexpr const char* name = "window";
+  static constexpr bool keeps_prompt = true;
+  static constexpr bool keeps(RowKind) { return true; }
+  static constexpr bool visible(int q, int k) { return k <= q && q - k < 4; }
+};
+}  // namespace
+
+TEST_CASE("Policies that declare attention::is_causal keep the promise: visible(q, k) is exactly k <= q") {
+  static_assert(attention::Policy<WindowPolicy>);
+  static_assert(attention::is_causal<attention::DenseCausal>() && attention::is_causal<attention::RegisterOnly>());
+  static_assert(!attention::is_causal<WindowPolicy>());
+  int checked = 0;
+  for (int q = -3; q < 70; ++q)
+    for (int k = -3; k < 70; ++k) {
+      CHECK(attention::DenseCausal::visible(q, k) == (k <= q));
+      CHECK(attention::RegisterOnly::visible(q, k) == (k <= q));
+      ++checked;
+    }
+  CHECK(checked == 73 * 73);
+}

@@ -6,6 +6,7 @@
 // kernel wrote fails; NaN never passes. Bound: per (row, head), ||got - want|| / max(||want||, 1e-3) <= 2e-2.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -242,6 +243,15 @@ TEST_CASE_TEMPLATE("flash prefill attention equals a naive masked attention", T,
   SUBCASE("head 16, 2/1 heads, strictly-past mask: row 0 sees nothing and gets 0") {
     std::vector<SegSpec> s = {prefill_seg(iota_pos(70)), prefill_seg(iota_pos(1))};
     Problem<T>(2, 1, 16, 0, s, 3).template run<StrictPast>(false);
+  }
+  SUBCASE("causal over shuffled positions with gaps: tiles classified by their smallest / largest positions") {
+    // DenseCausal declares attention::is_causal, so the kernel decides a tile's visibility from the block's
+    // smallest and largest query positions and each key's; rows and keys out of order must not fool it.
+    std::vector<int> pos = iota_pos(150, 3, 1);
+    std::mt19937 rng(17);
+    std::shuffle(pos.begin(), pos.end(), rng);
+    std::vector<SegSpec> s = {prefill_seg(pos), prefill_seg({40, 2, 7})};
+    Problem<T>(2, 2, 64, 0, s, 5).template run<attention::DenseCausal>(false);
   }
   SUBCASE("head 32, register-only policy over register rows") {
     std::vector<SegSpec> s = {prefill_seg({0, 1, 98, 99}), prefill_seg({0, 40})};

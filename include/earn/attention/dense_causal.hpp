@@ -11,6 +11,7 @@ struct DenseCausal {
   static constexpr bool keeps_prompt = true;
   static constexpr bool keeps(RowKind) { return true; }
   static constexpr bool visible(int q_pos, int k_pos) { return k_pos <= q_pos; }
+  static constexpr bool causal = true;  // visible is exactly k_pos <= q_pos (see policy.hpp)
 };
 static_assert(Policy<DenseCausal>);
 

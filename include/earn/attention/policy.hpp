@@ -22,4 +22,15 @@ concept Policy = requires(RowKind kind, int q, int k) {
   { P::name } -> std::convertible_to<const char*>;
 };
 
+/// Optional promise: `static constexpr bool causal = true` says visible(q, k) is exactly k <= q. Kernels may then
+/// decide whether a tile of keys is visible to a tile of queries from their smallest and largest positions
+/// instead of asking pair by pair (flash_attention.cuh); a policy without it is asked pair by pair.
+template <class P>
+constexpr bool is_causal() {
+  if constexpr (requires { P::causal; })
+    return static_cast<bool>(P::causal);
+  else
+    return false;
+}
+
 }  // namespace earn::attention

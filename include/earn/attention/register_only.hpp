@@ -12,6 +12,7 @@ struct RegisterOnly {
   static constexpr bool keeps_prompt = false;
   static constexpr bool keeps(RowKind kind) { return kind != RowKind::kPrompt; }
   static constexpr bool visible(int q_pos, int k_pos) { return k_pos <= q_pos; }
+  static constexpr bool causal = true;  // visible is exactly k_pos <= q_pos (see policy.hpp)
 };
 static_assert(Policy<RegisterOnly>);
 

@@ -7,7 +7,9 @@
 // O += P V reuses the score registers as the A operand. K and V tiles stream through shared memory by cp.async,
 // V of a tile loading while its scores are computed, the next K while P V runs. A tile no row of the block can
 // see (the upper triangle of a causal prefill) is never loaded: visibility is asked of the policy per (query
-// position, key position), so any policy works, and the block decides together (__syncthreads_or).
+// position, key position), so any policy works, and the block decides together (__syncthreads_or); a policy
+// that promises causality (attention::is_causal) is answered from the block's smallest and largest query
+// positions instead, by every warp on its own (no barrier, the same answer in each).
 //
 // Two outputs:
 //   final    (prefill)  out = softmax(scale Q K^T) V in T, rows that see no key get 0 (as the CPU backend);
@@ -26,6 +28,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "earn/attention/policy.hpp"
 #include "earn/backend/cuda/common.cuh"
 #include "earn/backend/cuda/kernels.cuh"
 #include "earn/backend/cuda/mma.cuh"
@@ -111,23 +114,46 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention(const FlashArgs
   flash_load_tile<T, HD>(qs, a.q + static_cast<long long>(sg.q_off + q0) * qd + h * HD, qd, qn);
   __syncthreads();  // qpos
 
-  // Whether any (row, key) pair of tile t is visible / every pair of it is: block-wide answers. Thread i checks
-  // key i % 64 of the tile against rows i / 64, i / 64 + 2, ...
+  // A causal policy (attention::is_causal) needs only the block's smallest and largest query positions.
+  constexpr bool kCausal = attention::is_causal<Policy>();
+  int qmin = 0, qmax = 0;
+  if constexpr (kCausal) {
+    qmin = qpos[0];
+    qmax = qpos[0];
+    for (int r = 1; r < qn; ++r) qmin = min(qmin, qpos[r]), qmax = max(qmax, qpos[r]);
+  }
+  // Whether any (row, key) pair of tile t is visible / every pair of it is; the answer must be the same in every
+  // warp. A causal policy: some row sees a key iff it is at or before the largest query position, all rows iff
+  // at or before the smallest, so each warp checks the tile's 64 keys (2 a lane) itself and reaches the same
+  // answer as the others without a barrier. Otherwise thread i checks key i % 64 against rows i / 64, i / 64 + 2,
+  // ..., and the block votes.
   auto classify = [&](int t, bool& any, bool& all) {
-    const int j = threadIdx.x % kFlashN, key = t * kFlashN + j;
-    bool any_t = false, all_t = true;
-    if (key < sg.S) {
-      const int kp = sg.kpos[key];
-      for (int r = threadIdx.x / kFlashN; r < qn; r += kFlashThreads / kFlashN) {
-        const bool v = Policy::visible(qpos[r], kp);
-        any_t |= v;
-        all_t &= v;
+    if constexpr (kCausal) {
+      bool any_t = false, all_t = true;
+      for (int j = threadIdx.x % 32; j < kFlashN; j += 32) {
+        const int key = t * kFlashN + j;
+        const int kp = key < sg.S ? sg.kpos[key] : 0;
+        any_t |= key < sg.S && kp <= qmax;
+        all_t &= key < sg.S && kp <= qmin;
       }
+      any = __any_sync(0xffffffffu, any_t) != 0;
+      all = __all_sync(0xffffffffu, all_t) != 0;
     } else {
-      all_t = false;
+      const int j = threadIdx.x % kFlashN, key = t * kFlashN + j;
+      bool any_t = false, all_t = true;
+      if (key < sg.S) {
+        const int kp = sg.kpos[key];
+        for (int r = threadIdx.x / kFlashN; r < qn; r += kFlashThreads / kFlashN) {
+          const bool v = Policy::visible(qpos[r], kp);
+          any_t |= v;
+          all_t &= v;
+        }
+      } else {
+        all_t = false;
+      }
+      any = __syncthreads_or(any_t) != 0;
+      all = __syncthreads_and(all_t) != 0;
     }
-    any = __syncthreads_or(any_t) != 0;
-    all = __syncthreads_and(all_t) != 0;
   };
   auto next_visible = [&](int t, bool& all) {
     for (; t < t_end; ++t) {
