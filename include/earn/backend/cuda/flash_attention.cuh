@@ -5,7 +5,7 @@
 // prefix keys in tiles of 64: S = Q K^T on mma.sync m16n8k16 (fp32 accumulation, operands through ldmatrix),
 // Policy::visible masks by position, the online softmax keeps a running max and sum per row in registers, and
 // O += P V reuses the score registers as the A operand. K and V tiles stream through shared memory by cp.async,
-// V of a tile loading while its scores are computed, the next K while P V runs. A tile no row of the block can
+// double-buffered: the next visible tile's K and V load while this tile is multiplied. A tile no row of the block can
 // see (the upper triangle of a causal prefill) is never loaded: visibility is asked of the policy per (query
 // position, key position), so any policy works, and the block decides together (__syncthreads_or); a policy
 // that promises causality (attention::is_causal) is answered from the block's smallest and largest query
@@ -65,7 +65,8 @@ constexpr int flash_ld() {
 
 template <class T, int HD>
 constexpr std::size_t flash_smem() {
-  return std::size_t(3) * kFlashM * flash_ld<HD>() * sizeof(T) + kFlashM * sizeof(int);  // Q, K, V; query positions
+  // Q, two K and two V tiles (double-buffered), query positions
+  return std::size_t(5) * kFlashM * flash_ld<HD>() * sizeof(T) + kFlashM * sizeof(int);
 }
 
 // `rows` rows of HD elements from src (row stride ld_src) into shared dst (row stride flash_ld<HD>), rows
@@ -87,9 +88,9 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention(const FlashArgs
   constexpr int LD = flash_ld<HD>(), KS = HD / 16, NT = kFlashN / 8, DT = HD / 8;
   extern __shared__ __align__(16) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem);
-  T* ks = qs + kFlashM * LD;
-  T* vs = ks + kFlashM * LD;
-  int* qpos = reinterpret_cast<int*>(vs + kFlashM * LD);
+  auto kbuf = [&](int b) { return qs + (1 + b) * kFlashM * LD; };  // K tiles 0, 1, then V tiles 0, 1
+  auto vbuf = [&](int b) { return qs + (3 + b) * kFlashM * LD; };
+  int* qpos = reinterpret_cast<int*>(qs + 5 * kFlashM * LD);
   pdl_trigger();  // the kernel after this one (decode_combine) may be placed now; it waits for this grid
   pdl_wait();     // q (and in decode the segments) come from the kernels before
 
@@ -164,9 +165,15 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention(const FlashArgs
     return t;
   };
 
+  // Tile t's K and V into buffer b (cp.async; the caller commits).
+  auto load_kv = [&](int tile, int b) {
+    const int k0 = tile * kFlashN, kn = min(kFlashN, sg.S - k0);
+    flash_load_tile<T, HD>(kbuf(b), pk + static_cast<long long>(k0) * kvd, kvd, kn);
+    flash_load_tile<T, HD>(vbuf(b), pv + static_cast<long long>(k0) * kvd, kvd, kn);
+  };
   bool full = false;
   int t = next_visible(t_begin, full);
-  if (t < t_end) flash_load_tile<T, HD>(ks, pk + static_cast<long long>(t) * kFlashN * kvd, kvd, min(kFlashN, sg.S - t * kFlashN));
+  if (t < t_end) load_kv(t, 0);
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();
@@ -180,12 +187,17 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention(const FlashArgs
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // rows gid and gid + 8 of the warp
   const int r_lo = warp * 16 + gid, r_hi = r_lo + 8;           // rows within the block
 
+  // The tiles are double-buffered: while tile t (buffer b) is multiplied, the next visible tile's K and V load
+  // into the other buffer, a whole tile ahead.
+  bool full1 = false;
+  int t1 = t < t_end ? next_visible(t + 1, full1) : t_end;
+  int buf = 0;
   while (t < t_end) {
     const int k0 = t * kFlashN, kn = min(kFlashN, sg.S - k0);
-    cp_async_wait_all();
-    __syncthreads();  // K of tile t is in; every warp is done with the previous V
-    flash_load_tile<T, HD>(vs, pv + static_cast<long long>(k0) * kvd, kvd, kn);
+    if (t1 < t_end) load_kv(t1, buf ^ 1);  // its last readers (tile t - 1) passed the barrier at the loop's end
     cp_async_commit();
+    const T* ks = kbuf(buf);
+    const T* vs = vbuf(buf);
 
     float s[NT][4];
     for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
@@ -223,14 +235,6 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention(const FlashArgs
       }
     }
 
-    const int t_next = next_visible(t + 1, full);
-    cp_async_wait_all();
-    __syncthreads();  // V of tile t is in; every warp is done with K of tile t
-    if (t_next < t_end)
-      flash_load_tile<T, HD>(ks, pk + static_cast<long long>(t_next) * kFlashN * kvd, kvd,
-                             min(kFlashN, sg.S - t_next * kFlashN));
-    cp_async_commit();
-
     for (int kk = 0; kk < NT / 2; ++kk) {  // 16 keys per step: the score registers of n-tiles 2kk, 2kk + 1
       const std::uint32_t p[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
                                   pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
@@ -242,7 +246,11 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention(const FlashArgs
         mma16816<T>(o[2 * dp + 1], p, b[2], b[3]);
       }
     }
-    t = t_next;
+    bool full2 = false;
+    const int t2 = t1 < t_end ? next_visible(t1 + 1, full2) : t_end;
+    cp_async_wait_all();
+    __syncthreads();  // tile t1 is in; every warp is done with buffer `buf` (tile t)
+    t = t1, full = full1, t1 = t2, full1 = full2, buf ^= 1;
   }
   cp_async_wait_all();
 
