@@ -240,12 +240,9 @@ TEST_CASE("Policies that declare attention::is_causal keep the promise: visible(
   static_assert(attention::Policy<WindowPolicy>);
   static_assert(attention::is_causal<attention::DenseCausal>() && attention::is_causal<attention::RegisterOnly>());
   static_assert(!attention::is_causal<WindowPolicy>());
-  int checked = 0;
   for (int q = -3; q < 70; ++q)
     for (int k = -3; k < 70; ++k) {
       CHECK(attention::DenseCausal::visible(q, k) == (k <= q));
       CHECK(attention::RegisterOnly::visible(q, k) == (k <= q));
-      ++checked;
     }
-  CHECK(checked == 73 * 73);
 }

@@ -13,8 +13,8 @@
 //    per shape, same buffers, back to back; "s" = k splits.
 // 5. rows 20, 80, 640: cublasGemmEx's default against up to 16 cuBLASLt heuristic algorithms per shape, each timed
 //    over 4 weight copies in turn (as Engine::tune_gemms chooses), then the chain with the defaults and the choices.
-// --variants runs 3 and 4, --chains 3 only, --stream-configs stream_gemm's shapes in the chain, --lt-chain 5 only, --read-chain 1 and the read-only chain (read_chain), --profile the
-// default stream_gemm for ncu.
+// --variants runs 3 and 4, --chains 3 only, --stream-configs stream_gemm's shapes in the chain, --lt-chain 5 only,
+// --read-chain 1 and the read-only chain (read_chain), --profile / --profile-chunk the default stream_gemm for ncu.
 // Every time is the median of 20 calls timed with CUDA events after 3 warm-ups. Without a CUDA device it prints
 // "skipped: no CUDA device" and exits 0.
 #include <algorithm>
@@ -169,7 +169,7 @@ __global__ void read_only_pdl(const uint4* __restrict__ p, long long n, unsigned
 }
 
 void read_chain(cudaStream_t s) {
-  constexpr int kShapesN = sizeof(kShapes) / sizeof(kShapes[0]), kCopies = 4;
+  constexpr int kCopies = 4;
   std::vector<long long> len;  // uint4 per product, chain order
   long long total = 0;
   for (int c = 0; c < kCopies; ++c)
@@ -292,24 +292,46 @@ void stream_vs_cublas(cublasHandle_t h, cudaStream_t s) {
   }
 }
 
+// One weight matrix per shape and x / y buffers for up to 32 rows, shared by the chain measurements (chains(),
+// stream_configs()); blas(h, i, rows) is shape i's product through cublasGemmEx's default (fp32 outputs add into
+// y, as the engine's residual GEMMs do).
+struct ChainOperands {
+  static constexpr int kShapesN = sizeof(kShapes) / sizeof(kShapes[0]);
+  std::vector<cuda::DeviceBuffer<T>> w;
+  cuda::DeviceBuffer<T> x{std::size_t(32) * 11008}, y16{std::size_t(32) * 33024};
+  cuda::DeviceBuffer<float> y32{std::size_t(32) * 33024};
+
+  explicit ChainOperands(cudaStream_t s) : w(kShapesN) {
+    for (int i = 0; i < kShapesN; ++i) {
+      w[i] = cuda::DeviceBuffer<T>(std::size_t(kShapes[i].out) * kShapes[i].in);
+      cuda::kernel::fill_uniform<T><<<1024, 256, 0, s>>>(w[i].data(), static_cast<long long>(w[i].size()), 2 + i,
+                                                         -0.02f, 0.02f);
+      EARN_CUDA_CHECK_LAUNCH();
+    }
+    cuda::kernel::fill_uniform<T><<<1024, 256, 0, s>>>(x.data(), static_cast<long long>(x.size()), 1, -1.0f, 1.0f);
+    EARN_CUDA_CHECK_LAUNCH();
+    EARN_CUDA_CHECK(cudaMemsetAsync(y32.data(), 0, y32.size() * sizeof(float), s));
+  }
+  void blas(cublasHandle_t h, int i, int rows) {
+    const Shape& sh = kShapes[i];
+    if (sh.fp32_out) cuda::linear<T, float>(h, x.data(), w[i].data(), y32.data(), rows, sh.in, sh.out, 1.0f);
+    else cuda::linear<T, T>(h, x.data(), w[i].data(), y16.data(), rows, sh.in, sh.out);
+  }
+};
+
 // The five decode shapes as one chain, 4 times over (as 4 layers' GEMMs, each weight evicted from L2 by the
 // others before it comes again), timed as one unit: cuBLAS; bulk_gemm; bulk_gemm launched as programmatic
-// dependents (each product asks for its first weights while the one before it drains). Per row count, same buffers.
+// dependents (each product asks for its first weights while the one before it drains); stream_gemm over row-major
+// weights, over the tile-major and chunk-major packed copies, and chunk-major as programmatic dependents. Per row
+// count, same buffers.
 void chains(cublasHandle_t h, cudaStream_t s) {
   const int sms = cuda::sm_count();
   constexpr int kShapesN = sizeof(kShapes) / sizeof(kShapes[0]);
-  std::vector<cuda::DeviceBuffer<T>> w(kShapesN);
-  for (int i = 0; i < kShapesN; ++i) {
-    const Shape& sh = kShapes[i];
-    w[i] = cuda::DeviceBuffer<T>(std::size_t(sh.out) * sh.in);
-    cuda::kernel::fill_uniform<T><<<1024, 256, 0, s>>>(w[i].data(), static_cast<long long>(w[i].size()), 2 + i, -0.02f, 0.02f);
-    EARN_CUDA_CHECK_LAUNCH();
-  }
-  cuda::DeviceBuffer<T> x(std::size_t(32) * 11008), y16(std::size_t(32) * 33024);
-  cuda::DeviceBuffer<float> y32(std::size_t(32) * 33024);
-  cuda::kernel::fill_uniform<T><<<1024, 256, 0, s>>>(x.data(), static_cast<long long>(x.size()), 1, -1.0f, 1.0f);
-  EARN_CUDA_CHECK_LAUNCH();
-  EARN_CUDA_CHECK(cudaMemsetAsync(y32.data(), 0, y32.size() * sizeof(float), s));
+  ChainOperands ops(s);
+  auto& w = ops.w;
+  auto& x = ops.x;
+  auto& y16 = ops.y16;
+  auto& y32 = ops.y32;
   std::vector<cuda::StreamPackedWeights<T>> tile_major, chunk_major;
   for (int i = 0; i < kShapesN; ++i) {
     tile_major.emplace_back(w[i].data(), kShapes[i].out, kShapes[i].in, s, cuda::StreamLayout::kTileMajor);
@@ -346,8 +368,7 @@ void chains(cublasHandle_t h, cudaStream_t s) {
               else cuda::stream_gemm<T, T>(s, splans[i], x.data(), pw, y16.data(), rows, beta, pdl);
             }
           } else if (mode == 0) {
-            if (sh.fp32_out) cuda::linear<T, float>(h, x.data(), w[i].data(), y32.data(), rows, sh.in, sh.out, 1.0f);
-            else cuda::linear<T, T>(h, x.data(), w[i].data(), y16.data(), rows, sh.in, sh.out);
+            ops.blas(h, i, rows);
           } else if (sh.fp32_out) {
             cuda::bulk_gemm<T, float>(s, plans[i], x.data(), w[i].data(), y32.data(), rows, sh.in, sh.out, beta, pdl);
           } else {
@@ -385,35 +406,19 @@ float stream_chain_ms(cudaStream_t s, int rows, const std::vector<cuda::StreamPa
 }
 
 void stream_configs(cublasHandle_t h, cudaStream_t s) {
-  constexpr int kShapesN = sizeof(kShapes) / sizeof(kShapes[0]);
-  std::vector<cuda::DeviceBuffer<T>> w(kShapesN);
+  ChainOperands ops(s);
   std::vector<cuda::StreamPackedWeights<T>> pw;
-  for (int i = 0; i < kShapesN; ++i) {
-    const Shape& sh = kShapes[i];
-    w[i] = cuda::DeviceBuffer<T>(std::size_t(sh.out) * sh.in);
-    cuda::kernel::fill_uniform<T><<<1024, 256, 0, s>>>(w[i].data(), static_cast<long long>(w[i].size()), 2 + i, -0.02f, 0.02f);
-    EARN_CUDA_CHECK_LAUNCH();
-    pw.emplace_back(w[i].data(), sh.out, sh.in, s);
-  }
-  cuda::DeviceBuffer<T> x(std::size_t(32) * 11008), y16(std::size_t(32) * 33024);
-  cuda::DeviceBuffer<float> y32(std::size_t(32) * 33024);
-  cuda::kernel::fill_uniform<T><<<1024, 256, 0, s>>>(x.data(), static_cast<long long>(x.size()), 1, -1.0f, 1.0f);
-  EARN_CUDA_CHECK_LAUNCH();
-  EARN_CUDA_CHECK(cudaMemsetAsync(y32.data(), 0, y32.size() * sizeof(float), s));
+  for (int i = 0; i < ChainOperands::kShapesN; ++i) pw.emplace_back(ops.w[i].data(), kShapes[i].out, kShapes[i].in, s);
   for (int rows : {2, 8, 20, 32}) {
     double bytes = 0;
     for (const Shape& sh : kShapes) bytes += 4 * gemm_bytes(sh, rows);
     const float blas = median_ms(s, [&] {
       for (int rep = 0; rep < 4; ++rep)
-        for (int i = 0; i < kShapesN; ++i) {
-          const Shape& sh = kShapes[i];
-          if (sh.fp32_out) cuda::linear<T, float>(h, x.data(), w[i].data(), y32.data(), rows, sh.in, sh.out, 1.0f);
-          else cuda::linear<T, T>(h, x.data(), w[i].data(), y16.data(), rows, sh.in, sh.out);
-        }
+        for (int i = 0; i < ChainOperands::kShapesN; ++i) ops.blas(h, i, rows);
     });
     std::printf("configs rows %2d: cuBLAS %.1f us %.2f TB/s", rows, blas * 1e3, bytes / (blas * 1e-3) / 1e12);
     auto one = [&]<class Cfg>(const char* name, std::type_identity<Cfg>) {
-      const float t = stream_chain_ms<Cfg>(s, rows, pw, x.data(), y16.data(), y32.data());
+      const float t = stream_chain_ms<Cfg>(s, rows, pw, ops.x.data(), ops.y16.data(), ops.y32.data());
       std::printf(" | %s %.1f us %.2f TB/s %.2fx", name, t * 1e3, bytes / (t * 1e-3) / 1e12, blas / t);
     };
     one("(1,8,4,pf,2)", std::type_identity<cuda::StreamGemmConfig<1, 8, 4, true, 2>>{});
