@@ -70,6 +70,7 @@ class FakeEngine {
     const StateOptions& options() const { return opts; }
     void set_rows(std::span<const int> r) { rows = static_cast<int>(r.size()); }
     void reorder(std::span<const int> p) { rows = static_cast<int>(p.size()); }
+    Index kv_bytes() const { return 0; }
   };
   explicit FakeEngine(const ModelConfig& c) : c_(c), logits_(64 * 4, c.vocab_size) {
     Rng rng(5);
@@ -78,6 +79,11 @@ class FakeEngine {
   const ModelConfig& config() const { return c_; }
   State make_state(StateOptions o) const { return State{o}; }
   Vector prefill(State&, int user, std::span<const int>) const { return logits_.row(user % 4).transpose(); }
+  Matrix prefill_batch(State&, std::span<const int> users, std::span<const std::vector<int>>) const {
+    Matrix m(static_cast<Index>(users.size()), c_.vocab_size);
+    for (std::size_t i = 0; i < users.size(); ++i) m.row(Index(i)) = logits_.row(users[i] % 4);
+    return m;
+  }
   Matrix decode(State& st, std::span<const int>) const { return logits_.topRows(st.rows); }
 
  private:

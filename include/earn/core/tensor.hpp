@@ -6,10 +6,16 @@
 
 namespace earn {
 
+/// Row-major matrix of scalar T: [rows, cols], rows are tokens or output features.
+template <class T>
+using MatrixT = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+/// Column vector of scalar T.
+template <class T>
+using VectorT = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 /// Row-major float matrix: [rows, cols], rows are tokens or output features.
-using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using Matrix = MatrixT<float>;
 /// Float column vector.
-using Vector = Eigen::VectorXf;
+using Vector = VectorT<float>;
 /// Signed index type for sizes and offsets.
 using Index = std::int64_t;
 

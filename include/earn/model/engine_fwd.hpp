@@ -10,6 +10,7 @@
 #include "earn/core/config.hpp"
 #include "earn/core/error.hpp"
 #include "earn/core/tensor.hpp"
+#include "earn/plan/forward.hpp"
 
 namespace earn {
 
@@ -71,6 +72,44 @@ class RowBook {
     row_user_.clear();
     gen_len_ = 0;
   }
+  // prefill: a non-empty batch of distinct users in range, one non-empty prompt each within max_prompt, every id
+  // in the vocabulary. Every backend's prefill starts here, so all refuse the same input the same way.
+  void check_prefill(std::span<const int> users, std::span<const std::vector<int>> prompts, int vocab) const {
+    if (users.empty() || users.size() != prompts.size())
+      throw ConfigError("prefill: " + std::to_string(users.size()) + " users with " + std::to_string(prompts.size()) +
+                        " prompts");
+    std::vector<bool> seen(opts_.max_users, false);
+    for (std::size_t i = 0; i < users.size(); ++i) {
+      const int user = users[i];
+      if (user < 0 || user >= opts_.max_users)
+        throw RangeError("prefill: user " + std::to_string(user) + " outside the state's " +
+                         std::to_string(opts_.max_users) + " users");
+      if (seen[user]) throw ConfigError("prefill: user " + std::to_string(user) + " appears twice in one batch");
+      seen[user] = true;
+      if (prompts[i].empty()) throw ConfigError("prefill: the prompt is empty");
+      if (static_cast<Index>(prompts[i].size()) > opts_.max_prompt)
+        throw RangeError("prefill: prompt of " + std::to_string(prompts[i].size()) + " tokens exceeds the state's " +
+                         std::to_string(opts_.max_prompt));
+      check_token_ids(prompts[i], vocab);
+    }
+  }
+  // The plan of prefilling `prompts` (after check_prefill): input rows and the rows each layer keeps.
+  template <class Schedule>
+  static plan::ForwardPlan prefill_plan(const Schedule& schedule, int n_layers, int rp, int rs,
+                                        std::span<const std::vector<int>> prompts) {
+    std::vector<plan::Sequence> seqs;
+    seqs.reserve(prompts.size());
+    for (const auto& p : prompts) seqs.push_back({p});
+    return plan::plan_forward(schedule, n_layers, rp, rs, std::span<const plan::Sequence>(seqs));
+  }
+  // A planned prefill starts: each user's input length from the plan; decoding in progress ends.
+  void begin_prefill(std::span<const int> users, const plan::ForwardPlan& fp) {
+    for (std::size_t i = 0; i < users.size(); ++i) input_len_[users[i]] = fp.input_len(static_cast<int>(i));
+    row_user_.clear();
+    gen_len_ = 0;
+  }
+  // Position of decode row `row`'s next token: its user's input rows, then the tokens generated so far.
+  int decode_position(int row) const { return input_len_[row_user_[row]] + gen_len_; }
   // decode: one token per decode row, room for one more generated token, every id in the vocabulary.
   void check_decode_step(std::span<const int> tokens, int vocab) const {
     if (static_cast<int>(tokens.size()) != rows())

@@ -4,7 +4,9 @@
 // rounding). Matrices keep the checkpoint layout [out_features, in_features], row-major.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -14,41 +16,68 @@
 
 namespace earn {
 
-/// One decoder block's parameters.
-struct LayerWeights {
-  Vector attn_norm;  ///< [dim] RMSNorm gain before attention
-  Matrix wq;         ///< [n_heads*head_dim, dim]
-  Matrix wk;         ///< [kv_dim, dim]
-  Matrix wv;         ///< [kv_dim, dim]
-  Vector bq;         ///< [n_heads*head_dim] or empty (no bias)
-  Vector bk;         ///< [kv_dim] or empty
-  Vector bv;         ///< [kv_dim] or empty
-  Matrix wo;         ///< [dim, n_heads*head_dim]
-  Vector ffn_norm;   ///< [dim] RMSNorm gain before the MLP
-  Matrix w1;         ///< [hidden_dim, dim] gate projection
-  Matrix w3;         ///< [hidden_dim, dim] up projection
-  Matrix w2;         ///< [dim, hidden_dim] down projection
+/// One decoder block's parameters (scalar T: float for inference and training, double for gradient checks).
+template <class T>
+struct BasicLayerWeights {
+  VectorT<T> attn_norm;  ///< [dim] RMSNorm gain before attention
+  MatrixT<T> wq;         ///< [n_heads*head_dim, dim]
+  MatrixT<T> wk;         ///< [kv_dim, dim]
+  MatrixT<T> wv;         ///< [kv_dim, dim]
+  VectorT<T> bq;         ///< [n_heads*head_dim] or empty (no bias)
+  VectorT<T> bk;         ///< [kv_dim] or empty
+  VectorT<T> bv;         ///< [kv_dim] or empty
+  MatrixT<T> wo;         ///< [dim, n_heads*head_dim]
+  VectorT<T> ffn_norm;   ///< [dim] RMSNorm gain before the MLP
+  MatrixT<T> w1;         ///< [hidden_dim, dim] gate projection
+  MatrixT<T> w3;         ///< [hidden_dim, dim] up projection
+  MatrixT<T> w2;         ///< [dim, hidden_dim] down projection
 };
+using LayerWeights = BasicLayerWeights<float>;
 
 /// EARN's learned register embeddings, injected at the embedding layer (not vocabulary tokens).
-struct RegisterWeights {
-  Matrix prefix;  ///< [r_p, dim], placed before the prompt
-  Matrix suffix;  ///< [r_s, dim], placed after the prompt
+template <class T>
+struct BasicRegisterWeights {
+  MatrixT<T> prefix;  ///< [r_p, dim], placed before the prompt
+  MatrixT<T> suffix;  ///< [r_s, dim], placed after the prompt
   int count() const { return static_cast<int>(prefix.rows() + suffix.rows()); }
+};
+using RegisterWeights = BasicRegisterWeights<float>;
+
+/// What a parameter tensor is, for optimizer parameter groups (weight decay, freezing).
+enum class TensorRole : std::uint8_t {
+  kEmbedding,  ///< token embedding rows
+  kRegister,   ///< EARN register embeddings
+  kNorm,       ///< RMSNorm gains
+  kMatrix,     ///< a layer's projection weights
+  kBias,       ///< q/k/v biases
+  kHead,       ///< an untied LM head
+};
+
+/// One parameter tensor seen flat: its checkpoint-style name, role, layer (-1 outside layers) and storage.
+template <class T>
+struct TensorView {
+  std::string name;  ///< e.g. "layers.3.wq", "tok_embeddings", "registers.prefix"
+  TensorRole role;
+  int layer;
+  T* data;
+  Index size;
+  Index rows, cols;  ///< shape (vectors: [size, 1])
 };
 
 /// Every parameter of a model. `validate()` checks every shape against `config`.
-struct ModelWeights {
+template <class T>
+struct BasicModelWeights {
+  using Scalar = T;
   ModelConfig config;
-  Matrix tok_embeddings;  ///< [vocab, dim]
-  std::vector<LayerWeights> layers;
-  Vector final_norm;  ///< [dim]
-  Matrix lm_head;     ///< [vocab, dim]; empty when config.tied_embeddings
-  RegisterWeights registers;
+  MatrixT<T> tok_embeddings;  ///< [vocab, dim]
+  std::vector<BasicLayerWeights<T>> layers;
+  VectorT<T> final_norm;  ///< [dim]
+  MatrixT<T> lm_head;     ///< [vocab, dim]; empty when config.tied_embeddings
+  BasicRegisterWeights<T> registers;
   int split_layer = -1;  ///< EARN split layer k recorded with the checkpoint; -1 when none was recorded
 
   /// The classifier matrix [vocab, dim]: the LM head, or the embedding when tied.
-  const Matrix& classifier() const { return config.tied_embeddings ? tok_embeddings : lm_head; }
+  const MatrixT<T>& classifier() const { return config.tied_embeddings ? tok_embeddings : lm_head; }
 
   /// Parameter count (registers included, a tied head counted once).
   Index parameter_count() const {
@@ -58,6 +87,49 @@ struct ModelWeights {
       n += l.attn_norm.size() + l.wq.size() + l.wk.size() + l.wv.size() + l.bq.size() + l.bk.size() +
            l.bv.size() + l.wo.size() + l.ffn_norm.size() + l.w1.size() + l.w2.size() + l.w3.size();
     return n;
+  }
+
+  /// Every non-empty parameter tensor in a fixed order (the order of checkpoints, optimizer state and gradient
+  /// buffers: two models of one config list the same names in the same order).
+  std::vector<TensorView<T>> tensors() { return tensor_list<T>(*this); }
+  std::vector<TensorView<const T>> tensors() const { return tensor_list<const T>(*this); }
+
+  /// The same model in scalar U (fp32 <-> fp64 for gradient checks, exactly widening).
+  template <class U>
+  BasicModelWeights<U> cast() const {
+    BasicModelWeights<U> w;
+    w.config = config;
+    w.split_layer = split_layer;
+    w.tok_embeddings = tok_embeddings.template cast<U>();
+    w.final_norm = final_norm.template cast<U>();
+    w.lm_head = lm_head.template cast<U>();
+    w.registers.prefix = registers.prefix.template cast<U>();
+    w.registers.suffix = registers.suffix.template cast<U>();
+    w.layers.resize(layers.size());
+    for (std::size_t i = 0; i < layers.size(); ++i) {
+      const auto& a = layers[i];
+      auto& b = w.layers[i];
+      b.attn_norm = a.attn_norm.template cast<U>();
+      b.wq = a.wq.template cast<U>();
+      b.wk = a.wk.template cast<U>();
+      b.wv = a.wv.template cast<U>();
+      b.bq = a.bq.template cast<U>();
+      b.bk = a.bk.template cast<U>();
+      b.bv = a.bv.template cast<U>();
+      b.wo = a.wo.template cast<U>();
+      b.ffn_norm = a.ffn_norm.template cast<U>();
+      b.w1 = a.w1.template cast<U>();
+      b.w3 = a.w3.template cast<U>();
+      b.w2 = a.w2.template cast<U>();
+    }
+    return w;
+  }
+
+  /// A model of the same shapes with every parameter 0 (gradient buffers).
+  BasicModelWeights zeros_like() const {
+    BasicModelWeights z = *this;
+    for (auto& t : z.tensors()) std::fill(t.data, t.data + t.size, T(0));
+    return z;
   }
 
   /// Throws ConfigError naming the first tensor whose shape disagrees with the config.
@@ -78,7 +150,7 @@ struct ModelWeights {
       throw ConfigError("weights: " + std::to_string(layers.size()) + " layers, config says " +
                         std::to_string(c.n_layers));
     for (std::size_t i = 0; i < layers.size(); ++i) {
-      const LayerWeights& l = layers[i];
+      const BasicLayerWeights<T>& l = layers[i];
       const std::string p = "layers." + std::to_string(i) + ".";
       need(p + "attn_norm", l.attn_norm.size(), 1, c.dim, 1);
       need(p + "wq", l.wq.rows(), l.wq.cols(), qd, c.dim);
@@ -107,7 +179,43 @@ struct ModelWeights {
       throw ConfigError("weights: recorded split layer " + std::to_string(split_layer) + " exceeds " +
                         std::to_string(c.n_layers) + " layers");
   }
+
+ private:
+  template <class E, class Self>
+  static std::vector<TensorView<E>> tensor_list(Self& self) {
+    std::vector<TensorView<E>> out;
+    auto add = [&](std::string name, TensorRole role, int layer, auto& t) {
+      if (t.size() == 0) return;
+      out.push_back({std::move(name), role, layer, t.data(), Index(t.size()), Index(t.rows()), Index(t.cols())});
+    };
+    add("tok_embeddings", TensorRole::kEmbedding, -1, self.tok_embeddings);
+    add("registers.prefix", TensorRole::kRegister, -1, self.registers.prefix);
+    add("registers.suffix", TensorRole::kRegister, -1, self.registers.suffix);
+    for (std::size_t i = 0; i < self.layers.size(); ++i) {
+      auto& l = self.layers[i];
+      const std::string p = "layers." + std::to_string(i) + ".";
+      const int li = static_cast<int>(i);
+      add(p + "attn_norm", TensorRole::kNorm, li, l.attn_norm);
+      add(p + "wq", TensorRole::kMatrix, li, l.wq);
+      add(p + "wk", TensorRole::kMatrix, li, l.wk);
+      add(p + "wv", TensorRole::kMatrix, li, l.wv);
+      add(p + "bq", TensorRole::kBias, li, l.bq);
+      add(p + "bk", TensorRole::kBias, li, l.bk);
+      add(p + "bv", TensorRole::kBias, li, l.bv);
+      add(p + "wo", TensorRole::kMatrix, li, l.wo);
+      add(p + "ffn_norm", TensorRole::kNorm, li, l.ffn_norm);
+      add(p + "w1", TensorRole::kMatrix, li, l.w1);
+      add(p + "w3", TensorRole::kMatrix, li, l.w3);
+      add(p + "w2", TensorRole::kMatrix, li, l.w2);
+    }
+    add("final_norm", TensorRole::kNorm, -1, self.final_norm);
+    add("lm_head", TensorRole::kHead, -1, self.lm_head);
+    return out;
+  }
 };
+
+/// The fp32 model every loader returns and every engine runs.
+using ModelWeights = BasicModelWeights<float>;
 
 /// Options for `random_weights`.
 struct RandomInit {

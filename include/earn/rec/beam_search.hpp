@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "earn/core/error.hpp"
+#include "earn/core/tensor.hpp"
 #include "earn/model/engine_fwd.hpp"
 #include "earn/rec/item_vocab.hpp"
 #include "earn/rec/trie.hpp"
@@ -67,25 +68,42 @@ struct BeamStats {
   double decode_s = 0;            ///< in engine.decode and state reorder
   double select_s = 0;            ///< log_softmax, trie lookups and top-B selection
   std::int64_t users = 0;         ///< users searched
-  std::int64_t peak_kv_bytes = 0;  ///< largest KV footprint seen after a decode step (0 if the state cannot say)
+  std::int64_t peak_kv_bytes = 0;  ///< largest KV footprint seen after a decode step
 };
 
-/// Reusable beam searcher over one engine and one trie; owns a decoding state sized for `max_users` prompts.
-/// \code
-///   earn::rec::BeamSearch search(engine, trie, {.beam = 20}, /*max_users=*/8, /*max_prompt=*/pb.length(20));
-///   auto recs = search.run(prompts);   // recs[u][j]: user u's j-th best identifier
-/// \endcode
-template <class EngineT>
-class BeamSearch {
+/// One beam: a partial identifier of one user. Rows of one user are contiguous, users ascending.
+struct Beam {
+  double score = 0;  ///< summed log-probabilities of the tokens chosen so far
+  int node = 0;      ///< trie node at depth = tokens chosen so far
+  int user = 0;
+  int parent = -1;   ///< the decode row this beam continues (-1 for a user's root and at step 0)
+  ItemTokens tokens{};
+};
+
+/// The beam loop, written once for every backend; `Select` supplies how logits are made and ranked:
+///   typename Select::Logits                                   logits of one step's rows, where the backend keeps them
+///   Logits Select::prefill(State&, prompts)                   [users, vocab] first-token logits of every prompt
+///   Logits Select::decode(State&, std::span<const int>)       [rows, vocab] after feeding one token per decode row
+///   std::vector<Beam> Select::select(const Logits&, rows, depth, width)
+///                                                              each user's best `width` children of its rows' trie
+///                                                              nodes (score + log_softmax(logits)[token]), best first,
+///                                                              ties by candidate order (earlier row, smaller token)
+/// HostSelect (below) ranks on the host; earn::cuda::DeviceSelect (earn/backend/cuda/beam_search.cuh) on the GPU.
+/// Steps: prefill -> select from the users' roots -> set_rows; then 3 x (decode -> select -> reorder), the last
+/// select keeping top_k complete items (token 4 is never decoded).
+template <class EngineT, class Select>
+class BasicBeamSearch {
  public:
   using State = typename EngineT::State;
 
-  BeamSearch(const EngineT& engine, const CodeTrie& trie, BeamOptions opt, int max_users, int max_prompt)
-      : engine_(engine), trie_(trie), opt_(opt) {
-    opt_ = checked_beam_options(opt_, max_users, trie.vocab_size(), engine.config().vocab_size);
-    // Token 4 is chosen from the logits of decoding token 3, so 3 generated rows per beam suffice.
-    state_ = engine.make_state(StateOptions{max_users, max_users * opt_.beam, max_prompt, kCodeLevels - 1});
-  }
+  template <class... SelectArgs>
+  BasicBeamSearch(const EngineT& engine, const CodeTrie& trie, BeamOptions opt, int max_users, int max_prompt,
+                  SelectArgs&&... select_args)
+      : engine_(engine), trie_(trie),
+        opt_(checked_beam_options(opt, max_users, trie.vocab_size(), engine.config().vocab_size)),
+        // Token 4 is chosen from the logits of decoding token 3, so 3 generated rows per beam suffice.
+        state_(engine.make_state(StateOptions{max_users, max_users * opt_.beam, max_prompt, kCodeLevels - 1})),
+        select_(engine, trie, std::forward<SelectArgs>(select_args)...) {}
 
   const BeamOptions& options() const { return opt_; }
   const State& state() const { return state_; }
@@ -96,6 +114,7 @@ class BeamSearch {
   /// fewer than K items.
   std::vector<std::vector<Recommendation>> run(std::span<const std::vector<int>> prompts) {
     using Clock = std::chrono::steady_clock;
+    auto seconds = [](Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); };
     const int n_users = static_cast<int>(prompts.size());
     if (n_users > max_users())
       throw RangeError("beam search: " + std::to_string(n_users) + " prompts, the searcher holds " +
@@ -104,64 +123,112 @@ class BeamSearch {
     if (n_users == 0) return out;
 
     // Step 0: every user's prompt once, then its best first tokens from the root.
-    std::vector<Beam> beams;
-    for (int u = 0; u < n_users; ++u) {
-      auto t0 = Clock::now();
-      const auto logits = engine_.prefill(state_, u, prompts[u]);
-      auto t1 = Clock::now();
-      const double lse = log_sum_exp(logits);
-      candidates_.clear();
-      const TrieChildren ch = trie_.children(0, 0);
-      for (std::size_t j = 0; j < ch.size(); ++j)
-        candidates_.push_back({double(logits[ch.tokens[j]]) - lse, -1, ch.tokens[j], ch.first_child + int(j)});
-      select(opt_.beam, u, 0, nullptr, beams);
-      stats_.prefill_s += std::chrono::duration<double>(t1 - t0).count();
-      stats_.select_s += std::chrono::duration<double>(Clock::now() - t1).count();
-    }
+    auto t0 = Clock::now();
+    const auto first = select_.prefill(state_, prompts);
+    auto t1 = Clock::now();
+    std::vector<Beam> beams(n_users);
+    for (int u = 0; u < n_users; ++u) beams[u].user = u;
+    beams = select_.select(first, beams, 0, opt_.beam);
+    auto t2 = Clock::now();
+    stats_.prefill_s += seconds(t0, t1);
+    stats_.select_s += seconds(t1, t2);
     stats_.users += n_users;
     if (beams.empty()) return out;  // an empty catalogue: nothing to recommend
 
-    std::vector<int> row_user(beams.size()), tokens(beams.size()), parent;
+    std::vector<int> row_user(beams.size()), tokens, parent;
     for (std::size_t r = 0; r < beams.size(); ++r) row_user[r] = beams[r].user;
     state_.set_rows(row_user);
     for (int depth = 1; depth < kCodeLevels; ++depth) {
+      tokens.resize(beams.size());
       for (std::size_t r = 0; r < beams.size(); ++r) tokens[r] = beams[r].tokens[depth - 1];
-      auto t0 = Clock::now();
-      const auto logits = engine_.decode(state_, std::span<const int>(tokens.data(), beams.size()));
-      auto t1 = Clock::now();
-      if constexpr (requires { state_.kv_bytes(); })
-        stats_.peak_kv_bytes = std::max<std::int64_t>(stats_.peak_kv_bytes, state_.kv_bytes());
-      // Candidates of each user are its rows' children; rows of one user are contiguous, in user order.
+      t0 = Clock::now();
+      const auto logits = select_.decode(state_, std::span<const int>(tokens));
+      t1 = Clock::now();
+      stats_.peak_kv_bytes = std::max<std::int64_t>(stats_.peak_kv_bytes, state_.kv_bytes());
       const bool last = depth == kCodeLevels - 1;
-      std::vector<Beam> next;
-      std::size_t r = 0;
-      while (r < beams.size()) {
-        const int u = beams[r].user;
-        candidates_.clear();
-        for (; r < beams.size() && beams[r].user == u; ++r) {
-          const auto row = logits.row(static_cast<std::int64_t>(r));
-          const double lse = log_sum_exp(row);
-          const TrieChildren ch = trie_.children(depth, beams[r].node);
-          for (std::size_t j = 0; j < ch.size(); ++j)
-            candidates_.push_back(
-                {beams[r].score + (double(row[ch.tokens[j]]) - lse), int(r), ch.tokens[j], ch.first_child + int(j)});
-        }
-        select(last ? opt_.top_k : opt_.beam, u, depth, &beams, next);
-      }
-      auto t2 = Clock::now();
+      std::vector<Beam> next = select_.select(logits, beams, depth, last ? opt_.top_k : opt_.beam);
+      t2 = Clock::now();
       if (!last) {
         parent.resize(next.size());
         for (std::size_t i = 0; i < next.size(); ++i) parent[i] = next[i].parent;
         state_.reorder(parent);
-        tokens.resize(next.size());
       }
-      auto t3 = Clock::now();
-      stats_.decode_s += std::chrono::duration<double>((t1 - t0) + (t3 - t2)).count();
-      stats_.select_s += std::chrono::duration<double>(t2 - t1).count();
+      stats_.decode_s += seconds(t0, t1) + seconds(t2, Clock::now());
+      stats_.select_s += seconds(t1, t2);
       beams = std::move(next);
     }
     for (const Beam& b : beams) out[b.user].push_back({trie_.identifier(b.node), b.score, b.tokens});
     return out;
+  }
+
+ protected:
+  State& mutable_state() { return state_; }
+  Select& selector() { return select_; }
+  const EngineT& engine() const { return engine_; }
+
+ private:
+  const EngineT& engine_;
+  const CodeTrie& trie_;
+  BeamOptions opt_;
+  State state_;
+  Select select_;
+  BeamStats stats_;
+};
+
+/// The selection of BasicBeamSearch on the host: logits as Eigen matrices, log-sum-exp per row, the trie's
+/// children as candidates (masking every other token without writing the mask), partial sort per user.
+template <class EngineT>
+class HostSelect {
+ public:
+  using State = typename EngineT::State;
+  using Logits = Matrix;
+
+  /// batched_prefill: all prompts in one engine pass (rows share every GEMM); off: one prefill per user.
+  HostSelect(const EngineT& engine, const CodeTrie& trie, bool batched_prefill = false)
+      : engine_(engine), trie_(trie), batched_(batched_prefill) {}
+
+  Logits prefill(State& st, std::span<const std::vector<int>> prompts) {
+    const int n = static_cast<int>(prompts.size());
+    if (batched_) {
+      std::vector<int> users(n);
+      std::iota(users.begin(), users.end(), 0);
+      return engine_.prefill_batch(st, users, prompts);
+    }
+    Matrix first(n, engine_.config().vocab_size);
+    for (int u = 0; u < n; ++u) first.row(u) = engine_.prefill(st, u, prompts[u]).transpose();
+    return first;
+  }
+  Logits decode(State& st, std::span<const int> tokens) { return engine_.decode(st, tokens); }
+
+  std::vector<Beam> select(const Logits& logits, const std::vector<Beam>& rows, int depth, int width) {
+    std::vector<Beam> next;
+    std::size_t r = 0;
+    while (r < rows.size()) {
+      const int u = rows[r].user;
+      candidates_.clear();
+      for (; r < rows.size() && rows[r].user == u; ++r) {
+        const auto row = logits.row(static_cast<Index>(r));
+        const double lse = log_sum_exp(row);
+        const TrieChildren ch = trie_.children(depth, rows[r].node);
+        for (std::size_t j = 0; j < ch.size(); ++j)
+          candidates_.push_back(
+              {rows[r].score + (double(row[ch.tokens[j]]) - lse), int(r), ch.tokens[j], ch.first_child + int(j)});
+      }
+      // The best `width` candidates (score descending, candidate order on ties) become beams of user u.
+      order_.resize(candidates_.size());
+      std::iota(order_.begin(), order_.end(), 0);
+      const std::size_t n = std::min(order_.size(), std::size_t(width));
+      std::partial_sort(order_.begin(), order_.begin() + n, order_.end(), [&](int a, int b) {
+        return candidates_[a].score != candidates_[b].score ? candidates_[a].score > candidates_[b].score : a < b;
+      });
+      for (std::size_t i = 0; i < n; ++i) {
+        const Candidate& c = candidates_[order_[i]];
+        Beam b{c.score, c.node, u, depth == 0 ? -1 : c.row, rows[c.row].tokens};
+        b.tokens[depth] = c.token;
+        next.push_back(b);
+      }
+    }
+    return next;
   }
 
  private:
@@ -178,44 +245,35 @@ class BeamSearch {
     return double(m) + std::log(double((a - m).exp().sum()));
   }
 
-  struct Beam {
-    double score;
-    int node;    // trie node at depth = tokens chosen so far
-    int user;
-    int parent;  // row this beam continues (the previous step's row index)
-    ItemTokens tokens;
-  };
   struct Candidate {
     double score;
-    int parent;  // row index, -1 at step 0
+    int row;  // the row whose child this is
     int token;
     int node;
   };
 
-  // Appends the best `width` of candidates_ (score descending, candidate order on ties) to `out` as beams of
-  // user `u` that chose their token number `depth`; `prev` holds the beams the candidates extend (null at step 0).
-  void select(int width, int u, int depth, const std::vector<Beam>* prev, std::vector<Beam>& out) {
-    order_.resize(candidates_.size());
-    std::iota(order_.begin(), order_.end(), 0);
-    const std::size_t n = std::min(order_.size(), std::size_t(width));
-    std::partial_sort(order_.begin(), order_.begin() + n, order_.end(), [&](int a, int b) {
-      return candidates_[a].score != candidates_[b].score ? candidates_[a].score > candidates_[b].score : a < b;
-    });
-    for (std::size_t i = 0; i < n; ++i) {
-      const Candidate& c = candidates_[order_[i]];
-      Beam b{c.score, c.node, u, c.parent, prev ? (*prev)[c.parent].tokens : ItemTokens{}};
-      b.tokens[depth] = c.token;
-      out.push_back(b);
-    }
-  }
-
   const EngineT& engine_;
   const CodeTrie& trie_;
-  BeamOptions opt_;
-  State state_;
-  BeamStats stats_;
+  bool batched_;
   std::vector<Candidate> candidates_;
   std::vector<int> order_;
 };
+
+/// Reusable beam searcher over one engine and one trie with the selection on the host; owns a decoding state sized
+/// for `max_users` prompts. Works with every engine (CPU or CUDA); earn::cuda::DeviceBeamSearch keeps the
+/// selection on the GPU.
+/// \code
+///   earn::rec::BeamSearch search(engine, trie, {.beam = 20}, /*max_users=*/8, /*max_prompt=*/pb.length(20));
+///   auto recs = search.run(prompts);   // recs[u][j]: user u's j-th best identifier
+/// \endcode
+template <class EngineT>
+class BeamSearch : public BasicBeamSearch<EngineT, HostSelect<EngineT>> {
+ public:
+  using BasicBeamSearch<EngineT, HostSelect<EngineT>>::BasicBeamSearch;
+};
+template <class EngineT>
+BeamSearch(const EngineT&, const CodeTrie&, BeamOptions, int, int) -> BeamSearch<EngineT>;
+template <class EngineT>
+BeamSearch(const EngineT&, const CodeTrie&, BeamOptions, int, int, bool) -> BeamSearch<EngineT>;
 
 }  // namespace earn::rec

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -13,6 +14,7 @@
 #include "earn/core/error.hpp"
 #include "earn/model/engine_fwd.hpp"
 #include "earn/model/weights.hpp"
+#include "earn/plan/forward.hpp"
 
 namespace earn {
 
@@ -102,13 +104,29 @@ class Engine<Schedule, Cpu> {
   /// token, read at the last row that reaches the final layer (the last suffix register; the last prefix register
   /// when r_s = 0 and k < L; the last prompt token for a dense model). Ends any decoding in progress.
   Vector prefill(State& st, int user, std::span<const int> tokens) const {
-    Matrix x = prefill_rows(st, user, tokens);
-    return logits(x.bottomRows(1)).row(0).transpose();
+    const int users[1] = {user};
+    const std::vector<int> prompts[1] = {std::vector<int>(tokens.begin(), tokens.end())};
+    plan::ForwardPlan fp;
+    Matrix x = run_prefill(st, users, prompts, fp);
+    return logits(x.row(fp.readout[0])).row(0).transpose();
   }
 
   /// Like prefill, but logits [rows, vocab] for every row that reaches the final layer (all rows when dense).
   Matrix prefill_all_logits(State& st, int user, std::span<const int> tokens) const {
-    return logits(prefill_rows(st, user, tokens));
+    const int users[1] = {user};
+    const std::vector<int> prompts[1] = {std::vector<int>(tokens.begin(), tokens.end())};
+    plan::ForwardPlan fp;
+    return logits(run_prefill(st, users, prompts, fp));
+  }
+
+  /// Prefill several users in one pass (their rows share every GEMM): logits [users, vocab], row i predicting
+  /// user users[i]'s first generated token. Ends any decoding in progress.
+  Matrix prefill_batch(State& st, std::span<const int> users, std::span<const std::vector<int>> prompts) const {
+    plan::ForwardPlan fp;
+    const Matrix x = run_prefill(st, users, prompts, fp);
+    Matrix top(static_cast<Index>(fp.readout.size()), x.cols());
+    for (std::size_t i = 0; i < fp.readout.size(); ++i) top.row(Index(i)) = x.row(fp.readout[i]);
+    return logits(top);
   }
 
   /// One decode step: tokens[i] is fed to decode row i (see State::set_rows). Returns logits [rows, vocab].
@@ -117,7 +135,7 @@ class Engine<Schedule, Cpu> {
     const int rows = st.rows();
     st.check_decode_step(tokens, c.vocab_size);
     std::vector<int> pos(rows);
-    for (int i = 0; i < rows; ++i) pos[i] = st.input_len_[st.row_user_[i]] + st.gen_len_;
+    for (int i = 0; i < rows; ++i) pos[i] = st.decode_position(i);
     const cpu::RopeTable rope(pos, c.head_dim(), c.rope_theta);
     Matrix x(rows, c.dim);
     for (int i = 0; i < rows; ++i) x.row(i) = w_.tok_embeddings.row(tokens[i]);
@@ -152,8 +170,6 @@ class Engine<Schedule, Cpu> {
   }
 
  private:
-  void check_tokens(std::span<const int> tokens) const { detail::check_token_ids(tokens, w_.config.vocab_size); }
-
   // h = norm(x); q, k, v projections with biases, RoPE applied to q and k.
   void qkv(const LayerWeights& lw, const Matrix& x, const cpu::RopeTable& rope, Matrix& h, Matrix& q, Matrix& k,
            Matrix& v) const {
@@ -192,75 +208,50 @@ class Engine<Schedule, Cpu> {
     return out;
   }
 
-  // Runs every layer over the input rows of one user; returns the rows that reach the top [n_final, dim].
-  Matrix prefill_rows(State& st, int user, std::span<const int> tokens) const {
+  // Plans the prefill of `prompts` for `users` and runs every layer over the planned rows, caching each layer's
+  // rows of every user; returns the residual rows of the top phase [fp.top().size(), dim].
+  Matrix run_prefill(State& st, std::span<const int> users, std::span<const std::vector<int>> prompts,
+                     plan::ForwardPlan& fp) const {
     const ModelConfig& c = w_.config;
-    if (user < 0 || user >= st.opts_.max_users)
-      throw RangeError("prefill: user " + std::to_string(user) + " outside the state's " +
-                       std::to_string(st.opts_.max_users) + " users");
-    if (tokens.empty()) throw ConfigError("prefill: the prompt is empty");
-    if (static_cast<Index>(tokens.size()) > st.opts_.max_prompt)
-      throw RangeError("prefill: prompt of " + std::to_string(tokens.size()) + " tokens exceeds the state's " +
-                       std::to_string(st.opts_.max_prompt));
-    check_tokens(tokens);
+    st.check_prefill(users, prompts, c.vocab_size);
     const RegisterWeights& reg = w_.registers;
-    const Index rp = reg.prefix.rows(), rs = reg.suffix.rows(), n = rp + Index(tokens.size()) + rs;
+    const int rp = static_cast<int>(reg.prefix.rows()), rs = static_cast<int>(reg.suffix.rows());
+    fp = State::prefill_plan(schedule_, c.n_layers, rp, rs, prompts);
+    st.begin_prefill(users, fp);
 
-    Matrix x(n, c.dim);
-    std::vector<int> pos(n);
-    std::vector<RowKind> kind(n);
-    for (Index i = 0; i < n; ++i) {
-      pos[i] = static_cast<int>(i);
-      if (i < rp) {
-        x.row(i) = reg.prefix.row(i);
-        kind[i] = RowKind::kPrefixRegister;
-      } else if (i < n - rs) {
-        x.row(i) = w_.tok_embeddings.row(tokens[i - rp]);
-        kind[i] = RowKind::kPrompt;
-      } else {
-        x.row(i) = reg.suffix.row(i - (n - rs));
-        kind[i] = RowKind::kSuffixRegister;
-      }
+    const plan::RowSet& in = fp.input();
+    Matrix x(in.size(), c.dim);
+    for (int i = 0; i < in.size(); ++i) {
+      const int src = fp.source[i];
+      x.row(i) = src >= 0 ? w_.tok_embeddings.row(src) : src >= -rp ? reg.prefix.row(-src - 1)
+                                                                   : reg.suffix.row(-src - 1 - rp);
     }
-    st.input_len_[user] = static_cast<int>(n);
-    st.row_user_.clear();
-    st.gen_len_ = 0;
-
     Matrix h, q, k, v, att, tmp;
+    std::optional<cpu::RopeTable> rope;
     for (int l = 0; l < c.n_layers; ++l) {
+      if (fp.gathers_before(l) || !rope) {  // the policy's dropped rows leave the residual stream here
+        if (fp.gathers_before(l)) x = cpu::gather_rows(x, fp.phases[fp.layer_phase[l]].keep);
+        rope.emplace(fp.layer_rows(l).pos, c.head_dim(), c.rope_theta);
+      }
+      const plan::RowSet& rows = fp.layer_rows(l);
       schedule_.visit(l, [&]<class L>(L) {
         using P = typename L::policy;
-        drop_rows<P>(x, pos, kind);  // the policy decides which rows stay in the residual stream
-        const cpu::RopeTable rope(pos, c.head_dim(), c.rope_theta);
         const LayerWeights& lw = w_.layers[l];
         kv::Store<Cpu>& store = st.layers_[l];
-        qkv(lw, x, rope, h, q, k, v);
-        store.write_prefix(user, k, v, pos);
-        cpu::attention_prefill<P>(q, pos, store.prefix_k(user), store.prefix_v(user), store.prefix_positions(user),
-                                  c.n_heads, c.n_kv_heads, c.head_dim(), att);
+        qkv(lw, x, *rope, h, q, k, v);
+        att.resize(x.rows(), Index{c.n_heads} * c.head_dim());
+        for (int s = 0; s < rows.segments(); ++s) {
+          const int u = users[s], off = rows.seg_off[s], n = rows.seg_n[s];
+          const std::span<const int> pos(rows.pos.data() + off, static_cast<std::size_t>(n));
+          store.write_prefix(u, k.middleRows(off, n), v.middleRows(off, n), pos);
+          cpu::attention_prefill<P>(q.middleRows(off, n), pos, store.prefix_k(u), store.prefix_v(u),
+                                    store.prefix_positions(u), c.n_heads, c.n_kv_heads, c.head_dim(),
+                                    att.middleRows(off, n));
+        }
         residual_and_mlp(lw, att, x, h, tmp);
       });
     }
     return x;
-  }
-
-  template <class P>
-  static void drop_rows(Matrix& x, std::vector<int>& pos, std::vector<RowKind>& kind) {
-    std::vector<Index> keep;
-    for (std::size_t i = 0; i < kind.size(); ++i)
-      if (P::keeps(kind[i])) keep.push_back(Index(i));
-    if (keep.size() == kind.size()) return;
-    Matrix kept(Index(keep.size()), x.cols());
-    std::vector<int> kpos(keep.size());
-    std::vector<RowKind> kkind(keep.size());
-    for (std::size_t j = 0; j < keep.size(); ++j) {
-      kept.row(Index(j)) = x.row(keep[j]);
-      kpos[j] = pos[keep[j]];
-      kkind[j] = kind[keep[j]];
-    }
-    x.swap(kept);
-    pos.swap(kpos);
-    kind.swap(kkind);
   }
 
   const ModelWeights& w_;

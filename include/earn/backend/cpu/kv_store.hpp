@@ -31,7 +31,8 @@ class Store<Cpu> {
   const std::vector<int>& prefix_positions(int user) const { return prefix_pos_[user]; }
 
   /// Replace user `user`'s prefix with rows k, v [n, kv_dim] at `positions`.
-  void write_prefix(int user, const Matrix& k, const Matrix& v, std::span<const int> positions) {
+  template <class KM, class VM>
+  void write_prefix(int user, const KM& k, const VM& v, std::span<const int> positions) {
     if (k.rows() > prefix_capacity_)
       throw RangeError("kv cache: " + std::to_string(k.rows()) + " prefix rows exceed the layer's capacity of " +
                        std::to_string(prefix_capacity_));

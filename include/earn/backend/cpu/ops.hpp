@@ -1,13 +1,15 @@
 // earn/backend/cpu/ops.hpp - the CPU backend's arithmetic: linear layers, RMSNorm, RoPE, SwiGLU, attention.
 //
-// All fp32. Threading is OpenMP where the build has it (earn::earn links OpenMP::OpenMP_CXX when found); without
-// it every loop runs serially and the results are the same.
+// Templated on the scalar: fp32 for inference and training, fp64 for the trainer's gradient checks (the same code).
+// Threading is OpenMP where the build has it (earn::earn links OpenMP::OpenMP_CXX when found); without it every
+// loop runs serially and the results are the same.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -22,8 +24,8 @@ namespace earn::cpu {
 /// y [T, out] = x [T, in] * w^T, with w [out, in] as checkpoints store it.
 /// Eigen threads its GEMM but not its GEMV, so for few rows (decode) the output features are split over the
 /// threads here: each thread streams its own slice of w once, which is what bounds decode by memory bandwidth.
-template <class X>
-inline void linear(const X& x, const Matrix& w, Matrix& y) {
+template <class X, class T>
+inline void linear(const X& x, const MatrixT<T>& w, MatrixT<T>& y) {
   y.resize(x.rows(), w.rows());
   if (x.rows() > 16) {
     y.noalias() = x * w.transpose();
@@ -41,47 +43,63 @@ inline void linear(const X& x, const Matrix& w, Matrix& y) {
   }
 }
 
+/// Rows `idx` of x, in order: the residual stream after a policy drops rows.
+template <class T>
+inline MatrixT<T> gather_rows(const MatrixT<T>& x, std::span<const int> idx) {
+  MatrixT<T> out(static_cast<Index>(idx.size()), x.cols());
+  for (std::size_t i = 0; i < idx.size(); ++i) out.row(Index(i)) = x.row(idx[i]);
+  return out;
+}
+
 /// out = x * rsqrt(mean(x^2) + eps) * g, row by row (the order of llama2.c and Hugging Face: scale, then gain).
-template <class X>
-inline void rmsnorm(const X& x, const Vector& g, float eps, Matrix& out) {
+/// inv (when given) receives each row's rsqrt(mean(x^2) + eps) [rows], which the backward pass needs.
+template <class X, class T>
+inline void rmsnorm(const X& x, const VectorT<T>& g, float eps, MatrixT<T>& out, VectorT<T>* inv = nullptr) {
   out.resize(x.rows(), x.cols());
+  if (inv) inv->resize(x.rows());
   for (Index i = 0; i < x.rows(); ++i) {
-    const float ms = x.row(i).squaredNorm() / static_cast<float>(x.cols());
-    const float inv = 1.0f / std::sqrt(ms + eps);
-    out.row(i) = (x.row(i) * inv).cwiseProduct(g.transpose());
+    const T ms = x.row(i).squaredNorm() / static_cast<T>(x.cols());
+    const T r = T(1) / std::sqrt(ms + T(eps));
+    out.row(i) = (x.row(i) * r).cwiseProduct(g.transpose());
+    if (inv) (*inv)[i] = r;
   }
 }
 
-/// cos/sin of every (position, frequency) pair one forward pass needs: [T, head_dim/2] each.
-struct RopeTable {
-  Matrix cos, sin;
-  RopeTable(std::span<const int> positions, int head_dim, float theta) : cos(positions.size(), head_dim / 2),
-                                                                          sin(positions.size(), head_dim / 2) {
+/// cos/sin of every (position, frequency) pair one forward pass needs: [T, head_dim/2] each, in scalar S.
+template <class S>
+struct BasicRopeTable {
+  MatrixT<S> cos, sin;
+  BasicRopeTable(std::span<const int> positions, int head_dim, float theta)
+      : cos(positions.size(), head_dim / 2), sin(positions.size(), head_dim / 2) {
     for (int i = 0; i < head_dim / 2; ++i) {
-      // Float throughout, as both references compute it: inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq.
-      const float inv_freq = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
+      // In S throughout, as both references compute it in float: inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq.
+      const S inv_freq = S(1) / std::pow(S(theta), static_cast<S>(2 * i) / static_cast<S>(head_dim));
       for (std::size_t t = 0; t < positions.size(); ++t) {
-        const float angle = static_cast<float>(positions[t]) * inv_freq;
+        const S angle = static_cast<S>(positions[t]) * inv_freq;
         cos(Index(t), i) = std::cos(angle);
         sin(Index(t), i) = std::sin(angle);
       }
     }
   }
 };
+using RopeTable = BasicRopeTable<float>;
 
-/// Rotate every head of x [T, heads*head_dim] in place by the table's angles.
-inline void apply_rope(Matrix& x, int heads, int head_dim, const RopeTable& table, RopeStyle style) {
+/// Rotate every head of x [T, heads*head_dim] in place by the table's angles; inverse = true rotates back by the
+/// same angles (the transpose of the rotation: RoPE's backward pass).
+template <class S>
+inline void apply_rope(MatrixT<S>& x, int heads, int head_dim, const BasicRopeTable<S>& table, RopeStyle style,
+                       bool inverse = false) {
   const int half = head_dim / 2;
   for (Index t = 0; t < x.rows(); ++t) {
-    float* row = x.row(t).data();
+    S* row = x.row(t).data();
     for (int h = 0; h < heads; ++h) {
-      float* v = row + Index{h} * head_dim;
+      S* v = row + Index{h} * head_dim;
       for (int i = 0; i < half; ++i) {
         // Interleaved pairs (2i, 2i+1) for llama2.c; halves (i, i+d/2) for Hugging Face's rotate_half.
         const int ia = style == RopeStyle::kInterleaved ? 2 * i : i;
         const int ib = style == RopeStyle::kInterleaved ? 2 * i + 1 : i + half;
-        const float c = table.cos(t, i), s = table.sin(t, i);
-        const float a = v[ia], b = v[ib];
+        const S c = table.cos(t, i), s = inverse ? -table.sin(t, i) : table.sin(t, i);
+        const S a = v[ia], b = v[ib];
         v[ia] = a * c - b * s;
         v[ib] = a * s + b * c;
       }
@@ -90,16 +108,18 @@ inline void apply_rope(Matrix& x, int heads, int head_dim, const RopeTable& tabl
 }
 
 /// a <- silu(a) * b, elementwise (SwiGLU's gate).
-inline void swiglu(Matrix& a, const Matrix& b) {
-  a = a.array() / (1.0f + (-a.array()).exp()) * b.array();
+template <class T>
+inline void swiglu(MatrixT<T>& a, const MatrixT<T>& b) {
+  a = a.array() / (T(1) + (-a.array()).exp()) * b.array();
 }
 
 /// Softmax of s in place over its visible entries; masked entries hold -inf and become 0.
 /// A row with every key masked yields all zeros (its attention output is 0) instead of NaN.
 template <class S>
 inline void masked_softmax(S&& s) {
-  const float m = s.maxCoeff();
-  if (m == -std::numeric_limits<float>::infinity()) {
+  using T = typename std::decay_t<S>::Scalar;
+  const T m = s.maxCoeff();
+  if (m == -std::numeric_limits<T>::infinity()) {
     s.setZero();
     return;
   }
@@ -107,30 +127,41 @@ inline void masked_softmax(S&& s) {
   s /= s.sum();
 }
 
+/// No observer: attention_prefill keeps no probabilities.
+struct NoProbs {
+  template <class M>
+  void operator()(int /*head*/, const M& /*probs*/) const {}
+};
+
 /// Prefill attention for one user: queries q [T, n_heads*hd] at q_pos over keys/values k, v [S, kv_dim] at k_pos,
-/// visibility from Policy. out [T, n_heads*hd]. Heads run in parallel; each is two GEMMs over its [T, S] scores.
-template <class Policy, class KM>
-inline void attention_prefill(const Matrix& q, std::span<const int> q_pos, const KM& k, const KM& v,
-                              std::span<const int> k_pos, int n_heads, int n_kv_heads, int hd, Matrix& out) {
-  const Index T = q.rows(), S = k.rows();
+/// visibility from Policy. Writes out [T, n_heads*hd] (a matrix or a block of one, already that size). Heads run in
+/// parallel; each is two GEMMs over its [T, S] scores. `observe(h, probs)` sees every head's probabilities [T, S]
+/// after the softmax (the one observation point of scores: the trainer keeps them for its backward pass), called
+/// from the head's thread.
+template <class Policy, class QM, class KM, class OM, class Observe = NoProbs>
+inline void attention_prefill(const QM& q, std::span<const int> q_pos, const KM& k, const KM& v,
+                              std::span<const int> k_pos, int n_heads, int n_kv_heads, int hd, OM&& out,
+                              Observe&& observe = {}) {
+  using S = typename std::decay_t<QM>::Scalar;
+  const Index T = q.rows(), S_ = k.rows();
   const int group = n_heads / n_kv_heads;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  out.resize(T, Index{n_heads} * hd);
+  const S scale = S(1) / std::sqrt(static_cast<S>(hd));
   // The mask depends only on positions: build it once for all heads.
-  Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> visible(T, S);
+  Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> visible(T, S_);
   for (Index i = 0; i < T; ++i)
-    for (Index j = 0; j < S; ++j) visible(i, j) = Policy::visible(q_pos[i], k_pos[j]);
-  [[maybe_unused]] const bool big = T * S * Index{n_heads} * hd >= (Index{1} << 18);
+    for (Index j = 0; j < S_; ++j) visible(i, j) = Policy::visible(q_pos[i], k_pos[j]);
+  [[maybe_unused]] const bool big = T * S_ * Index{n_heads} * hd >= (Index{1} << 18);
 #pragma omp parallel for schedule(dynamic) if (big)
   for (int h = 0; h < n_heads; ++h) {
     const int kvh = h / group;
-    Matrix s = q.middleCols(Index{h} * hd, hd) * k.middleCols(Index{kvh} * hd, hd).transpose();
+    MatrixT<S> s = q.middleCols(Index{h} * hd, hd) * k.middleCols(Index{kvh} * hd, hd).transpose();
     for (Index i = 0; i < T; ++i) {
       auto row = s.row(i);
-      for (Index j = 0; j < S; ++j) row[j] = visible(i, j) ? row[j] * scale : -std::numeric_limits<float>::infinity();
+      for (Index j = 0; j < S_; ++j) row[j] = visible(i, j) ? row[j] * scale : -std::numeric_limits<S>::infinity();
       masked_softmax(row);
     }
     out.middleCols(Index{h} * hd, hd).noalias() = s * v.middleCols(Index{kvh} * hd, hd);
+    observe(h, s);
   }
 }
 

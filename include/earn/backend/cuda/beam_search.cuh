@@ -85,25 +85,20 @@ __global__ void take_top(const K* keys, const int* vals, const int* seg_off, int
 
 }  // namespace kernel
 
-/// rec::BeamSearch's search with the per-step scoring, trie masking and top-B selection on the device. Needs a
+/// The selection of rec::BasicBeamSearch on the device (the logits never leave the GPU): log-sum-exp per row, the
+/// trie's children scored, CUB's stable segmented sort per user, the best `width` per user back to the host. Needs a
 /// CUDA engine (decode_device / prefill_batch_device).
-/// \code
-///   earn::cuda::DeviceBeamSearch search(gpu_engine, trie, {.beam = 20}, /*max_users=*/32, max_prompt);
-///   auto recs = search.run(prompts);   // as rec::BeamSearch::run
-/// \endcode
 template <class EngineT>
-class DeviceBeamSearch {
+class DeviceSelect {
  public:
   using State = typename EngineT::State;
+  using Logits = DeviceLogits;
 
   /// batched_prefill: prefill all prompts in one pass (their rows share every GEMM: at B = 32, P = 512 about 3x
   /// faster than one by one). Its logits differ from one-user prefills by rounding (GEMM shapes differ), so
   /// near-tied items may order differently from rec::BeamSearch; off, the two agree item for item.
-  DeviceBeamSearch(const EngineT& engine, const rec::CodeTrie& trie, rec::BeamOptions opt, int max_users,
-                   int max_prompt, bool batched_prefill = false)
-      : engine_(engine), trie_(trie), opt_(opt), batched_prefill_(batched_prefill) {
-    opt_ = rec::checked_beam_options(opt_, max_users, trie.vocab_size(), engine.config().vocab_size);
-    state_ = engine.make_state(StateOptions{max_users, max_users * opt_.beam, max_prompt, rec::kCodeLevels - 1});
+  DeviceSelect(const EngineT& engine, const rec::CodeTrie& trie, bool batched_prefill = false)
+      : engine_(engine), trie_(trie), batched_prefill_(batched_prefill) {
     // Each level's child tokens, in node order (children(d, n).tokens are slices of one array per level).
     for (int d = 0; d < rec::kCodeLevels; ++d) {
       std::vector<int> tok;
@@ -116,94 +111,38 @@ class DeviceBeamSearch {
         EARN_CUDA_CHECK(cudaMemcpy(tokens_[d].data(), tok.data(), tok.size() * sizeof(int), cudaMemcpyHostToDevice));
     }
   }
+  bool batched_prefill() const { return batched_prefill_; }
 
-  const State& state() const { return state_; }
-  int max_users() const { return state_.options().max_users; }
-
-  /// Engine::tune_gemms for the products this search runs with `users` prompts a run(): the decode rows (users x
-  /// beam), the late layers' register rows and the prefill's logits rows (users x registers and users with the
-  /// batched prefill, registers and 1 without). Overwrites the state's scratch, so call it before the first run();
-  /// the results then differ from an untuned search's by rounding (near-tied items may swap, as with the batched
-  /// prefill). Not timed by run().
-  std::vector<typename EngineT::GemmTuning> tune_gemms(int users, typename EngineT::TuneOptions opt = {}) {
-    if (users < 1 || users > max_users())
-      throw RangeError("beam search: tune_gemms for " + std::to_string(users) + " users, the searcher holds 1.." +
-                       std::to_string(max_users()));
-    const int reg = engine_.registers(), per = batched_prefill_ ? users : 1;
-    std::vector<int> rows = {users * opt_.beam, per};
-    if (reg > 0) rows.push_back(per * reg);
-    std::sort(rows.begin(), rows.end());
-    rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
-    return engine_.tune_gemms(state_, rows, opt);
-  }
-
-  /// Top-K identifiers for each prompt, best first (as rec::BeamSearch::run).
-  std::vector<std::vector<rec::Recommendation>> run(std::span<const std::vector<int>> prompts) {
-    const int n_users = static_cast<int>(prompts.size());
-    if (n_users > max_users())
-      throw RangeError("beam search: " + std::to_string(n_users) + " prompts, the searcher holds " +
-                       std::to_string(max_users()));
-    std::vector<std::vector<rec::Recommendation>> out(n_users);
-    if (n_users == 0) return out;
-    const int vocab = engine_.config().vocab_size;
-    const cudaStream_t s = state_.stream();
-
-    // Step 0: each user's prompt once (its own prefill, as the host search), first-token logits gathered into
-    // one [users, vocab] block; the parents are the users' roots.
-    const float* first = nullptr;
+  /// Each user's prompt once, first-token logits [users, vocab] on the device.
+  Logits prefill(State& st, std::span<const std::vector<int>> prompts) {
+    const int n_users = static_cast<int>(prompts.size()), vocab = engine_.config().vocab_size;
+    s_ = st.stream();
     if (batched_prefill_) {
       std::vector<int> users(n_users);
       for (int u = 0; u < n_users; ++u) users[u] = u;
-      first = engine_.prefill_batch_device(state_, users, prompts).data;  // [users, vocab], until the next call
-    } else {
-      first_logits_.reserve(std::size_t(n_users) * vocab);
-      for (int u = 0; u < n_users; ++u) {
-        const int user[1] = {u};
-        const auto d = engine_.prefill_batch_device(state_, user, prompts.subspan(u, 1));
-        EARN_CUDA_CHECK(cudaMemcpyAsync(first_logits_.data() + std::size_t(u) * vocab, d.data,
-                                        std::size_t(vocab) * sizeof(float), cudaMemcpyDeviceToDevice, s));
-      }
-      first = first_logits_.data();
+      return engine_.prefill_batch_device(st, users, prompts);  // valid until the next call on the state
     }
-    std::vector<Beam> beams(n_users);
-    for (int u = 0; u < n_users; ++u) beams[u] = {0.0, 0, u, -1, rec::ItemTokens{}};
-    beams = select(first, beams, 0, opt_.beam);
-    if (beams.empty()) return out;
+    first_logits_.reserve(std::size_t(n_users) * vocab);
+    for (int u = 0; u < n_users; ++u) {
+      const int user[1] = {u};
+      const auto d = engine_.prefill_batch_device(st, user, prompts.subspan(u, 1));
+      EARN_CUDA_CHECK(cudaMemcpyAsync(first_logits_.data() + std::size_t(u) * vocab, d.data,
+                                      std::size_t(vocab) * sizeof(float), cudaMemcpyDeviceToDevice, s_));
+    }
+    return {first_logits_.data(), n_users, vocab};
+  }
+  Logits decode(State& st, std::span<const int> tokens) { return engine_.decode_device(st, tokens); }
 
-    std::vector<int> row_user(beams.size()), tokens(beams.size()), parent;
-    for (std::size_t r = 0; r < beams.size(); ++r) row_user[r] = beams[r].user;
-    state_.set_rows(row_user);
-    for (int depth = 1; depth < rec::kCodeLevels; ++depth) {
-      tokens.resize(beams.size());
-      for (std::size_t r = 0; r < beams.size(); ++r) tokens[r] = beams[r].tokens[depth - 1];
-      const auto d = engine_.decode_device(state_, tokens);
-      const bool last = depth == rec::kCodeLevels - 1;
-      std::vector<Beam> next = select(d.data, beams, depth, last ? opt_.top_k : opt_.beam);
-      if (!last) {
-        parent.resize(next.size());
-        for (std::size_t i = 0; i < next.size(); ++i) parent[i] = next[i].parent;
-        state_.reorder(parent);
-      }
-      beams = std::move(next);
-    }
-    for (const Beam& b : beams) out[b.user].push_back({trie_.identifier(b.node), b.score, b.tokens});
-    return out;
+  std::vector<rec::Beam> select(const Logits& d, const std::vector<rec::Beam>& rows, int depth, int width) {
+    return select(d.data, rows, depth, width);
   }
 
  private:
-  struct Beam {
-    double score;
-    int node;  // trie node at depth = tokens chosen so far
-    int user;
-    int parent;
-    rec::ItemTokens tokens;
-  };
-
   // One step on the device: rows = `rows` (grouped by user, users ascending) with logits [rows, vocab]; returns
   // the best `width` children per user as beams that chose token number `depth`, parent = the row.
-  std::vector<Beam> select(const float* logits, const std::vector<Beam>& rows, int depth, int width) {
+  std::vector<rec::Beam> select(const float* logits, const std::vector<rec::Beam>& rows, int depth, int width) {
     const int n = static_cast<int>(rows.size()), vocab = engine_.config().vocab_size;
-    const cudaStream_t s = state_.stream();
+    const cudaStream_t s = s_;
     // Host: each row's children range and candidate offset; users' segments over the candidates.
     std::vector<int> ints(3 * std::size_t(n)), seg_off{0}, seg_user;
     std::vector<double> score(n);
@@ -269,7 +208,7 @@ class DeviceBeamSearch {
     EARN_CUDA_CHECK(cudaStreamSynchronize(s));
     if (bad) throw Error("beam search: the model produced a NaN logit, or logits that are all -inf or include +inf");
 
-    std::vector<Beam> next;
+    std::vector<rec::Beam> next;
     for (int g = 0; g < segs; ++g)
       for (int i = 0; i < width; ++i) {
         const int c = tv[std::size_t(g) * width + i];
@@ -280,7 +219,7 @@ class DeviceBeamSearch {
                                        (ints.begin() + 2 * n)) - 1;
         const int j = c - ints[2 * n + r];
         const rec::TrieChildren ch = trie_.children(depth, rows[r].node);
-        Beam b{tk[std::size_t(g) * width + i], ch.first_child + j, seg_user[g], depth == 0 ? -1 : r, rows[r].tokens};
+        rec::Beam b{tk[std::size_t(g) * width + i], ch.first_child + j, seg_user[g], depth == 0 ? -1 : r, rows[r].tokens};
         b.tokens[depth] = ch.tokens[j];
         next.push_back(b);
       }
@@ -289,14 +228,47 @@ class DeviceBeamSearch {
 
   const EngineT& engine_;
   const rec::CodeTrie& trie_;
-  rec::BeamOptions opt_;
   bool batched_prefill_;
-  State state_;
+  cudaStream_t s_ = nullptr;  // the searcher's state's stream (set by prefill)
   DeviceBuffer<int> tokens_[rec::kCodeLevels];  // per level: child tokens in node order
   DeviceBuffer<float> first_logits_;
   DeviceBuffer<int> ints_, bad_, vals_, top_vals_;
   DeviceBuffer<double> score_, lse_, keys_, top_keys_;
   DeviceBuffer<char> temp_;
+};
+
+/// rec::BeamSearch's search (the one beam loop, rec::BasicBeamSearch) with the per-step scoring, trie masking and
+/// top-B selection on the device.
+/// \code
+///   earn::cuda::DeviceBeamSearch search(gpu_engine, trie, {.beam = 20}, /*max_users=*/32, max_prompt);
+///   auto recs = search.run(prompts);   // as rec::BeamSearch::run
+/// \endcode
+template <class EngineT>
+class DeviceBeamSearch : public rec::BasicBeamSearch<EngineT, DeviceSelect<EngineT>> {
+  using Base = rec::BasicBeamSearch<EngineT, DeviceSelect<EngineT>>;
+
+ public:
+  /// batched_prefill: see DeviceSelect.
+  DeviceBeamSearch(const EngineT& engine, const rec::CodeTrie& trie, rec::BeamOptions opt, int max_users,
+                   int max_prompt, bool batched_prefill = false)
+      : Base(engine, trie, opt, max_users, max_prompt, batched_prefill) {}
+
+  /// Engine::tune_gemms for the products this search runs with `users` prompts a run(): the decode rows (users x
+  /// beam), the late layers' register rows and the prefill's logits rows (users x registers and users with the
+  /// batched prefill, registers and 1 without). Overwrites the state's scratch, so call it before the first run();
+  /// the results then differ from an untuned search's by rounding (near-tied items may swap, as with the batched
+  /// prefill). Not timed by run().
+  std::vector<typename EngineT::GemmTuning> tune_gemms(int users, typename EngineT::TuneOptions opt = {}) {
+    if (users < 1 || users > this->max_users())
+      throw RangeError("beam search: tune_gemms for " + std::to_string(users) + " users, the searcher holds 1.." +
+                       std::to_string(this->max_users()));
+    const int reg = this->engine().registers(), per = this->selector().batched_prefill() ? users : 1;
+    std::vector<int> rows = {users * this->options().beam, per};
+    if (reg > 0) rows.push_back(per * reg);
+    std::sort(rows.begin(), rows.end());
+    rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
+    return this->engine().tune_gemms(this->mutable_state(), rows, opt);
+  }
 };
 
 }  // namespace earn::cuda

@@ -89,6 +89,11 @@ class CudaState : public detail::RowBook {
   Index kv_bytes() const {
     return kv_rows_held(layers_) * 2 * kv_dim_ * Index{sizeof(T)};
   }
+  /// Bytes of K and V held now by layer `l`'s cache alone (early layers: prompt + registers + generated rows;
+  /// late layers: registers + generated rows).
+  Index layer_kv_bytes(int l) const {
+    return kv_rows_held(std::span<const kv::Store<CudaT<DType>>>(&layers_.at(l), 1)) * 2 * kv_dim_ * Index{sizeof(T)};
+  }
   /// Bytes reserved for K and V over all layers.
   Index kv_capacity_bytes() const {
     Index e = 0;
@@ -384,7 +389,7 @@ class Engine<Schedule, CudaT<DType>> {
     for (int r = 0; r < rows; ++r) {
       const int u = st.row_user_[perm[r]];
       codes[r] = tokens[perm[r]];
-      rw.pos.push_back(st.input_len_[u] + st.gen_len_);
+      rw.pos.push_back(st.decode_position(perm[r]));
       if (r == 0 || u != rw.seg_user.back()) {
         rw.seg_user.push_back(u);
         rw.seg_off.push_back(r);
@@ -449,7 +454,6 @@ class Engine<Schedule, CudaT<DType>> {
     int m = 0;
     std::vector<int> pos, row_seg;               // per row
     std::vector<int> seg_user, seg_off, seg_n;  // per segment
-    std::vector<RowKind> kind;                   // per row (prefill)
   };
 
   // Everything a call uploads, built on the host and copied once: row arrays (ints), attention segments and the
@@ -808,96 +812,32 @@ class Engine<Schedule, CudaT<DType>> {
   cuda::DeviceLogits run_prefill(State& st, std::span<const int> users, std::span<const std::vector<int>> prompts,
                                  bool all_rows) const {
     const ModelConfig& c = w_.config;
-    if (users.empty() || users.size() != prompts.size())
-      throw ConfigError("prefill: " + std::to_string(users.size()) + " users with " +
-                        std::to_string(prompts.size()) + " prompts");
-    std::vector<bool> seen(st.opts_.max_users, false);
-    for (std::size_t i = 0; i < users.size(); ++i) {
-      const int user = users[i];
-      if (user < 0 || user >= st.opts_.max_users)
-        throw RangeError("prefill: user " + std::to_string(user) + " outside the state's " +
-                         std::to_string(st.opts_.max_users) + " users");
-      if (seen[user]) throw ConfigError("prefill: user " + std::to_string(user) + " appears twice in one batch");
-      seen[user] = true;
-      if (prompts[i].empty()) throw ConfigError("prefill: the prompt is empty");
-      if (static_cast<Index>(prompts[i].size()) > st.opts_.max_prompt)
-        throw RangeError("prefill: prompt of " + std::to_string(prompts[i].size()) + " tokens exceeds the state's " +
-                         std::to_string(st.opts_.max_prompt));
-      check_tokens(prompts[i]);
-    }
-    const int rp = w_.prefix_registers, rs = w_.suffix_registers;
+    st.check_prefill(users, prompts, c.vocab_size);
+    const plan::ForwardPlan fp =
+        State::prefill_plan(schedule_, c.n_layers, w_.prefix_registers, w_.suffix_registers, prompts);
+    st.begin_prefill(users, fp);
 
-    // The input rows [R_prefix; prompt; R_suffix] of every user, one segment each.
-    Rows rw;
-    std::vector<int> codes;
-    for (std::size_t i = 0; i < users.size(); ++i) {
-      const int n = rp + static_cast<int>(prompts[i].size()) + rs;
-      rw.seg_user.push_back(users[i]);
-      rw.seg_off.push_back(rw.m);
-      rw.seg_n.push_back(n);
-      for (int j = 0; j < n; ++j) {
-        rw.pos.push_back(j);
-        rw.row_seg.push_back(static_cast<int>(i));
-        if (j < rp) {
-          codes.push_back(-(j + 1));
-          rw.kind.push_back(RowKind::kPrefixRegister);
-        } else if (j < n - rs) {
-          codes.push_back(prompts[i][j - rp]);
-          rw.kind.push_back(RowKind::kPrompt);
-        } else {
-          codes.push_back(-(rp + (j - (n - rs)) + 1));
-          rw.kind.push_back(RowKind::kSuffixRegister);
-        }
-      }
-      rw.m += n;
-      st.input_len_[users[i]] = n;
-    }
-    st.row_user_.clear();
-    st.gen_len_ = 0;
-
-    // Plan every layer on the host: the rows each policy keeps (a gather where the set shrinks), segments, GEMMs.
+    // Upload the plan: input rows (codes), then per phase its rows' positions and segments and the gather from the
+    // phase below; per layer its attention segments over its phase's rows of every user.
     Plan plan;
-    const int i_codes = plan.add_ints(codes);
+    const int i_codes = plan.add_ints(fp.source);
     struct Phase {
-      int rows, i_pos, i_seg, i_gather;  // i_gather < 0: same rows as the layer below
+      int rows, i_pos, i_seg, i_gather;  // i_gather < 0: the input phase (no gather)
     };
-    std::vector<Phase> phase(c.n_layers);
-    std::size_t max_rows = static_cast<std::size_t>(rw.m);
-    Phase cur{rw.m, plan.add_ints(rw.pos), plan.add_ints(rw.row_seg), -1};
+    std::vector<Phase> phases;
+    for (std::size_t p = 0; p < fp.phases.size(); ++p) {
+      const plan::RowSet& r = fp.phases[p].rows;
+      phases.push_back(Phase{r.size(), plan.add_ints(r.pos), plan.add_ints(r.seg),
+                             p == 0 ? -1 : plan.add_ints(fp.phases[p].keep)});
+    }
+    const std::size_t max_rows = static_cast<std::size_t>(fp.input().size());
     for (int l = 0; l < c.n_layers; ++l) {
-      std::vector<int> keep;
-      schedule_.visit(l, [&]<class L>(L) {
-        for (int r = 0; r < rw.m; ++r)
-          if (L::policy::keeps(rw.kind[r])) keep.push_back(r);
-      });
-      cur.i_gather = -1;
-      if (static_cast<int>(keep.size()) != rw.m) {
-        Rows kept;
-        kept.m = static_cast<int>(keep.size());
-        for (std::size_t s = 0; s < rw.seg_user.size(); ++s) {
-          kept.seg_user.push_back(rw.seg_user[s]);
-          kept.seg_off.push_back(0);
-          kept.seg_n.push_back(0);
-        }
-        for (int j = 0; j < kept.m; ++j) {
-          const int r = keep[j], s = rw.row_seg[r];
-          if (kept.seg_n[s]++ == 0) kept.seg_off[s] = j;
-          kept.pos.push_back(rw.pos[r]);
-          kept.row_seg.push_back(s);
-          kept.kind.push_back(rw.kind[r]);
-        }
-        for (std::size_t s = 0; s < kept.seg_n.size(); ++s)
-          if (kept.seg_n[s] == 0)
-            throw ConfigError("prefill: layer " + std::to_string(l) + "'s attention policy drops every row of user " +
-                              std::to_string(kept.seg_user[s]) + "; nothing would reach the top");
-        cur = Phase{kept.m, plan.add_ints(kept.pos), plan.add_ints(kept.row_seg), plan.add_ints(keep)};
-        rw = std::move(kept);
-      }
-      phase[l] = cur;
-      std::vector<cuda::Segment> segs(rw.seg_user.size());
+      const plan::RowSet& rw = fp.layer_rows(l);
+      std::vector<cuda::Segment> segs(rw.segments());
+      std::vector<int> seg_user(users.begin(), users.end());
       const Index cap = st.layers_[l].prefix_capacity();
       for (std::size_t s = 0; s < segs.size(); ++s) {
-        const int u = rw.seg_user[s];
+        const int u = users[s];
         st.layers_[l].set_prefix_len(u, rw.seg_n[s]);  // throws when the layer's cache cannot hold the rows
         segs[s].q_off = rw.seg_off[s];
         segs[s].nq = rw.seg_n[s];
@@ -909,15 +849,13 @@ class Engine<Schedule, CudaT<DType>> {
         segs[s].pk = st.layers_[l].prefix_k(u);
         segs[s].pv = st.layers_[l].prefix_v(u);
       }
-      plan.add_layer(std::move(segs), rw.seg_user, c.n_heads);
+      plan.add_layer(std::move(segs), seg_user, c.n_heads);
     }
-    // The rows whose logits are returned: each user's last surviving row, or all rows of the one user.
-    std::vector<int> out;
-    for (std::size_t s = 0; s < rw.seg_user.size(); ++s) {
-      if (all_rows)
-        for (int j = 0; j < rw.seg_n[s]; ++j) out.push_back(rw.seg_off[s] + j);
-      else
-        out.push_back(rw.seg_off[s] + rw.seg_n[s] - 1);
+    // The rows whose logits are returned: each user's readout row, or every top row of the one user.
+    std::vector<int> out = fp.readout;
+    if (all_rows) {
+      out.resize(fp.top().size());
+      std::iota(out.begin(), out.end(), 0);
     }
     const int i_out = plan.add_ints(out);
 
@@ -927,8 +865,8 @@ class Engine<Schedule, CudaT<DType>> {
     const int* ints = st.ints_.data();
     embed(st, ints + i_codes, static_cast<int>(max_rows));
     for (int l = 0; l < c.n_layers; ++l) {
-      const Phase& p = phase[l];
-      if (p.i_gather >= 0) {
+      const Phase& p = phases[fp.layer_phase[l]];
+      if (fp.gathers_before(l)) {  // the rows the policy drops leave the residual stream here
         gather(st, ints + p.i_gather, p.rows);
         std::swap(st.x_, st.x2_);
       }
