@@ -36,6 +36,13 @@ class RangeError : public Error {
   using Error::Error;
 };
 
+/// A computation produced NaN or Inf where a finite number is required (a training loss or gradient); the message
+/// names the step and the tensor.
+class NumericError : public Error {
+ public:
+  using Error::Error;
+};
+
 namespace detail {
 /// "file: field: what" - the one message shape every loader uses.
 [[noreturn]] inline void throw_format(const std::string& file, const std::string& field, const std::string& what) {
