@@ -151,6 +151,24 @@ class SafetensorsFile {
     return out;
   }
 
+  /// Elements of a F64 tensor, or of a F32 / F16 / BF16 one widened (exactly), as double, row-major (fixtures of
+  /// float64 references, optimizer state).
+  std::vector<double> read_doubles(const TensorInfo& t) const {
+    std::vector<double> out(static_cast<std::size_t>(t.numel));
+    if (t.dtype == Dtype::kF64) {
+      const std::byte* src = bytes_.data() + t.begin;
+      for (std::int64_t i = 0; i < t.numel; ++i) {
+        std::uint64_t b = 0;
+        for (int j = 7; j >= 0; --j) b = b << 8 | std::uint64_t(src[8 * i + j]);
+        out[static_cast<std::size_t>(i)] = std::bit_cast<double>(b);
+      }
+      return out;
+    }
+    const std::vector<float> f = read_floats(t);
+    std::copy(f.begin(), f.end(), out.begin());
+    return out;
+  }
+
   /// Tensor `tensor` of shape exactly [rows, cols]; FormatError naming file and tensor otherwise.
   Matrix read_matrix(std::string_view tensor, Index rows, Index cols) const {
     const TensorInfo& t = require(tensor, {rows, cols});
