@@ -1,8 +1,8 @@
 // earn/train/cpu_step.hpp - one optimizer step of training on the host: forward and backward over micro-batches
 // (gradients accumulated), the finiteness checks, clipping and AdamW. The CUDA twin is
 // earn/backend/cuda/train_step.cuh; the training loop (train/trainer.hpp) drives either through the same calls:
-//   double accumulate(seqs, targets, norm)   forward + backward of one micro-batch; returns its loss share
-//   double apply(lr)                          check, clip, update, zero the gradients; returns the gradient norm
+//   accumulate(seqs, targets, norm)   forward + backward of one micro-batch (CpuStep returns its loss share)
+//   StepResult apply(lr)              check, clip, update, zero the gradients; the step's loss and gradient norm
 #pragma once
 
 #include <cmath>
@@ -24,7 +24,7 @@ namespace earn::train {
 /// \code
 ///   earn::train::CpuStep<earn::EarnSchedule> step(weights, earn::EarnSchedule{2}, {.weight_decay = 0.01});
 ///   double loss = step.accumulate(seqs, targets, /*norm=*/targets.size());   // once per micro-batch
-///   double grad_norm = step.apply(schedule.at(step.steps()));
+///   earn::train::StepResult r = step.apply(schedule.at(step.steps()));   // r.loss, r.grad_norm
 /// \endcode
 template <class Schedule, class T = float>
 class CpuStep {
@@ -62,20 +62,23 @@ class CpuStep {
     cpu::train_backward(w_, schedule_, fp, tape_, g_);
     layer_rows_ = 0;
     for (int l = 0; l < fp.n_layers(); ++l) layer_rows_ += fp.layer_rows(l).size();
+    pending_loss_ += loss;
     return loss;
   }
 
   /// Ends an optimizer step: NumericError naming the tensor when a gradient is NaN or Inf; otherwise clips, updates
-  /// every trainable tensor at learning rate `lr` and zeroes the gradients. Returns the norm before clipping.
-  double apply(double lr) {
+  /// every trainable tensor at learning rate `lr` and zeroes the gradients. Returns the step's loss (the sum of
+  /// its micro-batches') and the gradient norm before clipping.
+  StepResult apply(double lr) {
     for (const auto& t : g_.tensors())
       for (Index i = 0; i < t.size; ++i)
         if (!std::isfinite(t.data[i]))
           throw NumericError("train: step " + std::to_string(steps() + 1) + ": the gradient of " + t.name +
                              " holds " + std::to_string(double(t.data[i])) + " at element " + std::to_string(i));
-    const double norm = opt_.step(w_, g_, lr);
+    StepResult r{pending_loss_, opt_.step(w_, g_, lr)};
     for (auto& t : g_.tensors()) std::fill(t.data, t.data + t.size, T(0));
-    return norm;
+    pending_loss_ = 0;
+    return r;
   }
 
   /// The accumulated gradients (diagnostics; a caller may add its own terms before apply).
@@ -89,6 +92,7 @@ class CpuStep {
   Weights g_;
   cpu::TrainTape<T> tape_;
   long long layer_rows_ = 0;
+  double pending_loss_ = 0;
 };
 
 }  // namespace earn::train

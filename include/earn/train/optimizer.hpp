@@ -21,6 +21,12 @@
 
 namespace earn::train {
 
+/// What one optimizer step measured (CpuStep::apply, CudaStep::apply).
+struct StepResult {
+  double loss = 0;       ///< sum over the step's micro-batches of sum(-log p) / norm: the step's mean loss
+  double grad_norm = 0;  ///< global gradient norm before clipping
+};
+
 /// Linear warm-up then cosine decay over `total_steps` optimizer steps.
 struct LrSchedule {
   double lr = 1e-3;             ///< peak learning rate (the paper's 1e-3)

@@ -26,6 +26,27 @@ void linear(cublasHandle_t h, const TX* x, const TX* w, TY* y, int rows, int in,
                                CUBLAS_GEMM_DEFAULT));
 }
 
+/// The input gradient of linear: dx [rows, in] = dy [rows, out] w (+ beta dx), w [out, in]. TX: dy's and w's
+/// storage type, TY: dx's (fp32 or TX).
+template <class TX, class TY>
+void linear_dx(cublasHandle_t h, const TX* dy, const TX* w, TY* dx, int rows, int in, int out, float beta = 0.0f) {
+  if (rows == 0) return;
+  const float alpha = 1.0f;
+  EARN_CUDA_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, in, rows, out, &alpha, w, blas_type<TX>(), in, dy,
+                               blas_type<TX>(), out, &beta, dx, blas_type<TY>(), in, CUBLAS_COMPUTE_32F,
+                               CUBLAS_GEMM_DEFAULT));
+}
+
+/// The weight gradient of linear, accumulated in fp32: dw [out, in] += dy^T [out, rows] x [rows, in].
+template <class TX>
+void linear_dw(cublasHandle_t h, const TX* dy, const TX* x, float* dw, int rows, int in, int out) {
+  if (rows == 0) return;
+  const float alpha = 1.0f, beta = 1.0f;
+  EARN_CUDA_CHECK(cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_T, in, out, rows, &alpha, x, blas_type<TX>(), in, dy,
+                               blas_type<TX>(), out, &beta, dw, CUDA_R_32F, in, CUBLAS_COMPUTE_32F,
+                               CUBLAS_GEMM_DEFAULT));
+}
+
 /// One batched column-major GEMM over device pointer arrays (all entries share m, n, k and strides).
 struct BatchedGemm {
   cublasOperation_t op_a, op_b;
