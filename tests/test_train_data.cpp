@@ -35,7 +35,8 @@ struct SyntheticDataset {
   int users = 30, items = 40;
   SyntheticDataset() {
     static std::atomic<int> counter{0};
-    dir = fs::temp_directory_path() / ("earn_train_data_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    dir = fs::temp_directory_path() /
+          ("earn_train_data_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
     fs::remove_all(dir);
     fs::create_directories(dir);
     std::ofstream tr(dir / "sequential_train.txt"), va(dir / "sequential_valid.txt"), te(dir / "sequential_test.txt");
@@ -155,7 +156,8 @@ TEST_CASE("make_examples on Amazon Beauty: the 102858 training samples, prompts 
 TEST_CASE("uniform_below and fisher_yates: pinned values, so every platform replays the same order") {
   Rng rng(42);
   std::vector<std::uint64_t> draws;
-  for (std::uint64_t bound : {1ull, 2ull, 3ull, 10ull, 1000ull, 0x8000000000000001ull}) draws.push_back(uniform_below(rng, bound));
+  for (std::uint64_t bound : {1ull, 2ull, 3ull, 10ull, 1000ull, 0x8000000000000001ull})
+    draws.push_back(uniform_below(rng, bound));
   // Values from an independent Python transcription (splitmix64, redraw below 2^64 mod bound, Durstenfeld); the
   // last bound redraws about half its draws. A change here changes every run's data order and breaks resuming
   // runs saved before it.
