@@ -226,7 +226,8 @@ inline std::filesystem::path readable_dir(const std::filesystem::path& dir) {
   for (auto it = std::filesystem::directory_iterator(d.parent_path(), ec);
        !ec && it != std::filesystem::directory_iterator(); it.increment(ec)) {
     const auto owner = scratch_owner(it->path().filename().string(), kOldPrefix);
-    if (owner && *owner == name && it->is_directory()) return it->path();
+    std::error_code e2;
+    if (owner && *owner == name && it->is_directory(e2)) return it->path();
   }
   throw IoError(d.string() + ": no checkpoint directory here");
 }
@@ -458,6 +459,7 @@ inline TrainerState trainer_from_json(const nlohmann::json& j, const std::string
     f.f.bad("cursor", "epoch, position and examples must be non-negative");
   s.best_metric = f.f.opt_number("best_metric");  // null: no evaluation yet
   s.best_step = f.integer("best_step");
+  if (s.best_step < -1) f.f.bad("best_step", "is below -1 (none)");
   const Fields sc = f.object("schedule");
   s.schedule.lr = sc.number("lr");
   s.schedule.warmup_ratio = sc.number("warmup_ratio");
@@ -704,8 +706,10 @@ class CheckpointRun {
     std::vector<std::int64_t> out;
     std::error_code ec;
     for (auto it = std::filesystem::directory_iterator(root_, ec); !ec && it != std::filesystem::directory_iterator();
-         it.increment(ec))
-      if (auto s = parse_step_name(it->path().filename().string()); s && it->is_directory()) out.push_back(*s);
+         it.increment(ec)) {
+      std::error_code e2;
+      if (auto s = parse_step_name(it->path().filename().string()); s && it->is_directory(e2)) out.push_back(*s);
+    }
     std::sort(out.begin(), out.end());
     return out;
   }
