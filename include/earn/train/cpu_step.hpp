@@ -44,8 +44,22 @@ class CpuStep {
   const Schedule& schedule() const { return schedule_; }
   AdamW<T>& optimizer() { return opt_; }
   const AdamW<T>& optimizer() const { return opt_; }
-  /// Optimizer steps taken.
+  /// Optimizer steps taken; a resumed run restores the count (AdamW's bias correction).
   long long steps() const { return opt_.steps(); }
+  void set_steps(long long t) { opt_.set_steps(t); }
+  const AdamWOptions& options() const { return opt_.options(); }
+  /// Replaces every parameter (same shapes).
+  void set_weights(const Weights& w) {
+    if (w.tensors().size() != w_.tensors().size()) throw ConfigError("train: the model's tensors differ");
+    w_ = w;
+  }
+  /// AdamW's moments (checkpoints) and their restoration.
+  const Weights& first_moment() const { return opt_.first_moment(); }
+  const Weights& second_moment() const { return opt_.second_moment(); }
+  void set_moments(const Weights& m, const Weights& v) {
+    opt_.first_moment() = m;
+    opt_.second_moment() = v;
+  }
   /// Rows the last micro-batch computed, summed over layers (EARN's late layers count only their kept rows).
   long long last_layer_rows() const { return layer_rows_; }
 
