@@ -3,12 +3,18 @@
 # compute-sanitizer memcheck and racecheck over them, then the GPU benchmark and its Python peers (Hugging Face
 # generate, an eager PyTorch EARN). Logs and result files go to $OUT (default ./out/gpu).
 #
-#   tools/gpu.sh [all|test|micro|beam|profile|bench|peers] [bench args...]
+#   tools/gpu.sh [all|test|micro|beam|profile|bench|peers|train-test|train-bench|train-run] [bench args...]
 #   micro     the attention microbenchmarks (bench_cuda_attention, Google Benchmark) and the decode GEMMs'
 #             cuBLAS bandwidth (bench_cuda_gemm)
 #   beam      the whole beam search, selection on the host vs on the device (bench_cuda_beam)
 #   profile   ncu kernel times of the B = 32, P = 512 dense decode steps (4 layers, scaled to 32), then the same
 #             settings with and without decode graphs
+#   train-test   the CUDA training tests, then compute-sanitizer memcheck over the graph / tensor-core / refusal cases
+#                and racecheck over the tensor-core attention case
+#   train-bench  training throughput (bench_cuda_train, small and large models, dense and EARN) and, in the same
+#                call, the PyTorch peer (tools/train_peer.py: eager and torch.compile); needs EARN_DATA (Beauty dir)
+#   train-run    examples/train (train_cuda --device cuda) on Beauty: the small model, dense and EARN k = 2 side by
+#                side, 10 epochs, validation every 2 epochs; the runs' logs, curves and results go to $OUT
 #   EARN_GPU_BIN=dir   use prebuilt test_cuda_{engine,attention,gemm} / bench_cuda_{llama,attention,beam,gemm} from dir (built with
 #                      nvcc elsewhere; a libbenchmark.so* placed there is found through LD_LIBRARY_PATH)
 set -uo pipefail
@@ -24,12 +30,13 @@ if [ -z "$bin" ]; then
   # Needs what tools/deps.sh installs (Eigen, nlohmann-json, doctest) next to the CUDA toolkit.
   cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEARN_ENABLE_CUDA=ON \
     -DEARN_BUILD_EXAMPLES=OFF >"$OUT/configure.log" 2>&1 || { tail -20 "$OUT/configure.log"; exit 1; }
-  cmake --build "$root/build-gpu" --target test_cuda_engine test_cuda_attention test_cuda_gemm bench_cuda_llama bench_cuda_attention bench_cuda_beam bench_cuda_gemm \
+  cmake --build "$root/build-gpu" --target test_cuda_engine test_cuda_attention test_cuda_gemm test_cuda_train bench_cuda_llama bench_cuda_attention bench_cuda_beam bench_cuda_gemm bench_cuda_train train_cuda \
     >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   bin=$root/build-gpu/bin
   mkdir -p "$bin"
   cp "$root/build-gpu/tests/cuda/test_cuda_engine" "$root/build-gpu/tests/cuda/test_cuda_attention" \
-    "$root/build-gpu/tests/cuda/test_cuda_gemm" \
+    "$root/build-gpu/tests/cuda/test_cuda_gemm" "$root/build-gpu/tests/cuda/test_cuda_train" \
+    "$root/build-gpu/bench/cuda/bench_cuda_train" "$root/build-gpu/examples/train_cuda" \
     "$root/build-gpu/bench/cuda/bench_cuda_llama" "$root/build-gpu/bench/cuda/bench_cuda_gemm" \
     "$root/build-gpu/bench/cuda/bench_cuda_attention" "$root/build-gpu/bench/cuda/bench_cuda_beam" "$bin/"
 fi
@@ -47,7 +54,44 @@ if [ "$mode" = all ] || [ "$mode" = test ]; then
     echo "$t rc=$rc"
     [ $rc = 0 ] || status=1
   done
-  [ "${EARN_SANITIZER:-1}" = 1 ] || exit $status
+  [ "${EARN_SANITIZER:-1}" = 1 ] || data=${EARN_DATA:-$root/../shared/data/amazon-beauty}
+if [ "$mode" = train-test ]; then
+  echo "== CUDA training tests"
+  (cd "$root" && timeout 300 "$bin/test_cuda_train") >"$OUT/test_cuda_train.log" 2>&1
+  rc=$?; tail -4 "$OUT/test_cuda_train.log"; echo "test_cuda_train rc=$rc"; [ $rc = 0 ] || status=1
+  echo "== compute-sanitizer memcheck: graphs, tensor-core attention, refusals"
+  (cd "$root" && timeout 400 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/test_cuda_train" \
+    -tc='*graph*,*tensor-core*,*refuses*') >"$OUT/memcheck_train.log" 2>&1
+  echo "memcheck rc=$?"; tail -3 "$OUT/memcheck_train.log"
+  echo "== compute-sanitizer racecheck: tensor-core training attention (the race probe case)"
+  (cd "$root" && timeout 400 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/test_cuda_train" \
+    -tc='*race probe*') >"$OUT/racecheck_train.log" 2>&1
+  echo "racecheck rc=$?"; tail -3 "$OUT/racecheck_train.log"
+fi
+if [ "$mode" = train-bench ]; then
+  echo "== training throughput: earn"
+  timeout 400 "$bin/bench_cuda_train" --data "$data" --json "$OUT/bench_train.json" "$@" 2>&1 | tee "$OUT/bench_train.log" || status=1
+  echo "== training throughput: PyTorch eager and torch.compile"
+  timeout 500 python3 "$root/tools/train_peer.py" --data "$data" --json "$OUT/bench_train_peer.json" 2>&1 |
+    tee "$OUT/bench_train_peer.log" || status=1
+fi
+if [ "$mode" = train-run ]; then
+  echo "== examples/train on Beauty: small model, dense and EARN k = 2, side by side"
+  common=(--device cuda --data "$data" --preset small --epochs "${EARN_EPOCHS:-10}" --eval-every "${EARN_EVAL_EVERY:-1608}"
+          --seed "${EARN_SEED:-0}" --no-resume)
+  "$bin/train_cuda" "${common[@]}" --schedule dense --out /tmp/run-dense >"$OUT/train_dense.log" 2>&1 &
+  p1=$!
+  "$bin/train_cuda" "${common[@]}" --schedule earn --k 2 --out /tmp/run-earn >"$OUT/train_earn.log" 2>&1 &
+  p2=$!
+  wait $p1 || status=1
+  wait $p2 || status=1
+  for r in dense earn; do
+    tail -12 "$OUT/train_$r.log" | tr '\r' '\n' | tail -12
+    cp /tmp/run-$r/result.json "$OUT/train_${r}_result.json" 2>/dev/null
+    cp /tmp/run-$r/train_log.csv "$OUT/train_${r}_log.csv" 2>/dev/null
+  done
+fi
+exit $status
   for t in test_cuda_attention test_cuda_gemm test_cuda_engine; do
     echo "== compute-sanitizer memcheck: $t"
     (cd "$root" && timeout "${EARN_SANITIZER_TIMEOUT:-300}" compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/$t") \
@@ -103,5 +147,42 @@ if [ "$mode" = all ] || [ "$mode" = peers ]; then
   echo "== peers: Hugging Face generate and eager PyTorch EARN"
   timeout "${EARN_PEERS_TIMEOUT:-300}" python3 "$root/tools/gpu_peers.py" --json "$OUT/bench_peers.json" 2>&1 |
     tee "$OUT/bench_peers.log" || status=1
+fi
+data=${EARN_DATA:-$root/../shared/data/amazon-beauty}
+if [ "$mode" = train-test ]; then
+  echo "== CUDA training tests"
+  (cd "$root" && timeout 300 "$bin/test_cuda_train") >"$OUT/test_cuda_train.log" 2>&1
+  rc=$?; tail -4 "$OUT/test_cuda_train.log"; echo "test_cuda_train rc=$rc"; [ $rc = 0 ] || status=1
+  echo "== compute-sanitizer memcheck: graphs, tensor-core attention, refusals"
+  (cd "$root" && timeout 400 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/test_cuda_train" \
+    -tc='*graph*,*tensor-core*,*refuses*') >"$OUT/memcheck_train.log" 2>&1
+  echo "memcheck rc=$?"; tail -3 "$OUT/memcheck_train.log"
+  echo "== compute-sanitizer racecheck: tensor-core training attention (the race probe case)"
+  (cd "$root" && timeout 400 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/test_cuda_train" \
+    -tc='*race probe*') >"$OUT/racecheck_train.log" 2>&1
+  echo "racecheck rc=$?"; tail -3 "$OUT/racecheck_train.log"
+fi
+if [ "$mode" = train-bench ]; then
+  echo "== training throughput: earn"
+  timeout 400 "$bin/bench_cuda_train" --data "$data" --json "$OUT/bench_train.json" "$@" 2>&1 | tee "$OUT/bench_train.log" || status=1
+  echo "== training throughput: PyTorch eager and torch.compile"
+  timeout 500 python3 "$root/tools/train_peer.py" --data "$data" --json "$OUT/bench_train_peer.json" 2>&1 |
+    tee "$OUT/bench_train_peer.log" || status=1
+fi
+if [ "$mode" = train-run ]; then
+  echo "== examples/train on Beauty: small model, dense and EARN k = 2, side by side"
+  common=(--device cuda --data "$data" --preset small --epochs "${EARN_EPOCHS:-10}" --eval-every "${EARN_EVAL_EVERY:-1608}"
+          --seed "${EARN_SEED:-0}" --no-resume)
+  "$bin/train_cuda" "${common[@]}" --schedule dense --out /tmp/run-dense >"$OUT/train_dense.log" 2>&1 &
+  p1=$!
+  "$bin/train_cuda" "${common[@]}" --schedule earn --k 2 --out /tmp/run-earn >"$OUT/train_earn.log" 2>&1 &
+  p2=$!
+  wait $p1 || status=1
+  wait $p2 || status=1
+  for r in dense earn; do
+    tail -12 "$OUT/train_$r.log" | tr '\r' '\n' | tail -12
+    cp /tmp/run-$r/result.json "$OUT/train_${r}_result.json" 2>/dev/null
+    cp /tmp/run-$r/train_log.csv "$OUT/train_${r}_log.csv" 2>/dev/null
+  done
 fi
 exit $status

@@ -7,8 +7,11 @@
 // PyTorch peer tools/train_peer.py), rows computed over all layers, the FLOPs the step's GEMMs and attention need,
 // and MFU against the bf16 GEMM rate measured on this card in the same run.
 //
-//   bench_cuda_train --data DIR [--json out.json] [--models small,large] [--batch 128] [--steps 20] [--warmup 5]
-//                    [--tc 1]
+//   bench_cuda_train --data DIR [--json out.json] [--models small,large] [--batch 128] [--steps 20] [--warmup 8]
+//                    [--tc 1] [--profile 0]
+// --profile 1: also time each phase of the step with CUDA events (and the host's time in accumulate / apply).
+// The 8 batches cycle; the warm-up (8 by default) sees each once, so timed steps replay the CUDA graph of their shape
+// (training runs for thousands of steps over a few dozen shapes).
 // small: d 512, 8 layers, 8 heads, FFN 1408 (~27M parameters); large: d 1024, 24 layers, 16 heads, FFN 2816 (~305M).
 #include <chrono>
 #include <cstdio>
@@ -51,6 +54,7 @@ struct Outcome {
   std::string model, schedule;
   int k = 0;
   double params = 0, ms = 0, tokens = 0, rows = 0, flops = 0, loss0 = 0, loss1 = 0;
+  std::vector<std::pair<std::string, double>> phases;  // --profile: ms per step by phase
 };
 
 // FLOPs of one step over `batch`: forward + backward = 3x the forward's 2 x rows x parameters of every layer's GEMMs,
@@ -73,7 +77,7 @@ double step_flops(const ModelConfig& c, const Schedule& sch, int rp, int rs, std
 
 template <class Schedule>
 Outcome run(const std::string& name, const Schedule& sch, int rp, int rs, const std::vector<std::vector<Sample>>& batches,
-            int warmup, int steps, bool tc) {
+            int warmup, int steps, bool tc, bool profile) {
   const ModelConfig c = model(name);
   const ModelWeights w = random_weights(c, {.seed = 1, .prefix_registers = rp, .suffix_registers = rs});
   train::CudaStep<Schedule, dtype::Bf16> step(w, sch, {});
@@ -84,28 +88,47 @@ Outcome run(const std::string& name, const Schedule& sch, int rp, int rs, const 
   const train::LrSchedule lr{.lr = 1e-3, .warmup_ratio = 0.02, .total_steps = warmup + steps};
   std::vector<float> ms;
   bench::Timer t;
-  for (int s = 0; s < warmup + steps; ++s) {
-    const auto& b = batches[std::size_t(s) % batches.size()];
+  // As the trainer runs a step: launch the prepared micro-batch, prepare the next one while the GPU works, apply.
+  struct Prepared {
     std::vector<plan::Sequence> seqs;
     std::vector<int> targets;
     double tokens = 0;
-    for (const Sample& x : b) {
-      seqs.push_back({x.prompt, std::span<const int>(x.answer).first(3)});
-      targets.insert(targets.end(), x.answer.begin(), x.answer.end());
-      tokens += double(x.prompt.size() + x.answer.size());
+  };
+  auto make = [&](int s) {
+    Prepared p;
+    for (const Sample& x : batches[std::size_t(s) % batches.size()]) {
+      p.seqs.push_back({x.prompt, std::span<const int>(x.answer).first(3)});
+      p.targets.insert(p.targets.end(), x.answer.begin(), x.answer.end());
+      p.tokens += double(x.prompt.size() + x.answer.size());
     }
+    return p;
+  };
+  Prepared cur = make(0), next;
+  step.prepare(cur.seqs, cur.targets, double(cur.targets.size()));
+  for (int s = 0; s < warmup + steps; ++s) {
+    if (profile && s == warmup) step.set_profiling(true);
     t.start(step.stream());
-    step.accumulate(seqs, targets, double(targets.size()));
+    step.accumulate();
+    const long long rows = step.last_layer_rows();
+    if (s + 1 < warmup + steps) {
+      next = make(s + 1);
+      step.prepare(next.seqs, next.targets, double(next.targets.size()));
+    }
     const train::StepResult r = step.apply(lr.at(s));
     const float m = t.stop(step.stream());
     if (s == 0) o.loss0 = r.loss;
     o.loss1 = r.loss;
     if (s >= warmup) {
       ms.push_back(m);
-      o.tokens += tokens;
-      o.rows += double(step.last_layer_rows());
-      o.flops += step_flops(c, sch, rp, rs, seqs);
+      o.tokens += cur.tokens;
+      o.rows += double(rows);
+      o.flops += step_flops(c, sch, rp, rs, cur.seqs);
     }
+    std::swap(cur, next);
+  }
+  if (profile) {
+    o.phases = step.profile();
+    for (auto& [n, v] : o.phases) v /= steps;
   }
   o.ms = bench::median(ms);
   o.tokens /= steps;
@@ -119,7 +142,7 @@ Outcome run(const std::string& name, const Schedule& sch, int rp, int rs, const 
 int main(int argc, char** argv) {
   std::string data, json;
   std::vector<std::string> models = {"small", "large"};
-  int batch = 128, steps = 20, warmup = 5, tc = 1;
+  int batch = 128, steps = 20, warmup = 8, tc = 1, profile = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--data") data = argv[i + 1];
@@ -128,6 +151,7 @@ int main(int argc, char** argv) {
     else if (a == "--steps") steps = std::atoi(argv[i + 1]);
     else if (a == "--warmup") warmup = std::atoi(argv[i + 1]);
     else if (a == "--tc") tc = std::atoi(argv[i + 1]);
+    else if (a == "--profile") profile = std::atoi(argv[i + 1]);
     else if (a == "--models") {
       models.clear();
       std::stringstream ss(argv[i + 1]);
@@ -170,10 +194,10 @@ int main(int argc, char** argv) {
       const ModelConfig c = model(m);
       const int k = c.n_layers / 4;
       std::vector<Outcome> res;
-      res.push_back(run(m, DenseSchedule{}, 0, 0, batches, warmup, steps, tc));
+      res.push_back(run(m, DenseSchedule{}, 0, 0, batches, warmup, steps, tc, profile));
       res.back().schedule = "dense";
       res.back().k = c.n_layers;
-      res.push_back(run(m, EarnSchedule{k}, 1, 1, batches, warmup, steps, tc));
+      res.push_back(run(m, EarnSchedule{k}, 1, 1, batches, warmup, steps, tc, profile));
       res.back().schedule = "earn";
       res.back().k = k;
       for (const Outcome& o : res) {
@@ -187,6 +211,11 @@ int main(int argc, char** argv) {
                        {"mfu", tflops * 1e12 / rate.sustained}, {"batch", batch}, {"gpu", prop.name},
                        {"bf16_sustained", rate.sustained}, {"tensor_core_attention", tc}});
       }
+      for (const Outcome& o : res)
+        if (!o.phases.empty()) {
+          std::printf("  %s %s, ms per step by phase (profiling on):\n", o.model.c_str(), o.schedule.c_str());
+          for (const auto& [n, v] : o.phases) std::printf("    %-52s %8.3f\n", n.c_str(), v);
+        }
       std::printf("%-6s EARN k=%d over dense: %.2fx step time (rows ratio %.2fx, FLOP ratio %.2fx)\n", m.c_str(), k,
                   res[0].ms / res[1].ms, res[0].rows / res[1].rows, res[0].flops / res[1].flops);
     }

@@ -24,6 +24,7 @@
 
 #include "earn/core/error.hpp"
 #include "earn/model/weights.hpp"
+#include "earn/plan/forward.hpp"
 #include "earn/train/checkpoint.hpp"
 #include "earn/train/data.hpp"
 #include "earn/train/optimizer.hpp"
@@ -130,32 +131,64 @@ class Trainer {
     const int micro = opt_.batch / opt_.micro_batch;
     const auto start = Clock::now();
     long long done_here = 0;
-    while (state.step < total_) {
-      const auto t0 = Clock::now();
-      // The step's micro-batches first (an epoch's short last batch makes a smaller step), then their passes.
+    // A step's micro-batches (an epoch's short last batch makes a smaller step).
+    struct Planned {
       std::vector<MicroBatch> mbs;
-      long long examples = 0;
-      const long long epoch = batcher.cursor().epoch;
+      long long examples = 0, epoch = 0;
       bool epoch_end = false;
+      DataCursor after;  // the batcher's position once this step's batches are taken
+    };
+    auto plan_step = [&] {
+      Planned p;
+      p.epoch = batcher.cursor().epoch;
       for (int m = 0; m < micro; ++m) {
-        mbs.push_back(batcher.next());
-        examples += static_cast<long long>(mbs.back().indices.size());
-        if (mbs.back().last_of_epoch) {
-          epoch_end = true;
+        p.mbs.push_back(batcher.next());
+        p.examples += static_cast<long long>(p.mbs.back().indices.size());
+        if (p.mbs.back().last_of_epoch) {
+          p.epoch_end = true;
           break;
         }
       }
-      const double norm = double(examples) * rec::kCodeLevels;
+      p.after = batcher.cursor();
+      return p;
+    };
+    constexpr bool kPrepares = requires(Step& st, std::span<const plan::Sequence> q, std::span<const int> t) {
+      st.prepare(q, t, 1.0);
+      st.accumulate();
+    };
+    Planned cur = plan_step();
+    bool cur_prepared = false;
+    while (state.step < total_) {
+      const auto t0 = Clock::now();
+      const double norm = double(cur.examples) * rec::kCodeLevels;
+      const long long epoch = cur.epoch;
+      const bool epoch_end = cur.epoch_end;
       LogRow row;
-      for (const MicroBatch& mb : mbs) {
-        const TeacherBatch tb = teacher_batch(examples_, mb.indices);
-        step_.accumulate(tb.sequences, tb.targets, norm);
+      for (std::size_t m = 0; m < cur.mbs.size(); ++m) {
+        const TeacherBatch tb = teacher_batch(examples_, cur.mbs[m].indices);
+        if constexpr (kPrepares) {
+          if (m == 0 && cur_prepared) step_.accumulate();
+          else step_.accumulate(tb.sequences, tb.targets, norm);
+        } else {
+          step_.accumulate(tb.sequences, tb.targets, norm);
+        }
         row.tokens += tb.prompt_tokens + static_cast<long long>(tb.targets.size());
+      }
+      const DataCursor after = cur.after;
+      // The next step's first micro-batch is planned and uploaded while the GPU still runs this one.
+      cur_prepared = false;
+      if (state.step + 1 < total_) {
+        cur = plan_step();
+        if constexpr (kPrepares) {
+          const TeacherBatch tb = teacher_batch(examples_, cur.mbs[0].indices);
+          step_.prepare(tb.sequences, tb.targets, double(cur.examples) * rec::kCodeLevels);
+          cur_prepared = true;
+        }
       }
       row.lr = schedule_.at(state.step);
       const StepResult r = step_.apply(row.lr);
       ++state.step;
-      state.cursor = batcher.cursor();
+      state.cursor = after;
       row.step = state.step;
       row.epoch = epoch;
       row.loss = r.loss;

@@ -280,16 +280,19 @@ inline int sm_count() {
 
 /// Executable CUDA graphs of launch sequences that repeat (a decode step of one shape), keyed by everything the
 /// sequence bakes into its launches: shapes, device pointers, the engine. A key seen before replays its graph;
-/// a new key captures the sequence from `record` on the stream, then launches it. Keeps the last kMax graphs.
+/// a new key captures the sequence from `record` on the stream, then launches it. Keeps the last `capacity` graphs
+/// (16 by default).
 class GraphCache {
  public:
   static constexpr std::size_t kMax = 16;
   GraphCache() = default;
+  explicit GraphCache(std::size_t capacity) : capacity_(capacity < 1 ? 1 : capacity) {}
   GraphCache(const GraphCache&) = delete;
   GraphCache& operator=(const GraphCache&) = delete;
-  GraphCache(GraphCache&& o) noexcept : entries_(std::move(o.entries_)) { o.entries_.clear(); }
+  GraphCache(GraphCache&& o) noexcept : entries_(std::move(o.entries_)), capacity_(o.capacity_) { o.entries_.clear(); }
   GraphCache& operator=(GraphCache&& o) noexcept {
     std::swap(entries_, o.entries_);
+    std::swap(capacity_, o.capacity_);
     return *this;
   }
   ~GraphCache() { clear(); }
@@ -315,7 +318,7 @@ class GraphCache {
     const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
     cudaGraphDestroy(graph);
     EARN_CUDA_CHECK(e);
-    if (entries_.size() >= kMax) {
+    if (entries_.size() >= capacity_) {
       cudaGraphExecDestroy(entries_.front().exec);
       entries_.erase(entries_.begin());
     }
@@ -334,6 +337,7 @@ class GraphCache {
     cudaGraphExec_t exec;
   };
   std::vector<Entry> entries_;
+  std::size_t capacity_ = kMax;
 };
 
 }  // namespace earn::cuda

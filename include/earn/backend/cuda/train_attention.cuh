@@ -39,6 +39,9 @@ struct TrainAttentionArgs {
   const int* pos = nullptr;          ///< [rows] positions
   const TrainSegment* segs = nullptr;  ///< [nseg]
   int nseg = 0, max_n = 0;           ///< segments, the longest one's rows
+  /// Optional: launch over a subset, bucket[0] segments with indices bucket[1..] (blocks past the count exit); the
+  /// tensor-core kernels run once per bucket of segment lengths, each with the shared memory its longest needs.
+  const int* bucket = nullptr;
   int nh = 0, nkv = 0, hd = 0;
   T* out = nullptr;                  ///< forward: [rows, nh * hd]
   float* lse = nullptr;              ///< [rows, nh] log-sum-exp of each row's scaled scores (-inf: sees nothing)
@@ -59,7 +62,8 @@ constexpr int kTrainAttnMaxRows = 128;  // tensor-core path: a segment fits shar
 template <class Policy, class T>
 __global__ void train_attn_fwd_simple(TrainAttentionArgs<T> a) {
   extern __shared__ float sm[];
-  const TrainSegment sg = a.segs[blockIdx.x];
+  if (a.bucket && static_cast<int>(blockIdx.x) >= a.bucket[0]) return;
+  const TrainSegment sg = a.segs[a.bucket ? a.bucket[1 + blockIdx.x] : static_cast<int>(blockIdx.x)];
   const int h = blockIdx.y, kvh = h / (a.nh / a.nkv), hd = a.hd, W = a.width(), qd = a.nh * hd;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   float* s = sm + warp * a.max_n;
@@ -106,7 +110,8 @@ __global__ void train_attn_fwd_simple(TrainAttentionArgs<T> a) {
 template <class Policy, class T>
 __global__ void train_attn_bwd_q_simple(TrainAttentionArgs<T> a) {
   extern __shared__ float sm[];
-  const TrainSegment sg = a.segs[blockIdx.x];
+  if (a.bucket && static_cast<int>(blockIdx.x) >= a.bucket[0]) return;
+  const TrainSegment sg = a.segs[a.bucket ? a.bucket[1 + blockIdx.x] : static_cast<int>(blockIdx.x)];
   const int h = blockIdx.y, kvh = h / (a.nh / a.nkv), hd = a.hd, W = a.width(), qd = a.nh * hd, kvd = a.nkv * hd;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   float* p = sm + warp * 2 * a.max_n;
@@ -155,7 +160,8 @@ __global__ void train_attn_bwd_q_simple(TrainAttentionArgs<T> a) {
 // dS_ij and P_ij (recomputed) give dK_j = sum dS_ij q_i and dV_j = sum P_ij dO_i. Lanes hold pieces of the head.
 template <class Policy, class T>
 __global__ void train_attn_bwd_kv_simple(TrainAttentionArgs<T> a) {
-  const TrainSegment sg = a.segs[blockIdx.x];
+  if (a.bucket && static_cast<int>(blockIdx.x) >= a.bucket[0]) return;
+  const TrainSegment sg = a.segs[a.bucket ? a.bucket[1 + blockIdx.x] : static_cast<int>(blockIdx.x)];
   const int kvh = blockIdx.y, group = a.nh / a.nkv, hd = a.hd, W = a.width(), qd = a.nh * hd, kvd = a.nkv * hd;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   const float scale = rsqrtf(static_cast<float>(hd));
@@ -232,7 +238,8 @@ template <class Policy, class T, int HD>
 __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_fwd_tc(TrainAttentionArgs<T> a) {
   using namespace nvcuda;
   extern __shared__ __align__(128) unsigned char smraw[];
-  const TrainSegment sg = a.segs[blockIdx.x];
+  if (a.bucket && static_cast<int>(blockIdx.x) >= a.bucket[0]) return;
+  const TrainSegment sg = a.segs[a.bucket ? a.bucket[1 + blockIdx.x] : static_cast<int>(blockIdx.x)];
   const int n = sg.n, N = (n + 15) / 16 * 16, h = blockIdx.y, kvh = h / (a.nh / a.nkv);
   const int W = a.width(), qd = a.nh * HD, kvd = a.nkv * HD, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   constexpr int ld = tc_ld<HD>();
@@ -309,7 +316,8 @@ template <class Policy, class T, int HD>
 __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_bwd_tc(TrainAttentionArgs<T> a) {
   using namespace nvcuda;
   extern __shared__ __align__(128) unsigned char smraw[];
-  const TrainSegment sg = a.segs[blockIdx.x];
+  if (a.bucket && static_cast<int>(blockIdx.x) >= a.bucket[0]) return;
+  const TrainSegment sg = a.segs[a.bucket ? a.bucket[1 + blockIdx.x] : static_cast<int>(blockIdx.x)];
   const int n = sg.n, N = (n + 15) / 16 * 16, kvh = blockIdx.y, group = a.nh / a.nkv;
   const int W = a.width(), qd = a.nh * HD, kvd = a.nkv * HD, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   constexpr int ld = tc_ld<HD>();
@@ -473,7 +481,34 @@ inline bool train_attention_tc(int hd, int max_n, std::size_t smem_limit) {
   }
 }
 
-/// Forward: out and lse of every row of every segment. `tensor_cores` = train_attention_tc(...) (or false to force
+/// Raises the shared-memory limit of the tensor-core kernels of `Policy` for head size `hd` to what segments of
+/// kTrainAttnMaxRows need (once, before any launch: a graph capture must not change function attributes).
+template <class Policy, class T>
+void prepare_train_attention(int hd) {
+  if constexpr (sizeof(T) == 2) {
+    constexpr int N = kernel::kTrainAttnMaxRows;
+    auto set = [](auto k, std::size_t smem) {
+      EARN_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    };
+    int dev = 0, limit = 0;
+    EARN_CUDA_CHECK(cudaGetDevice(&dev));
+    EARN_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    auto cap = [&](std::size_t v) { return std::min<std::size_t>(v, static_cast<std::size_t>(limit)); };
+    if (hd == 32) {
+      set(kernel::train_attn_fwd_tc<Policy, T, 32>, cap(kernel::tc_fwd_smem<T, 32>(N)));
+      set(kernel::train_attn_bwd_tc<Policy, T, 32>, cap(kernel::tc_bwd_smem<T, 32>(N)));
+    } else if (hd == 64) {
+      set(kernel::train_attn_fwd_tc<Policy, T, 64>, cap(kernel::tc_fwd_smem<T, 64>(N)));
+      set(kernel::train_attn_bwd_tc<Policy, T, 64>, cap(kernel::tc_bwd_smem<T, 64>(N)));
+    } else if (hd == 128) {
+      set(kernel::train_attn_fwd_tc<Policy, T, 128>, cap(kernel::tc_fwd_smem<T, 128>(N)));
+      set(kernel::train_attn_bwd_tc<Policy, T, 128>, cap(kernel::tc_bwd_smem<T, 128>(N)));
+    }
+  }
+}
+
+/// Forward: out and lse of every row of every segment (of a.bucket's segments, when given, which are at most
+/// a.max_n rows long: the tensor-core kernels' shared memory follows a.max_n). `tensor_cores` = train_attention_tc(...) (or false to force
 /// the CUDA-core kernels).
 template <class Policy, class T>
 void train_attention_forward(cudaStream_t s, const TrainAttentionArgs<T>& a, bool tensor_cores) {
@@ -482,11 +517,8 @@ void train_attention_forward(cudaStream_t s, const TrainAttentionArgs<T>& a, boo
   if constexpr (sizeof(T) == 2) {
     if (tensor_cores) {
       const int N = (a.max_n + 15) / 16 * 16;
-      auto launch = [&]<int HD>() {
-        const std::size_t smem = kernel::tc_fwd_smem<T, HD>(N);
-        auto k = kernel::train_attn_fwd_tc<Policy, T, HD>;
-        EARN_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        k<<<grid, kernel::kTrainAttnWarps * 32, smem, s>>>(a);
+      auto launch = [&]<int HD>() {  // prepare_train_attention raised the kernel's shared-memory limit
+        kernel::train_attn_fwd_tc<Policy, T, HD><<<grid, kernel::kTrainAttnWarps * 32, kernel::tc_fwd_smem<T, HD>(N), s>>>(a);
       };
       if (a.hd == 32) launch.template operator()<32>();
       else if (a.hd == 64) launch.template operator()<64>();
@@ -511,11 +543,9 @@ void train_attention_backward(cudaStream_t s, const TrainAttentionArgs<T>& a, bo
   if constexpr (sizeof(T) == 2) {
     if (tensor_cores) {
       const int N = (a.max_n + 15) / 16 * 16;
-      auto launch = [&]<int HD>() {
-        const std::size_t smem = kernel::tc_bwd_smem<T, HD>(N);
-        auto k = kernel::train_attn_bwd_tc<Policy, T, HD>;
-        EARN_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-        k<<<dim3(a.nseg, a.nkv), kernel::kTrainAttnWarps * 32, smem, s>>>(a);
+      auto launch = [&]<int HD>() {  // prepare_train_attention raised the kernel's shared-memory limit
+        kernel::train_attn_bwd_tc<Policy, T, HD><<<dim3(a.nseg, a.nkv), kernel::kTrainAttnWarps * 32,
+                                                   kernel::tc_bwd_smem<T, HD>(N), s>>>(a);
       };
       if (a.hd == 32) launch.template operator()<32>();
       else if (a.hd == 64) launch.template operator()<64>();

@@ -15,6 +15,19 @@
 
 namespace earn::cuda::kernel {
 
+/// Input rows of a training micro-batch: code >= 0 a token row of the [vocab + r, dim] table, code < 0 register
+/// -code-1 (row vocab - code - 1), kPadRow a zero row (the padding that keeps a micro-batch's shapes in few buckets).
+constexpr int kPadRow = -2147483647 - 1;
+__global__ inline void embed_train(const int* codes, const float* table, int rows, int dim, int vocab, float* x) {
+  const long long n = static_cast<long long>(rows) * dim;
+  for (long long t = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; t < n;
+       t += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long r = t / dim, d = t % dim;
+    const int code = codes[r];
+    x[t] = code == kPadRow ? 0.0f : table[(code >= 0 ? code : vocab - code - 1) * static_cast<long long>(dim) + d];
+  }
+}
+
 /// dst[idx[i]] = src[i] for rows of `dim` floats (dst zeroed before: rows no index names keep 0). The gradient
 /// of gather_rows: rows a policy dropped at this layer get nothing from above.
 __global__ inline void scatter_rows(const float* src, const int* idx, int rows, int dim, float* dst) {
@@ -143,13 +156,21 @@ __global__ void swiglu_backward(const T* gu, const T* da, int rows, int H, T* dg
 }
 
 /// Cross-entropy per row of logits [rows, vocab] against targets: loss[r] = lse - logit[target] (log-sum-exp in
-/// double, as the CPU trainer), dlogits = (softmax - onehot) * inv_norm in storage type T. One block per row.
+/// double, as the CPU trainer), dlogits = (softmax - onehot) * inv_norm[0] in storage type T. A target < 0 (a
+/// padding row) gives loss 0 and no gradient. One block per row.
 template <class T>
-__global__ void cross_entropy(const float* logits, const int* targets, int vocab, float inv_norm, double* loss,
+__global__ void cross_entropy(const float* logits, const int* targets, int vocab, const float* inv_norm, double* loss,
                               T* dlogits) {
   __shared__ float red[32];
   __shared__ double dred[32];
   const float* x = logits + static_cast<long long>(blockIdx.x) * vocab;
+  const int tg = targets[blockIdx.x];
+  if (tg < 0) {
+    if (threadIdx.x == 0) loss[blockIdx.x] = 0.0;
+    T* d = dlogits + static_cast<long long>(blockIdx.x) * vocab;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) d[i] = from_float<T>(0.0f);
+    return;
+  }
   float m = -INFINITY;
   for (int i = threadIdx.x; i < vocab; i += blockDim.x) m = fmaxf(m, x[i]);
   m = block_reduce<true>(m, red);
@@ -163,12 +184,12 @@ __global__ void cross_entropy(const float* logits, const int* targets, int vocab
   double tot = 0.0;
   for (int w = 0; w < warps; ++w) tot += dred[w];
   const double lse = static_cast<double>(m) + log(tot);
-  const int tg = targets[blockIdx.x];
   if (threadIdx.x == 0) loss[blockIdx.x] = lse - static_cast<double>(x[tg]);
   T* d = dlogits + static_cast<long long>(blockIdx.x) * vocab;
+  const double scale = static_cast<double>(inv_norm[0]);
   for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
     const double p = exp(static_cast<double>(x[i]) - lse);
-    d[i] = from_float<T>(static_cast<float>((p - (i == tg ? 1.0 : 0.0)) * inv_norm));
+    d[i] = from_float<T>(static_cast<float>((p - (i == tg ? 1.0 : 0.0)) * scale));
   }
 }
 
@@ -176,8 +197,9 @@ __global__ void cross_entropy(const float* logits, const int* targets, int vocab
 /// dim] block: token t, or register j at vocab + j), the rows that used it in a fixed order (CSR: rows_of[off[u]
 /// .. off[u+1])), summed and added to its gradient row. One block per id.
 __global__ inline void embedding_backward(const float* dx, const int* ids, const int* off, const int* rows_of,
-                                          int dim, float* dtable) {
+                                          const int* n_ids, int dim, float* dtable) {
   const int u = blockIdx.x;
+  if (u >= n_ids[0]) return;  // the grid covers every row; a micro-batch uses fewer distinct ids
   float* dst = dtable + static_cast<long long>(ids[u]) * dim;
   for (int j = threadIdx.x; j < dim; j += blockDim.x) {
     float s = 0.0f;
@@ -238,12 +260,19 @@ __global__ void adamw_pieces(float* p, float* g, float* m, float* v, T* w, const
   }
 }
 
-/// loss[slot] = scale * sum of rows[0, n) in order (one thread: n is a micro-batch's answer rows, a few hundred).
-__global__ inline void sum_in_order(const double* rows, int n, double scale, double* loss, int slot) {
+/// Busy-waits about `cycles` clock cycles (profiling: holds the stream while the host enqueues the work to time).
+__global__ inline void spin(long long cycles) {
+  const long long t0 = clock64();
+  while (clock64() - t0 < cycles) {
+  }
+}
+
+/// loss[0] = inv_norm[0] * sum of rows[0, n) in order (one thread: n is a micro-batch's answer rows, a few hundred).
+__global__ inline void sum_in_order(const double* rows, int n, const float* inv_norm, double* loss) {
   if (blockIdx.x != 0 || threadIdx.x != 0) return;
   double s = 0.0;
   for (int i = 0; i < n; ++i) s += rows[i];
-  loss[slot] = s * scale;
+  loss[0] = s * static_cast<double>(inv_norm[0]);
 }
 
 }  // namespace earn::cuda::kernel
