@@ -44,6 +44,13 @@ export LD_LIBRARY_PATH="$bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 
 status=0
+# sanitize TOOL BINARY LOG [doctest filter]: one compute-sanitizer run, its exit code and summary printed.
+sanitize() {
+  local tool=$1 binary=$2 log=$3 filter=${4:-}
+  (cd "$root" && timeout "${EARN_SANITIZER_TIMEOUT:-400}" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+    "$bin/$binary" ${filter:+"-tc=$filter"}) >"$OUT/$log" 2>&1
+  echo "$tool rc=$?"; tail -3 "$OUT/$log"
+}
 if [ "$mode" = all ] || [ "$mode" = test ]; then
   for t in test_cuda_attention test_cuda_gemm test_cuda_engine; do
     echo "== CUDA tests: $t"
@@ -54,60 +61,15 @@ if [ "$mode" = all ] || [ "$mode" = test ]; then
     echo "$t rc=$rc"
     [ $rc = 0 ] || status=1
   done
-  [ "${EARN_SANITIZER:-1}" = 1 ] || data=${EARN_DATA:-$root/../shared/data/amazon-beauty}
-if [ "$mode" = train-test ]; then
-  echo "== CUDA training tests"
-  (cd "$root" && timeout 300 "$bin/test_cuda_train") >"$OUT/test_cuda_train.log" 2>&1
-  rc=$?; tail -4 "$OUT/test_cuda_train.log"; echo "test_cuda_train rc=$rc"; [ $rc = 0 ] || status=1
-  echo "== compute-sanitizer memcheck: graphs, tensor-core attention, refusals"
-  (cd "$root" && timeout 400 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/test_cuda_train" \
-    -tc='*graph*,*tensor-core*,*refuses*') >"$OUT/memcheck_train.log" 2>&1
-  echo "memcheck rc=$?"; tail -3 "$OUT/memcheck_train.log"
-  echo "== compute-sanitizer racecheck: tensor-core training attention (the race probe case)"
-  (cd "$root" && timeout 400 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/test_cuda_train" \
-    -tc='*race probe*') >"$OUT/racecheck_train.log" 2>&1
-  echo "racecheck rc=$?"; tail -3 "$OUT/racecheck_train.log"
-fi
-if [ "$mode" = train-bench ]; then
-  echo "== training throughput: earn"
-  timeout 400 "$bin/bench_cuda_train" --data "$data" --json "$OUT/bench_train.json" "$@" 2>&1 | tee "$OUT/bench_train.log" || status=1
-  echo "== training throughput: PyTorch eager and torch.compile"
-  timeout 500 python3 "$root/tools/train_peer.py" --data "$data" --json "$OUT/bench_train_peer.json" 2>&1 |
-    tee "$OUT/bench_train_peer.log" || status=1
-fi
-if [ "$mode" = train-run ]; then
-  echo "== examples/train on Beauty: small model, dense and EARN k = 2, side by side"
-  common=(--device cuda --data "$data" --preset small --epochs "${EARN_EPOCHS:-10}" --eval-every "${EARN_EVAL_EVERY:-1608}"
-          --seed "${EARN_SEED:-0}" --no-resume)
-  "$bin/train_cuda" "${common[@]}" --schedule dense --out /tmp/run-dense >"$OUT/train_dense.log" 2>&1 &
-  p1=$!
-  "$bin/train_cuda" "${common[@]}" --schedule earn --k 2 --out /tmp/run-earn >"$OUT/train_earn.log" 2>&1 &
-  p2=$!
-  wait $p1 || status=1
-  wait $p2 || status=1
-  for r in dense earn; do
-    tail -12 "$OUT/train_$r.log" | tr '\r' '\n' | tail -12
-    cp /tmp/run-$r/result.json "$OUT/train_${r}_result.json" 2>/dev/null
-    cp /tmp/run-$r/train_log.csv "$OUT/train_${r}_log.csv" 2>/dev/null
-  done
-fi
-exit $status
+  [ "${EARN_SANITIZER:-1}" = 1 ] || exit $status
   for t in test_cuda_attention test_cuda_gemm test_cuda_engine; do
     echo "== compute-sanitizer memcheck: $t"
-    (cd "$root" && timeout "${EARN_SANITIZER_TIMEOUT:-300}" compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/$t") \
-      >"$OUT/memcheck_$t.log" 2>&1
-    echo "memcheck rc=$?"; tail -3 "$OUT/memcheck_$t.log"
+    sanitize memcheck "$t" "memcheck_$t.log"
   done
   echo "== compute-sanitizer racecheck (flash kernels, stream_gemm: kernel tests in bf16, engine tests in bf16)"
-  (cd "$root" && timeout 300 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/test_cuda_attention" \
-    -tc='*bfloat16*') >"$OUT/racecheck_attention.log" 2>&1
-  echo "racecheck rc=$?"; tail -3 "$OUT/racecheck_attention.log"
-  (cd "$root" && timeout 300 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/test_cuda_engine" \
-    -tc='*Bf16*') >"$OUT/racecheck_engine.log" 2>&1
-  echo "racecheck rc=$?"; tail -3 "$OUT/racecheck_engine.log"
-  (cd "$root" && timeout 300 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/test_cuda_gemm" \
-    -tc='*bfloat16*') >"$OUT/racecheck_gemm.log" 2>&1
-  echo "racecheck rc=$?"; tail -3 "$OUT/racecheck_gemm.log"
+  sanitize racecheck test_cuda_attention racecheck_attention.log '*bfloat16*'
+  sanitize racecheck test_cuda_engine racecheck_engine.log '*Bf16*'
+  sanitize racecheck test_cuda_gemm racecheck_gemm.log '*bfloat16*'
 fi
 if [ "$mode" = all ] || [ "$mode" = micro ]; then
   echo "== attention microbenchmarks"
@@ -154,13 +116,9 @@ if [ "$mode" = train-test ]; then
   (cd "$root" && timeout 300 "$bin/test_cuda_train") >"$OUT/test_cuda_train.log" 2>&1
   rc=$?; tail -4 "$OUT/test_cuda_train.log"; echo "test_cuda_train rc=$rc"; [ $rc = 0 ] || status=1
   echo "== compute-sanitizer memcheck: graphs, tensor-core attention, refusals"
-  (cd "$root" && timeout 400 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/test_cuda_train" \
-    -tc='*graph*,*tensor-core*,*refuses*') >"$OUT/memcheck_train.log" 2>&1
-  echo "memcheck rc=$?"; tail -3 "$OUT/memcheck_train.log"
+  sanitize memcheck test_cuda_train memcheck_train.log '*graph*,*tensor-core*,*refuses*'
   echo "== compute-sanitizer racecheck: tensor-core training attention (the race probe case)"
-  (cd "$root" && timeout 400 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/test_cuda_train" \
-    -tc='*race probe*') >"$OUT/racecheck_train.log" 2>&1
-  echo "racecheck rc=$?"; tail -3 "$OUT/racecheck_train.log"
+  sanitize racecheck test_cuda_train racecheck_train.log '*race probe*'
 fi
 if [ "$mode" = train-bench ]; then
   echo "== training throughput: earn"

@@ -234,6 +234,51 @@ __device__ inline void tc_load(T* dst, int ld, const T* src, long long ld_src, i
   }
 }
 
+// out [N, N] (fp32, row stride ldo) = a b^T for a, b [N, HD] in shared memory (row stride tc_ld<HD>), 16 x 16 tiles
+// spread over the block's warps: S = Q K^T and dP = dO V^T.
+template <class T, int HD>
+__device__ inline void tc_abt(float* out, int ldo, const T* a, const T* b, int N) {
+  using namespace nvcuda;
+  constexpr int ld = tc_ld<HD>();
+  const int T16 = N / 16, warp = threadIdx.x >> 5;
+  for (int t = warp; t < T16 * T16; t += kTrainAttnWarps) {
+    const int i0 = (t / T16) * 16, j0 = (t % T16) * 16;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+    wmma::fill_fragment(c, 0.0f);
+#pragma unroll
+    for (int kk = 0; kk < HD; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+      wmma::load_matrix_sync(fa, a + i0 * ld + kk, ld);
+      wmma::load_matrix_sync(fb, b + j0 * ld + kk, ld);
+      wmma::mma_sync(c, fa, fb, c);
+    }
+    wmma::store_matrix_sync(out + i0 * ldo + j0, c, ldo, wmma::mem_row_major);
+  }
+}
+
+// out [N, HD] (fp32, row stride ldo) = p v for p [N, N] (row stride ldp) and v [N, HD] (row stride tc_ld<HD>) in
+// shared memory: O = P V and dQ = dS K.
+template <class T, int HD>
+__device__ inline void tc_ab(float* out, int ldo, const T* p, int ldp, const T* v, int N) {
+  using namespace nvcuda;
+  constexpr int ld = tc_ld<HD>(), D16 = HD / 16;
+  const int T16 = N / 16, warp = threadIdx.x >> 5;
+  for (int t = warp; t < T16 * D16; t += kTrainAttnWarps) {
+    const int i0 = (t / D16) * 16, d0 = (t % D16) * 16;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+    wmma::fill_fragment(c, 0.0f);
+    for (int kk = 0; kk < N; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+      wmma::load_matrix_sync(fa, p + i0 * ldp + kk, ldp);
+      wmma::load_matrix_sync(fb, v + kk * ld + d0, ld);
+      wmma::mma_sync(c, fa, fb, c);
+    }
+    wmma::store_matrix_sync(out + i0 * ldo + d0, c, ldo, wmma::mem_row_major);
+  }
+}
+
 template <class Policy, class T, int HD>
 __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_fwd_tc(TrainAttentionArgs<T> a) {
   using namespace nvcuda;
@@ -256,21 +301,7 @@ __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_fwd_tc(TrainA
   tc_load(Vs, ld, base + qd + kvd + kvh * HD, W, n, N, HD);
   for (int i = threadIdx.x; i < N; i += blockDim.x) pos[i] = i < n ? a.pos[sg.off + i] : 0;
   __syncthreads();
-  const int T16 = N / 16;
-  for (int t = warp; t < T16 * T16; t += kTrainAttnWarps) {  // S = Q K^T
-    const int i0 = (t / T16) * 16, j0 = (t % T16) * 16;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-    wmma::fill_fragment(c, 0.0f);
-#pragma unroll
-    for (int kk = 0; kk < HD; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-      wmma::load_matrix_sync(fa, Qs + i0 * ld + kk, ld);
-      wmma::load_matrix_sync(fb, Ks + j0 * ld + kk, ld);
-      wmma::mma_sync(c, fa, fb, c);
-    }
-    wmma::store_matrix_sync(S + i0 * lds + j0, c, lds, wmma::mem_row_major);
-  }
+  tc_abt<T, HD>(S, lds, Qs, Ks, N);  // S = Q K^T
   __syncthreads();
   const float scale = rsqrtf(static_cast<float>(HD));
   for (int i = warp; i < N; i += kTrainAttnWarps) {  // masked softmax, a warp per row
@@ -290,20 +321,7 @@ __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_fwd_tc(TrainA
     if (lane == 0 && i < n) a.lse[static_cast<long long>(sg.off + i) * a.nh + h] = lse;
   }
   __syncthreads();
-  constexpr int D16 = HD / 16;
-  for (int t = warp; t < T16 * D16; t += kTrainAttnWarps) {  // O = P V, staged through S
-    const int i0 = (t / D16) * 16, d0 = (t % D16) * 16;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-    wmma::fill_fragment(c, 0.0f);
-    for (int kk = 0; kk < N; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-      wmma::load_matrix_sync(fa, P + i0 * ldp + kk, ldp);
-      wmma::load_matrix_sync(fb, Vs + kk * ld + d0, ld);
-      wmma::mma_sync(c, fa, fb, c);
-    }
-    wmma::store_matrix_sync(S + i0 * lds + d0, c, lds, wmma::mem_row_major);
-  }
+  tc_ab<T, HD>(S, lds, P, ldp, Vs, N);  // O = P V, staged through S
   __syncthreads();
   T* out = a.out + static_cast<long long>(sg.off) * qd + h * HD;
   for (int t = threadIdx.x; t < n * HD; t += blockDim.x) {
@@ -354,20 +372,7 @@ __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_bwd_tc(TrainA
     for (int i = threadIdx.x; i < N; i += blockDim.x)
       lse[i] = i < n ? a.lse[static_cast<long long>(sg.off + i) * a.nh + h] : -INFINITY;
     __syncthreads();
-    for (int t = warp; t < T16 * T16; t += kTrainAttnWarps) {  // S = Q K^T
-      const int i0 = (t / T16) * 16, j0 = (t % T16) * 16;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-      wmma::fill_fragment(c, 0.0f);
-#pragma unroll
-      for (int kk = 0; kk < HD; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-        wmma::load_matrix_sync(fa, Qs + i0 * ld + kk, ld);
-        wmma::load_matrix_sync(fb, Ks + j0 * ld + kk, ld);
-        wmma::mma_sync(c, fa, fb, c);
-      }
-      wmma::store_matrix_sync(A + i0 * lda + j0, c, lda, wmma::mem_row_major);
-    }
+    tc_abt<T, HD>(A, lda, Qs, Ks, N);  // S = Q K^T
     __syncthreads();
     for (int t = threadIdx.x; t < N * N; t += blockDim.x) {  // P from the saved log-sum-exp
       const int i = t / N, j = t % N;
@@ -375,20 +380,7 @@ __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_bwd_tc(TrainA
       P[i * ldp + j] = from_float<T>(vis ? expf(A[i * lda + j] * scale - lse[i]) : 0.0f);
     }
     __syncthreads();
-    for (int t = warp; t < T16 * T16; t += kTrainAttnWarps) {  // dP = dO V^T
-      const int i0 = (t / T16) * 16, j0 = (t % T16) * 16;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-      wmma::fill_fragment(c, 0.0f);
-#pragma unroll
-      for (int kk = 0; kk < HD; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-        wmma::load_matrix_sync(fa, dOs + i0 * ld + kk, ld);
-        wmma::load_matrix_sync(fb, Vs + j0 * ld + kk, ld);
-        wmma::mma_sync(c, fa, fb, c);
-      }
-      wmma::store_matrix_sync(A + i0 * lda + j0, c, lda, wmma::mem_row_major);
-    }
+    tc_abt<T, HD>(A, lda, dOs, Vs, N);  // dP = dO V^T
     __syncthreads();
     for (int i = warp; i < N; i += kTrainAttnWarps) {  // D_i = sum_j P_ij dP_ij, a warp per row
       float s = 0.0f;
@@ -419,20 +411,7 @@ __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_bwd_tc(TrainA
         wmma::mma_sync(dk[u], fs, fq, dk[u]);
       }
     }
-    // dQ = dS K, staged through A (free again: dS and D hold what was needed of it).
-    for (int t = warp; t < T16 * D16; t += kTrainAttnWarps) {
-      const int i0 = (t / D16) * 16, d0 = (t % D16) * 16;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
-      wmma::fill_fragment(c, 0.0f);
-      for (int kk = 0; kk < N; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
-        wmma::load_matrix_sync(fa, dS + i0 * ldp + kk, ldp);
-        wmma::load_matrix_sync(fb, Ks + kk * ld + d0, ld);
-        wmma::mma_sync(c, fa, fb, c);
-      }
-      wmma::store_matrix_sync(A + i0 * lda + d0, c, lda, wmma::mem_row_major);
-    }
+    tc_ab<T, HD>(A, lda, dS, ldp, Ks, N);  // dQ = dS K, staged through A (dS and D hold what was needed of it)
     __syncthreads();
     T* dq = a.dqkv + static_cast<long long>(sg.off) * W + h * HD;
     for (int t = threadIdx.x; t < n * HD; t += blockDim.x) {
