@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <vector>
 
 #include "earn/earn.hpp"
@@ -45,7 +46,8 @@ int main(int argc, char** argv) {
   app.add_option("--new-tokens", new_tokens, "tokens decoded after prefill")->check(CLI::PositiveNumber);
   app.add_option("--reps", reps, "repetitions per k (the median is reported)")->check(CLI::PositiveNumber);
   app.add_option("--k-min", k_lo, "first split layer")->check(CLI::NonNegativeNumber);
-  app.add_option("--k-max", k_hi, "last split layer (default: L)");
+  app.add_option("--k-max", k_hi, "last split layer (default: L)")
+      ->check(CLI::Range(0, std::numeric_limits<int>::max()));
   app.add_option("--k-step", k_step, "step between split layers")->check(CLI::PositiveNumber);
   app.add_option("--prefix-registers", rp, "r_p when the model has none of its own")->check(CLI::NonNegativeNumber);
   app.add_option("--suffix-registers", rs, "r_s when the model has none of its own")->check(CLI::NonNegativeNumber);
@@ -54,11 +56,22 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   try {
+    // Both outputs are opened before the sweep: a path that cannot be written fails now, not after the run.
+    std::ofstream out(csv), svg_out(svg);
+    if (!out) throw IoError(csv + ": cannot open for writing");
+    if (!svg_out) throw IoError(svg + ": cannot open for writing");
     ModelWeights w = src.load(rp, rs);
     const ModelConfig& c = w.config;
-    if (k_hi < 0) k_hi = c.n_layers;
+    if (k_hi < 0) k_hi = c.n_layers;  // the default, -1 (a negative --k-max is refused by its check)
     if (k_lo > k_hi || k_hi > c.n_layers)
       throw ConfigError("--k-min/--k-max must satisfy 0 <= k-min <= k-max <= " + std::to_string(c.n_layers));
+    // Sizes against the context, then the largest state (dense, k = L) against memory, before anything is sized.
+    const Index registers = w.registers.count(), context_rows = Index{prompt_len} + registers + new_tokens;
+    if (context_rows > c.max_seq_len)
+      throw ConfigError("--prompt " + std::to_string(prompt_len) + " + registers " + std::to_string(registers) +
+                        " + --new-tokens " + std::to_string(new_tokens) + " exceed the model's context of " +
+                        std::to_string(c.max_seq_len));
+    examples::check_fits_memory(double(context_rows) * c.n_layers * c.kv_dim() * 2 * sizeof(float), "the KV cache");
     std::printf("model: %s\n  %d layers, d %d, %d heads (%d kv), FFN %d, vocab %d, %.1fM parameters, r_p %ld r_s %ld\n",
                 src.description().c_str(), c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size,
                 w.parameter_count() / 1e6, long(w.registers.prefix.rows()), long(w.registers.suffix.rows()));
@@ -69,7 +82,10 @@ int main(int argc, char** argv) {
     for (auto& t : prompt) t = int(rng.next_u64() % std::uint64_t(c.vocab_size));
     // Every requested k, and always k = L (the dense model on the same input) as the baseline.
     std::vector<int> ks;
-    for (int k = k_lo; k <= k_hi; k += k_step) ks.push_back(k);
+    for (int k = k_lo;; k += k_step) {  // stops before k + k_step could pass k_hi (or overflow int)
+      ks.push_back(k);
+      if (k_hi - k < k_step) break;
+    }
     if (ks.back() != c.n_layers) ks.push_back(c.n_layers);
     std::vector<Row> rows;
     for (int k : ks) {
@@ -99,7 +115,6 @@ int main(int argc, char** argv) {
     const Row& dense = rows.back();
     std::printf("%4s %12s %14s %10s %9s %12s %10s %8s\n", "k", "prefill ms", "decode ms/tok", "total ms", "speedup",
                 "KV bytes", "KV saved", "");
-    std::ofstream out(csv);
     out << "k,prefill_ms,decode_ms_per_token,total_ms,speedup_vs_dense,kv_bytes,kv_reduction\n";
     for (const auto& r : rows) {
       const double speedup = dense.total_ms / r.total_ms;
@@ -114,12 +129,17 @@ int main(int argc, char** argv) {
       total.push_back(r.total_ms);
       kv.push_back(r.kv_bytes / 1e6);
     }
-    examples::write_svg_chart(svg, "EARN split-layer ablation (P = " + std::to_string(prompt_len) + ")",
+    out.close();
+    if (!out) throw IoError(csv + ": write failed");
+    examples::write_svg_chart(svg_out, svg, "EARN split-layer ablation (P = " + std::to_string(prompt_len) + ")",
                               "split layer k (k = L: dense)", "total ms", "KV cache MB", kx,
                               {{"prefill + decode time", total, "#1f77b4", false}, {"KV cache", kv, "#d62728", true}});
     std::printf("\nwrote %s and %s\n", csv.c_str(), svg.c_str());
   } catch (const earn::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "error: out of memory\n");
     return 1;
   }
   return 0;

@@ -7,15 +7,18 @@
 //   evaluate --k 2 --split valid --limit 500       EARN with split layer 2 on 500 validation users
 //   evaluate --model ckpt.bin --tokenizer tok.bin  a checkpoint whose last 1024 ids are the code tokens
 //   evaluate --csv out.csv --json out.json
+//   evaluate --data dir --codes games.index.json   another data set in the same (AtSpeed / LC-Rec) layout
 //
 // Code tokens are ids base + level*256 + code with base = vocab - 1024 (earn/rec/item_vocab.hpp). With --tokenizer
 // the prompt is the LC-Rec instruction text; otherwise the fixed template ids 0..3 of a code-token model.
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -64,9 +67,12 @@ int main(int argc, char** argv) {
   std::string data = std::string(EARN_SHARED_DATA_DIR) + "/amazon-beauty", split = "test", tokenizer, csv, json_out;
   int k = -1, rp = 1, rs = 1, beam = 20, batch = 8, limit = 0;
   std::vector<int> ks{5, 10, 20};
+  DatasetOptions data_opt;
   app.add_option("--data", data, "data set directory (sequential_*.txt and the codes JSON)");
+  app.add_option("--codes", data_opt.codes_file, "the codes JSON file inside --data (item -> 4 code tokens)");
   app.add_option("--split", split, "valid or test")->check(CLI::IsMember({"valid", "test"}));
-  app.add_option("--k", k, "EARN split layer (default: L, the dense model)");
+  app.add_option("--k", k, "EARN split layer (default: L, the dense model)")
+      ->check(CLI::Range(0, std::numeric_limits<int>::max()));
   app.add_option("--prefix-registers", rp, "r_p when the model has none of its own")->check(CLI::NonNegativeNumber);
   app.add_option("--suffix-registers", rs, "r_s when the model has none of its own")->check(CLI::NonNegativeNumber);
   app.add_option("--beam", beam, "beam width (also the number of recommendations)")->check(CLI::Range(1, 64));
@@ -79,16 +85,25 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   try {
+    // Outputs are opened before the run: a path that cannot be written fails now, not after the evaluation.
+    std::ofstream csv_file, json_file;
+    auto open_output = [](std::ofstream& f, const std::string& path) {
+      if (path.empty()) return;
+      f.open(path);
+      if (!f) throw IoError(path + ": cannot open for writing");
+    };
+    open_output(csv_file, csv);
+    open_output(json_file, json_out);
     const ModelWeights w = src.load(rp, rs);
     const ModelConfig& c = w.config;
-    if (k < 0) k = c.n_layers;
+    if (k < 0) k = c.n_layers;  // the default, -1 (a negative --k is refused by its check)
     const ItemVocab vocab(c.vocab_size - kCodeLevels * kCodesPerLevel);  // throws when the model is too small
     std::optional<Llama2cTokenizer> tok;
     if (!tokenizer.empty()) tok.emplace(tokenizer);
     const PromptBuilder pb = tok ? PromptBuilder::text(*tok, vocab) : PromptBuilder::code_tokens(vocab);
 
     auto t0 = std::chrono::steady_clock::now();
-    const Dataset ds = Dataset::load(data);
+    const Dataset ds = Dataset::load(data, data_opt);
     const DatasetCounts counts = ds.counts();
     const CodeTrie trie(ds.catalogue(), vocab);
     std::vector<const Case*> cases;
@@ -100,14 +115,24 @@ int main(int argc, char** argv) {
               << c.vocab_size << "\n";
     if (src.path.empty())
       std::cout << "         (random weights: recommendations are chance level; speed and KV bytes are real)\n";
-    std::cout << "data:    " << data << ": " << counts.users << " users, " << counts.items << " items ("
-              << counts.identifiers << " distinct codes), loaded in " << load_s << " s\n";
+    std::cout << "data:    " << data << " (codes " << data_opt.codes_file << "), loaded in " << load_s << " s\n"
+              << "         " << counts.users << " users, " << counts.items << " items, " << counts.identifiers
+              << " identifiers (distinct code tuples), " << counts.train_samples << " training samples, "
+              << counts.valid_cases << " validation cases, " << counts.test_users_with_targets << " test users, "
+              << counts.test_interactions << " test target items\n";
     std::cout << "split:   " << split << ", " << cases.size() << " users with targets"
               << (limit ? " (limited)" : "") << "\n";
     std::cout << "EARN:    k = " << k << " of " << c.n_layers << (k == c.n_layers ? " (dense)" : "") << ", registers "
               << w.registers.prefix.rows() << " + " << w.registers.suffix.rows() << ", beam " << beam << ", prompt "
               << (tok ? "LC-Rec text" : "code template") << " (" << pb.length(ds.history_len()) << " tokens at most)\n";
 
+    // A batch larger than the users evaluated only reserves state nobody uses; the rest is checked against memory
+    // (each user: the prompt's and the beams' KV rows, and the beams' logits).
+    batch = static_cast<int>(std::clamp<std::size_t>(cases.size(), 1, static_cast<std::size_t>(batch)));
+    const double user_rows = double(pb.length(ds.history_len())) + w.registers.count() + double(beam) * 3;
+    examples::check_fits_memory(batch * (user_rows * c.n_layers * c.kv_dim() * 2 + double(beam) * c.vocab_size) *
+                                    sizeof(float),
+                                "--batch " + std::to_string(batch));
     const Engine<EarnSchedule> engine(w, EarnSchedule{k});
     BeamSearch search(engine, trie, {.beam = beam}, batch, pb.length(ds.history_len()));
     MetricAccumulator acc(ks);
@@ -138,11 +163,12 @@ int main(int argc, char** argv) {
                 st.peak_kv_bytes / 1024.0, batch, st.peak_kv_bytes / 1024.0 / std::max(1, std::min<int>(batch, acc.users())));
 
     if (!csv.empty()) {
-      std::ofstream out(csv);
+      std::ofstream& out = csv_file;
       out << "K,recall,ndcg,users,split,k,layers\n";
       for (int kk : acc.ks())
         out << kk << "," << acc.recall(kk) << "," << acc.ndcg(kk) << "," << acc.users() << "," << split << "," << k
             << "," << c.n_layers << "\n";
+      out.close();
       if (!out) throw IoError(csv + ": write failed");
     }
     if (!json_out.empty()) {
@@ -164,12 +190,15 @@ int main(int argc, char** argv) {
       j["users_per_s"] = users_per_s;
       j["peak_kv_bytes"] = st.peak_kv_bytes;
       j["batch"] = batch;
-      std::ofstream out(json_out);
-      out << j.dump(2) << "\n";
-      if (!out) throw IoError(json_out + ": write failed");
+      json_file << j.dump(2) << "\n";
+      json_file.close();
+      if (!json_file) throw IoError(json_out + ": write failed");
     }
   } catch (const Error& e) {
     std::cerr << "evaluate: " << e.what() << "\n";
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::cerr << "evaluate: out of memory\n";
     return 1;
   }
   return 0;

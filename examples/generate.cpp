@@ -1,7 +1,8 @@
 // generate: text (or token) generation with the dense CPU engine, printing tokens/s.
 //
 // Loads stories260K from ../shared/data/llama2c when present (the real pretrained llama2.c model and its
-// tokenizer), else a built-in deterministic random model whose output is printed as token ids.
+// tokenizer), else a built-in deterministic random model whose output is printed as token ids. A --model or
+// --tokenizer that is named but cannot be loaded is an error (exit 1), never a silent fallback.
 //   generate --steps 256                      greedy, as llama2.c's run.c with -t 0
 //   generate --temperature 0.8 --top-p 0.9 --seed 3 --prompt "Once upon a time"
 #include <CLI/CLI.hpp>
@@ -26,8 +27,8 @@ int main(int argc, char** argv) {
   int steps = 256;
   float temperature = 0.0f, top_p = 0.9f;
   std::uint64_t seed = 42;
-  app.add_option("--model", model_path, "llama2.c checkpoint (default: stories260K from ../shared/data)");
-  app.add_option("--tokenizer", tokenizer_path, "llama2.c tokenizer of the model");
+  auto* model_opt = app.add_option("--model", model_path, "llama2.c checkpoint (default: stories260K from ../shared/data)");
+  auto* tokenizer_opt = app.add_option("--tokenizer", tokenizer_path, "llama2.c tokenizer of the model");
   app.add_option("--prompt", prompt, "prompt text (empty: start from BOS)");
   app.add_option("--steps", steps, "forward passes, as run.c's -n")->check(CLI::PositiveNumber);
   app.add_option("--temperature", temperature, "0: greedy")->check(CLI::NonNegativeNumber);
@@ -38,20 +39,31 @@ int main(int argc, char** argv) {
   try {
     ModelWeights w;
     std::optional<Llama2cTokenizer> tok;
-    if (std::filesystem::exists(model_path)) {
+    // A path the user names must load (a typo is an error, never a random model); only the default data may be
+    // absent, and then the built-in random model stands in.
+    if (model_opt->count() > 0 || io::detail::exists_nothrow(model_path)) {
       w = io::load_llama2c(model_path);
-      if (std::filesystem::exists(tokenizer_path)) tok.emplace(tokenizer_path, w.config.vocab_size);
+      if (tokenizer_opt->count() > 0 || io::detail::exists_nothrow(tokenizer_path))
+        tok.emplace(tokenizer_path, w.config.vocab_size);
       std::printf("model: %s (%.2fM parameters)\n", model_path.c_str(), w.parameter_count() / 1e6);
     } else {
+      if (tokenizer_opt->count() > 0)
+        throw ConfigError("--tokenizer needs its model (--model): the default model " + model_path + " is absent");
       ModelConfig c = examples::cpu_sized_llama();
       w = random_weights(c, {.seed = seed, .scale = 2.0f, .prefix_registers = 0, .suffix_registers = 0});
       std::printf("model: %s not found; built-in random model (%.1fM parameters), output as token ids\n",
                   model_path.c_str(), w.parameter_count() / 1e6);
     }
+    if (!tok && !prompt.empty()) throw ConfigError("--prompt needs a tokenizer (--tokenizer) to encode it");
     Engine<DenseSchedule> engine(w);
     std::vector<int> ids = tok ? tok->encode(prompt, /*bos=*/true, /*eos=*/false) : std::vector<int>{1};
-    // run.c's steps count positions: the prompt's tokens and the generated ones together.
-    const int new_tokens = std::max(0, std::min(steps, w.config.max_seq_len) - int(ids.size()) + 1);
+    const int context = w.config.max_seq_len;
+    if (static_cast<Index>(ids.size()) > context)
+      throw ConfigError("the prompt is " + std::to_string(ids.size()) + " tokens, more than the model's context of " +
+                        std::to_string(context));
+    // run.c's steps count positions: the prompt's tokens and the generated ones together; the last generated
+    // token is printed, never fed, so steps = context fills the context exactly.
+    const int new_tokens = std::max(0, std::min(steps, context) - int(ids.size()) + 1);
     const auto t0 = std::chrono::steady_clock::now();
     const auto out = generate(engine, ids, {.max_new_tokens = new_tokens, .temperature = temperature, .top_p = top_p,
                                             .seed = seed, .stop_token = tok ? Llama2cTokenizer::kBos : -1});
@@ -65,6 +77,9 @@ int main(int argc, char** argv) {
     std::printf("achieved tok/s: %.1f (%zu tokens in %.3f s, prefill included)\n", out.size() / s, out.size(), s);
   } catch (const earn::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "error: out of memory\n");
     return 1;
   }
   return 0;

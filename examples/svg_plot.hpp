@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "earn/core/error.hpp"
+
 namespace earn::examples {
 
 /// One plotted series: y values over the chart's x values, drawn against the left or right axis.
@@ -17,8 +19,9 @@ struct Series {
   bool right_axis = false;
 };
 
-/// Writes an 800x480 line chart of `series` over `x` to `path`.
-inline void write_svg_chart(const std::string& path, const std::string& title, const std::string& x_label,
+/// Writes an 800x480 line chart of `series` over `x` to `out`, an opened file named `path` (IoError when the
+/// write fails).
+inline void write_svg_chart(std::ofstream& out, const std::string& path, const std::string& title, const std::string& x_label,
                             const std::string& left_label, const std::string& right_label,
                             const std::vector<double>& x, const std::vector<Series>& series) {
   const double W = 800, H = 480, l = 80, r = 80, t = 50, b = 60;
@@ -62,7 +65,9 @@ inline void write_svg_chart(const std::string& path, const std::string& title, c
       << (s.right_axis ? " (right axis)" : " (left axis)") << "</text>\n";
   }
   o << "</svg>\n";
-  std::ofstream(path) << o.str();
+  out << o.str();
+  out.close();
+  if (!out) throw IoError(path + ": write failed");
 }
 
 }  // namespace earn::examples

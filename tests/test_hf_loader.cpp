@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <string>
 #include <unistd.h>
 #include <vector>
@@ -308,6 +309,12 @@ TEST_CASE("sharded directories: index and shards are cross-checked") {
     fs::remove(d.path / "model-00002-of-00003.safetensors");
     expect_error<earn::FormatError>(d.path, {idx, "model-00002-of-00003.safetensors", "not found"});
   }
+  SUBCASE("a shard name past the file-name limit is not found, not a std::filesystem_error") {
+    // Fuzzer finding (tests/fuzz/regressions/hf): is_regular_file's throwing overload let filesystem_error escape.
+    const std::string longname(300, 's');
+    write_shards(all, [&](json& j) { j["weight_map"]["model.norm.weight"] = longname; });
+    expect_error<earn::FormatError>(d.path, {idx, "weight_map.model.norm.weight", longname, "not found"});
+  }
   SUBCASE("a shard path that leaves the directory") {
     write_shards(all, [](json& j) { j["weight_map"]["model.norm.weight"] = "../model-00001-of-00003.safetensors"; });
     expect_error<earn::FormatError>(d.path, {idx, "weight_map.model.norm.weight", "not a plain file name"});
@@ -370,6 +377,15 @@ TEST_CASE("config.json: missing, malformed and unsupported fields are typed erro
        [](json& j) { j["rope_scaling"] = {{"type", "linear"}, {"factor", 2.0}}; }, true, "rope_scaling.type"},
       {"partial rotary", false, [](json& j) { j["rope_parameters"]["partial_rotary_factor"] = 0.5; }, true,
        "partial_rotary_factor"},
+      // Valid JSON doubles past float range became +inf and were accepted.
+      {"rms_norm_eps past float range", false, [](json& j) { j["rms_norm_eps"] = 1e39; }, false,
+       "rms_norm_eps: 1e+39 is outside the float range"},
+      {"rope_theta past float range", false, [](json& j) { j["rope_parameters"]["rope_theta"] = 1e300; }, false,
+       "rope_theta: 1e+300 is outside the float range"},
+      {"4.x rope_theta past float range", false,
+       [](json& j) { j.erase("rope_parameters"); j["rope_theta"] = -1e39; }, false, "rope_theta: -1e+39 is outside the float range"},
+      {"rms_norm_eps below float range", false, [](json& j) { j["rms_norm_eps"] = 1e-50; }, true,
+       "norm_eps must be positive"},
       {"conflicting rope_theta", false, [](json& j) { j["rope_theta"] = 10000.0; }, false, "rope_theta"},
       {"head_dim not hidden/heads", false, [](json& j) { j["head_dim"] = 8; }, true, "head_dim: 8 differs"},
       {"gelu", false, [](json& j) { j["hidden_act"] = "gelu"; }, true, "hidden_act"},
@@ -407,6 +423,21 @@ TEST_CASE("config.json: missing, malformed and unsupported fields are typed erro
   expect_error<earn::FormatError>(d.path, {"config.json", "does not parse"});
   fs::remove(d.path / "config.json");
   expect_error<earn::IoError>(d.path, {"config.json"});
+  // A directory name past the file-name limit: IoError saying so, not a std::filesystem_error.
+  expect_error<earn::IoError>(d.path / std::string(300, 'd'), {"File name too long"});
+}
+
+TEST_CASE("ModelConfig::validate refuses non-finite and non-positive numerics") {
+  earn::ModelConfig c = small_config(false, false);
+  c.validate();
+  for (float bad : {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(), 0.0f, -1.0f}) {
+    CAPTURE(bad);
+    earn::ModelConfig r = c, e = c;
+    r.rope_theta = bad;
+    e.norm_eps = bad;
+    CHECK_THROWS_WITH_AS(r.validate(), doctest::Contains("rope_theta must be positive and finite"), earn::ConfigError);
+    CHECK_THROWS_WITH_AS(e.validate(), doctest::Contains("norm_eps must be positive and finite"), earn::ConfigError);
+  }
 }
 
 TEST_CASE("weights: missing, misshapen and unexpected tensors name the file and tensor") {

@@ -1,6 +1,7 @@
 // The dense model: RoPE conventions, tied/untied heads, sampling, and generate() against the reference.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <vector>
@@ -113,6 +114,24 @@ TEST_CASE("Greedy generate follows the reference's argmax step by step, and stop
   }
   const auto stopped = generate(e, std::vector<int>{7, 1, 4}, {.max_new_tokens = 6, .stop_token = out[2]});
   CHECK(stopped == std::vector<int>(out.begin(), out.begin() + 2));
+}
+
+TEST_CASE("generate fills the context exactly: the last token is returned, never fed") {
+  // run.c accepts steps = seq_len: prompt P and N new tokens use P + N - 1 positions. A state that reserved a row
+  // for the unfed last token refused prompt + N = context + 1.
+  const ModelWeights w = random_weights(config(RopeStyle::kRotateHalf, false), {.seed = 4, .scale = 3.0f,
+                                                                             .prefix_registers = 0,
+                                                                             .suffix_registers = 0});
+  Engine<DenseSchedule> e(w);
+  const std::vector<int> prompt{7, 1, 4};
+  const int fill = w.config.max_seq_len - int(prompt.size()) + 1;  // 62 new tokens over 64 positions
+  const auto out = generate(e, prompt, {.max_new_tokens = fill});
+  REQUIRE(out.size() == std::size_t(fill));
+  const auto shorter = generate(e, prompt, {.max_new_tokens = 5});
+  CHECK(std::equal(shorter.begin(), shorter.end(), out.begin()));  // greedy: a prefix of the longer run
+  CHECK_THROWS_AS(generate(e, prompt, {.max_new_tokens = fill + 1}), ConfigError);
+  CHECK(generate(e, prompt, {.max_new_tokens = 1}).size() == 1u);
+  CHECK(generate(e, prompt, {.max_new_tokens = 0}).empty());
 }
 
 TEST_CASE("Sampler: temperature 0 is argmax; seeded sampling is reproducible and follows softmax; top-p truncates") {

@@ -2,6 +2,7 @@
 // hostile inputs, the code-token vocabulary layout and the prompt builder's token layout.
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -15,6 +16,7 @@
 
 #include "earn/rec/dataset.hpp"
 #include "earn/rec/item_vocab.hpp"
+#include "earn/rec/metrics.hpp"
 #include "earn/rec/prompt.hpp"
 #include "support.hpp"
 
@@ -278,6 +280,46 @@ TEST_CASE("Dataset: unreadable files are IoErrors") {
   fs::remove(t.dir / "sequential_test.txt");
   CHECK_THROWS_AS(Dataset::load(t.dir), IoError);
   CHECK_THROWS_AS(Dataset::load(t.dir / "nowhere"), IoError);
+  // Directories where the files belong: an IoError that says so (it was a misleading JSON parse error), for the
+  // codes file and for a text file.
+  TempDataset d("dirs");
+  fs::remove(d.dir / "beauty.LCRec-1e-3lr.json");
+  fs::create_directory(d.dir / "beauty.LCRec-1e-3lr.json");
+  CHECK_THROWS_WITH_AS(Dataset::load(d.dir), doctest::Contains("beauty.LCRec-1e-3lr.json: is a directory"), IoError);
+  TempDataset e("dirs_text");
+  fs::remove(e.dir / "sequential_valid.txt");
+  fs::create_directory(e.dir / "sequential_valid.txt");
+  CHECK_THROWS_WITH_AS(Dataset::load(e.dir), doctest::Contains("sequential_valid.txt: is a directory"), IoError);
+  // A name past the file-name limit is an IoError too, never a std::filesystem_error.
+  CHECK_THROWS_AS(Dataset::load(t.dir, {.codes_file = std::string(300, 'c')}), IoError);
+}
+
+TEST_CASE("Dataset: another codes file name, parse() from memory, and two test items of one identifier") {
+  TempDataset t("names");
+  fs::rename(t.dir / "beauty.LCRec-1e-3lr.json", t.dir / "games.index.json");
+  CHECK_THROWS_AS(Dataset::load(t.dir), IoError);
+  const Dataset ds = Dataset::load(t.dir, {.codes_file = "games.index.json"});
+  CHECK(ds.n_items() == 4);
+  auto text = [&](const char* f) {
+    std::ifstream in(t.dir / f, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  };
+  const Dataset mem = Dataset::parse({text("sequential_train.txt"), text("sequential_valid.txt"),
+                                      text("sequential_test.txt"), text("games.index.json")});
+  CHECK(mem.counts().train_samples == ds.counts().train_samples);
+  CHECK(mem.cases(DataSplit::kTest)[1].targets == ds.cases(DataSplit::kTest)[1].targets);
+  CHECK_THROWS_WITH_AS(Dataset::parse({"1 9\n", "1\n", "1\n", text("games.index.json")}),
+                       doctest::Contains("sequential_train.txt"), FormatError);
+
+  // User 2's test items 3 and 1 (1-based) share one code tuple: two targets of identifier 0, as AtSpeed counts
+  // them. Ranking identifier 0 first hits one of |T| = 2 targets; the ideal DCG runs over 2 positions.
+  const Case& c = ds.cases(DataSplit::kTest)[1];
+  REQUIRE(c.targets == std::vector<int>{0, 0});
+  MetricAccumulator acc({5});
+  acc.add(std::vector<int>{0, 1, 2}, c.targets);
+  CHECK(acc.recall(5) == doctest::Approx(0.5).epsilon(1e-12));
+  CHECK(acc.ndcg(5) == doctest::Approx(1.0 / (1.0 + 1.0 / std::log2(3.0))).epsilon(1e-12));
+  CHECK(ds.counts().test_interactions == 2);  // test target items count both
 }
 
 TEST_CASE("ItemVocab: ids are base + level * 256 + code, both ways, and refuse what is not a code") {

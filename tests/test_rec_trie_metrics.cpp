@@ -174,11 +174,20 @@ TEST_CASE("metrics: hand-computed Recall and NDCG") {
     CHECK(m3.recall == doctest::Approx(1.0).epsilon(1e-12));
     CHECK(m3.ndcg == doctest::Approx((1.0 + kL4) / (1.0 + kL3)).epsilon(1e-12));
   }
-  SUBCASE("duplicate targets collapse (items sharing a code are one item)") {
+  SUBCASE("two target items sharing one identifier are two targets, as AtSpeed's computeTopNAccuracy counts") {
+    // A user whose two test items share a code: the ranked identifier is one hit of |T| = 2 targets, and the
+    // ideal DCG runs over min(|T|, K) = 2 positions (merging the repeats gave recall 1 and NDCG kL3).
     const std::vector<int> ranked{9, 4}, targets{4, 4};
     const UserMetrics m = user_metrics(ranked, targets, 5);
-    CHECK(m.recall == doctest::Approx(1.0).epsilon(1e-12));
-    CHECK(m.ndcg == doctest::Approx(kL3).epsilon(1e-12));  // ideal DCG over one distinct target
+    CHECK(m.recall == doctest::Approx(0.5).epsilon(1e-12));
+    CHECK(m.ndcg == doctest::Approx(kL3 / (1.0 + kL3)).epsilon(1e-12));
+    const UserMetrics m1 = user_metrics(ranked, targets, 1);  // K = 1: one ideal position
+    CHECK(m1.recall == 0.0);
+    CHECK(m1.ndcg == 0.0);
+    const std::vector<int> first{4, 7, 9}, three{4, 7, 4};  // both distinct targets hit, at ranks 0 and 1
+    const UserMetrics m3 = user_metrics(first, three, 20);
+    CHECK(m3.recall == doctest::Approx(2.0 / 3.0).epsilon(1e-12));
+    CHECK(m3.ndcg == doctest::Approx((1.0 + kL3) / (1.0 + kL3 + kL4)).epsilon(1e-12));
   }
   SUBCASE("ties: the order as returned decides the rank") {
     // Items 1 and 2 tied in score; whichever is returned first gets rank 0.
@@ -236,10 +245,12 @@ TEST_CASE("metrics: random lists against a per-position recount") {
       if (tset.count(ranked[j]) && !first_rank.count(ranked[j])) first_rank[ranked[j]] = j;
     double dcg = 0, idcg = 0;
     for (const auto& [id, j] : first_rank) dcg += std::log(2.0) / std::log(j + 2.0);
-    for (int j = 0; j < int(tset.size()) && j < k; ++j) idcg += std::log(2.0) / std::log(j + 2.0);
+    // |T| and the ideal DCG count every target, repeats included (EARN.md, AtSpeed's computeTopNAccuracy).
+    for (int j = 0; j < int(targets.size()) && j < k; ++j) idcg += std::log(2.0) / std::log(j + 2.0);
     const UserMetrics m = user_metrics(ranked, targets, k);
     CAPTURE(trial);
-    CHECK(m.recall == doctest::Approx(tset.empty() ? 0.0 : double(first_rank.size()) / tset.size()).epsilon(1e-12));
-    CHECK(m.ndcg == doctest::Approx(tset.empty() ? 0.0 : dcg / idcg).epsilon(1e-12));
+    CHECK(m.recall ==
+          doctest::Approx(targets.empty() ? 0.0 : double(first_rank.size()) / targets.size()).epsilon(1e-12));
+    CHECK(m.ndcg == doctest::Approx(targets.empty() ? 0.0 : dcg / idcg).epsilon(1e-12));
   }
 }

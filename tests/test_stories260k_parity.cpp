@@ -3,6 +3,7 @@
 // (../shared/data/llama2c/expected_stories260K_t0_n{200,256}.txt, saved outputs of the reference C program).
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <fstream>
 #include <iterator>
 #include <string>
@@ -65,4 +66,15 @@ TEST_CASE("stories260K greedy decoding from BOS prints exactly what llama2.c's r
     // run.c never stopped on BOS here: every one of the n steps emitted a token.
     CHECK(out.size() == std::size_t(c.steps));
   }
+
+  // steps = seq_len (512), which run.c accepts: 512 forward passes, the last token printed and never fed. Greedy
+  // decoding makes its first 256 tokens the 256-step run's.
+  earn::GenerateOptions full;
+  full.max_new_tokens = w.config.max_seq_len;
+  full.stop_token = earn::Llama2cTokenizer::kBos;
+  const std::vector<int> out512 = earn::generate(engine, prompt, full);
+  const std::vector<int> out256 = earn::generate(engine, prompt, {.max_new_tokens = 256, .stop_token = 1});
+  REQUIRE(out512.size() >= out256.size());
+  CHECK(std::equal(out256.begin(), out256.end(), out512.begin()));
+  CHECK(out512.size() <= 512u);
 }

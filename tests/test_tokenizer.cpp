@@ -3,7 +3,10 @@
 // round trips with tok512.bin, and refusal of malformed files.
 #include <doctest/doctest.h>
 
+#include <chrono>
 #include <climits>
+#include <cmath>
+#include <limits>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -14,6 +17,7 @@
 #include "earn/core/tensor.hpp"
 #include "earn/tokenizer/llama2c.hpp"
 #include "support.hpp"
+#include "tokenizer_reference.hpp"
 
 using earn::Llama2cTokenizer;
 
@@ -339,4 +343,52 @@ TEST_CASE("random corruption of a tokenizer file parses or throws earn::Error, n
     }
   }
   CHECK(refused > 100);
+}
+
+TEST_CASE("the heap encoder equals run.c's O(n^2) loop: random texts, ties, NaN and -inf scores") {
+  // A vocabulary whose merges collide: many pieces over a tiny alphabet, equal scores, scores at the -1e10 floor,
+  // NaN (never merges in run.c: NaN > best is false) and duplicates.
+  auto v = base_vocab();
+  const std::vector<std::string> alphabet = {" ", "a", "b", "\xC3\xA9"};
+  earn::Rng rng(5);
+  for (const auto& p : alphabet) v.push_back({0.0f, p});
+  for (int i = 0; i < 120; ++i) {
+    std::string piece;
+    for (int n = 2 + int(rng.next_u64() % 4); n > 0; --n) piece += alphabet[rng.next_u64() % alphabet.size()];
+    const int kind = int(rng.next_u64() % 8);
+    const float score = kind == 0   ? std::numeric_limits<float>::quiet_NaN()
+                        : kind == 1 ? -1e10f
+                        : kind == 2 ? -std::numeric_limits<float>::infinity()
+                                    : float(int(rng.next_u64() % 5));  // few distinct values: many ties
+    v.push_back({score, piece});
+  }
+  const Bytes file = tokenizer_file(16, v);
+  const Llama2cTokenizer tok(file, "collide.bin");
+  for (int trial = 0; trial < 400; ++trial) {
+    std::string text;
+    for (int n = int(rng.next_u64() % 60); n > 0; --n) text += alphabet[rng.next_u64() % alphabet.size()];
+    if (trial % 7 == 0) text += "\x80\xC3";  // stray continuation / lead bytes: byte fallback
+    CAPTURE(text);
+    const bool bos = trial % 2, eos = trial % 3 == 0;
+    CHECK(tok.encode(text, bos, eos) == earn::test::reference_encode(tok, text, bos, eos));
+  }
+}
+
+TEST_CASE("encoding is not quadratic: 100k characters take well under a second's work") {
+  // run.c's loop rescans every pair after each merge: 40k characters took about a minute, so 100k took several.
+  // The heap encoder does n log n work; 10 s leaves room for sanitizers and a loaded machine.
+  auto v = base_vocab();
+  v.push_back({0.0f, " "});
+  v.push_back({0.0f, "a"});
+  for (std::string p = "aa"; p.size() <= 16; p += p) v.push_back({-float(p.size()), p});
+  const Bytes file = tokenizer_file(16, v);
+  const Llama2cTokenizer tok(file, "long.bin");
+  const std::string text(100000, 'a');
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::vector<int> ids = tok.encode(text, true, false);
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  CHECK(s < 10.0);
+  // 100000 = 6250 * 16: BOS, the space, then every run of 16 a's one token.
+  CHECK(ids.size() == 2 + 6250);
+  CHECK(tok.decode(ids) == text);
 }

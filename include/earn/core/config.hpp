@@ -1,6 +1,7 @@
 // earn/core/config.hpp - hyper-parameters of a Llama-family decoder.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -49,8 +50,11 @@ struct ModelConfig {
     if (std::int64_t{vocab_size} * dim > kMaxElems || std::int64_t{hidden_dim} * dim > kMaxElems ||
         std::int64_t{max_seq_len} * dim > kMaxElems)
       fail("sizes are implausibly large");
-    if (!(rope_theta > 0.0f)) fail("rope_theta must be positive");
-    if (!(norm_eps > 0.0f)) fail("norm_eps must be positive");
+    // A NaN fails every comparison, so `!(x > 0)` refuses it; +inf passes `> 0` and needs its own check.
+    if (!(rope_theta > 0.0f) || !std::isfinite(rope_theta))
+      fail("rope_theta must be positive and finite, got " + std::to_string(rope_theta));
+    if (!(norm_eps > 0.0f) || !std::isfinite(norm_eps))
+      fail("norm_eps must be positive and finite, got " + std::to_string(norm_eps));
   }
 };
 

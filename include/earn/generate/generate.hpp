@@ -1,6 +1,7 @@
 // earn/generate/generate.hpp - autoregressive generation of one sequence with any engine.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -26,7 +27,10 @@ struct GenerateOptions {
 template <class EngineT>
 std::vector<int> generate(const EngineT& engine, std::span<const int> prompt, const GenerateOptions& opt) {
   Sampler sample(opt.temperature, opt.top_p, opt.seed);
-  auto st = engine.make_state(StateOptions{1, 1, static_cast<int>(prompt.size()), opt.max_new_tokens});
+  // The last token is returned, never fed, so N new tokens need N - 1 cache rows: prompt + N may fill the whole
+  // context, as llama2.c's run.c allows (steps = seq_len).
+  auto st = engine.make_state(
+      StateOptions{1, 1, static_cast<int>(prompt.size()), std::max(opt.max_new_tokens - 1, 0)});
   std::vector<int> out;
   if (opt.max_new_tokens <= 0) return out;
   int next = sample(engine.prefill(st, 0, prompt));

@@ -10,6 +10,7 @@
 #include <limits>
 #include <span>
 #include <string>
+#include <system_error>
 #include <type_traits>
 #include <vector>
 
@@ -19,8 +20,29 @@ namespace earn::io {
 
 namespace detail {
 
-/// The whole file in memory; IoError when it cannot be opened or read.
-inline std::vector<std::byte> read_file_bytes(const std::filesystem::path& file) {
+/// Whether `p` exists, never throwing: a path the system refuses to look up (a name past the file-name limit, a
+/// directory without search permission) counts as absent, and the read that follows names the reason.
+inline bool exists_nothrow(const std::filesystem::path& p) {
+  std::error_code ec;
+  return std::filesystem::exists(p, ec);
+}
+
+/// IoError unless `file` is a regular file (or a link to one), saying why: absent, a directory, a name the system
+/// refuses. The non-throwing std::filesystem overloads, so no std::filesystem_error escapes a loader.
+inline void require_regular_file(const std::filesystem::path& file) {
+  std::error_code ec;
+  const auto st = std::filesystem::status(file, ec);
+  if (std::filesystem::is_regular_file(st)) return;
+  if (std::filesystem::is_directory(st)) throw IoError(file.string() + ": is a directory, expected a file");
+  if (std::filesystem::exists(st)) throw IoError(file.string() + ": is not a regular file");
+  throw IoError(file.string() + ": cannot open: " + (ec ? ec.message() : std::string("no such file")));
+}
+
+/// The whole regular file in a byte container (std::vector<std::byte> or std::string); IoError when it is not a
+/// regular file or cannot be opened or read.
+template <class Bytes>
+Bytes read_file_as(const std::filesystem::path& file) {
+  require_regular_file(file);
   std::ifstream in(file, std::ios::binary);
   if (!in) throw IoError(file.string() + ": cannot open");
   std::error_code ec;
@@ -28,11 +50,19 @@ inline std::vector<std::byte> read_file_bytes(const std::filesystem::path& file)
   if (ec) throw IoError(file.string() + ": cannot stat: " + ec.message());
   if (size > static_cast<std::uintmax_t>(std::numeric_limits<std::streamsize>::max()))
     throw IoError(file.string() + ": too large to read");
-  std::vector<std::byte> bytes(static_cast<std::size_t>(size));
+  Bytes bytes(static_cast<std::size_t>(size), typename Bytes::value_type{});
   if (size > 0 && !in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(size)))
     throw IoError(file.string() + ": read failed after " + std::to_string(in.gcount()) + " bytes");
   return bytes;
 }
+
+/// The whole file in memory; IoError when it cannot be opened or read.
+inline std::vector<std::byte> read_file_bytes(const std::filesystem::path& file) {
+  return read_file_as<std::vector<std::byte>>(file);
+}
+
+/// The whole file as text (no newline translation); IoError when it cannot be opened or read.
+inline std::string read_file_text(const std::filesystem::path& file) { return read_file_as<std::string>(file); }
 
 /// a * b for non-negative sizes, or FormatError naming `field` when the product leaves int64.
 inline std::int64_t checked_mul(std::int64_t a, std::int64_t b, const std::string& file, const std::string& field) {

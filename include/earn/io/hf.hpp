@@ -38,7 +38,9 @@
 #pragma once
 
 #include <charconv>
+#include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -166,16 +168,17 @@ class HfTensors {
  public:
   explicit HfTensors(const std::filesystem::path& dir) {
     const auto single = dir / "model.safetensors", index = dir / "model.safetensors.index.json";
-    if (std::filesystem::exists(single)) {
+    // Non-throwing lookups: a directory name past the file-name limit is an IoError below, not a filesystem_error.
+    if (exists_nothrow(single)) {
       where_name_ = single.string();
       files_.push_back(SafetensorsFile::open(single));
       for (const auto& n : files_[0].names()) where_.emplace(n, 0);
-    } else if (std::filesystem::exists(index)) {
+    } else if (exists_nothrow(index)) {
       where_name_ = index.string();
       load_index(dir, index);
     } else {
       throw IoError(dir.string() + ": neither model.safetensors nor model.safetensors.index.json found" +
-                    (std::filesystem::exists(dir / "pytorch_model.bin")
+                    (exists_nothrow(dir / "pytorch_model.bin")
                          ? " (pytorch_model.bin is not supported: convert it to safetensors)"
                          : ""));
     }
@@ -251,8 +254,11 @@ class HfTensors {
         earn::detail::throw_format(iname, "weight_map." + tensor, "shard '" + shard + "' is not a plain file name");
       if (!shard_index.count(shard)) {
         const auto path = dir / shard;
-        if (!std::filesystem::is_regular_file(path))
-          earn::detail::throw_format(iname, "weight_map." + tensor, "shard '" + shard + "' not found in " + dir.string());
+        std::error_code ec;  // a shard name past the file-name limit is "not found" here, never a filesystem_error
+        if (!std::filesystem::is_regular_file(path, ec))
+          earn::detail::throw_format(iname, "weight_map." + tensor,
+                                     "shard '" + shard + "' not found in " + dir.string() +
+                                         (ec ? " (" + ec.message() + ")" : std::string()));
         shard_index.emplace(shard, files_.size());
         files_.push_back(SafetensorsFile::open(path));
       }
@@ -317,7 +323,16 @@ inline HfConfig parse_hf_config(const nlohmann::json& j, const std::string& file
   c.n_kv_heads = f.get("num_key_value_heads") ? f.positive_int("num_key_value_heads") : c.n_heads;
   c.vocab_size = f.positive_int("vocab_size");
   c.max_seq_len = f.positive_int("max_position_embeddings");
-  c.norm_eps = static_cast<float>(f.opt_number("rms_norm_eps").value_or(1e-6));
+  // Numbers the model keeps as float must be finite there: 1e39 is a valid JSON double but would become +inf.
+  auto as_float = [&](const std::string& key, double v) {
+    if (!(std::fabs(v) <= double(std::numeric_limits<float>::max()))) {
+      char text[32];
+      std::snprintf(text, sizeof text, "%g", v);
+      f.bad(key, std::string(text) + " is outside the float range");
+    }
+    return static_cast<float>(v);
+  };
+  c.norm_eps = as_float("rms_norm_eps", f.opt_number("rms_norm_eps").value_or(1e-6));
   c.tied_embeddings = f.opt_bool("tie_word_embeddings").value_or(false);
   c.qkv_bias = qwen2;
   c.rope_style = RopeStyle::kRotateHalf;  // transformers' rotate_half pairs (i, i + head_dim/2)
@@ -365,7 +380,7 @@ inline HfConfig parse_hf_config(const nlohmann::json& j, const std::string& file
   if (auto rs = f.opt_object("rope_scaling")) check_rope_type(*rs, "rope_scaling");
   if (auto prf = f.opt_number("partial_rotary_factor"); prf && *prf != 1.0)
     f.unsupported("partial_rotary_factor", "partial rotary embeddings are not supported");
-  c.rope_theta = static_cast<float>(theta.value_or(10000.0));
+  c.rope_theta = as_float("rope_theta", theta.value_or(10000.0));
 
   if (auto e = f.opt_object("earn")) {
     if (auto k = e->opt_int("split_layer")) {

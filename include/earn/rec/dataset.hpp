@@ -19,10 +19,8 @@
 #include <charconv>
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
 #include <iterator>
 #include <span>
-#include <sstream>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -30,6 +28,7 @@
 #include <nlohmann/json.hpp>
 
 #include "earn/core/error.hpp"
+#include "earn/io/bytes.hpp"
 #include "earn/rec/catalogue.hpp"
 #include "earn/rec/item_vocab.hpp"
 
@@ -59,6 +58,11 @@ struct DatasetOptions {
   int history_len = 20;  ///< items of history kept, the most recent ones
 };
 
+/// The contents of a data set's four files (Dataset::parse).
+struct DatasetTexts {
+  std::string train, valid, test, codes;
+};
+
 /// Sizes of a loaded data set.
 struct DatasetCounts {
   int users = 0;
@@ -79,20 +83,23 @@ struct DatasetCounts {
 /// \endcode
 class Dataset {
  public:
-  /// Loads the four files from `dir`. IoError when a file cannot be read; FormatError naming the file, the line
-  /// (or JSON item) and the field for malformed contents; ConfigError for a history cap below 1.
+  /// Loads the four files from `dir`. IoError when a file cannot be read (absent, a directory, ...); FormatError
+  /// naming the file, the line (or JSON item) and the field for malformed contents; ConfigError for a history cap
+  /// below 1.
   static Dataset load(const std::filesystem::path& dir, const DatasetOptions& opt = {}) {
-    if (opt.history_len < 1) throw ConfigError("dataset: history_len must be >= 1");
-    Dataset ds;
-    ds.history_len_ = opt.history_len;
-    ds.catalogue_ = Catalogue(read_codes(dir / opt.codes_file));
-    const int n_items = ds.catalogue_.n_items();
-    ds.train_ = read_sequences(dir / opt.train_file, n_items, -1);
-    const int n_users = static_cast<int>(ds.train_.size());
-    ds.valid_ = read_sequences(dir / opt.valid_file, n_items, n_users);
-    ds.test_ = read_sequences(dir / opt.test_file, n_items, n_users);
-    ds.build_cases();
-    return ds;
+    check_options(opt);
+    const auto train = dir / opt.train_file, valid = dir / opt.valid_file, test = dir / opt.test_file,
+               codes = dir / opt.codes_file;
+    return build(opt, {io::detail::read_file_text(train), train.string()},
+                 {io::detail::read_file_text(valid), valid.string()}, {io::detail::read_file_text(test), test.string()},
+                 {io::detail::read_file_text(codes), codes.string()});
+  }
+
+  /// The same from the four files' contents held in memory; errors name the files by `opt`'s file names.
+  static Dataset parse(const DatasetTexts& texts, const DatasetOptions& opt = {}) {
+    check_options(opt);
+    return build(opt, {texts.train, opt.train_file}, {texts.valid, opt.valid_file}, {texts.test, opt.test_file},
+                 {texts.codes, opt.codes_file});
   }
 
   int n_users() const { return static_cast<int>(train_.size()); }
@@ -160,13 +167,28 @@ class Dataset {
     }
   }
 
-  static std::string read_file(const std::filesystem::path& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw IoError(path.string() + ": cannot open");
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    if (in.bad()) throw IoError(path.string() + ": read failed");
-    return std::move(ss).str();
+  // One file's contents and the name its errors carry.
+  struct NamedText {
+    std::string_view text;
+    std::string name;
+  };
+
+  static void check_options(const DatasetOptions& opt) {
+    if (opt.history_len < 1) throw ConfigError("dataset: history_len must be >= 1");
+  }
+
+  static Dataset build(const DatasetOptions& opt, const NamedText& train, const NamedText& valid,
+                       const NamedText& test, const NamedText& codes) {
+    Dataset ds;
+    ds.history_len_ = opt.history_len;
+    ds.catalogue_ = Catalogue(read_codes(codes));
+    const int n_items = ds.catalogue_.n_items();
+    ds.train_ = read_sequences(train, n_items, -1);
+    const int n_users = static_cast<int>(ds.train_.size());
+    ds.valid_ = read_sequences(valid, n_items, n_users);
+    ds.test_ = read_sequences(test, n_items, n_users);
+    ds.build_cases();
+    return ds;
   }
 
   // A 1-based id: canonical decimal digits, at least 1, at most 9 digits (so it cannot overflow int).
@@ -182,9 +204,9 @@ class Dataset {
 
   // Lines `user_id item_id ...` with user ids 1, 2, 3, ... in order. `n_users` < 0: any count (the training
   // file defines the users); otherwise the file must list exactly users 1..n_users.
-  static Sequences read_sequences(const std::filesystem::path& path, int n_items, int n_users) {
-    const std::string file = path.string();
-    const std::string text = read_file(path);
+  static Sequences read_sequences(const NamedText& in, int n_items, int n_users) {
+    const std::string& file = in.name;
+    const std::string_view text = in.text;
     Sequences seqs;
     std::size_t pos = 0;
     int line_no = 0;
@@ -318,9 +340,9 @@ class Dataset {
     }
   };
 
-  static std::vector<ItemCodes> read_codes(const std::filesystem::path& path) {
-    const std::string file = path.string();
-    const std::string text = read_file(path);
+  static std::vector<ItemCodes> read_codes(const NamedText& in) {
+    const std::string& file = in.name;
+    const std::string_view text = in.text;
     CodesHandler h;
     const bool ok = nlohmann::json::sax_parse(text, &h);
     if (!ok || !h.error.empty())

@@ -1,10 +1,13 @@
-// earn/rec/metrics.hpp - Recall@K and NDCG@K of ranked recommendations, as in the LLMRec protocol (EARN.md).
+// earn/rec/metrics.hpp - Recall@K and NDCG@K of ranked recommendations, as in the LLMRec protocol (EARN.md) and
+// AtSpeed's computeTopNAccuracy.
 //
 // Per user, with ranked identifiers r_0, r_1, ... (rank order as returned: ties are broken by that order) and the
-// set T of target identifiers (duplicates collapse: items sharing a code are the same item):
-//   hits@K    = distinct targets among r_0..r_(K-1) (a repeated identifier counts at its first rank only)
+// list T of the identifiers of every target item - repeats kept: two test items that share one code are two
+// targets, so |T| counts items, not distinct identifiers:
+//   hits@K    = ranks j < K whose r_j is in T (a ranked identifier equal to a repeated target is one hit; a
+//               repeated ranked identifier counts at its first rank only, so hits@K <= |T|)
 //   Recall@K  = hits@K / |T|
-//   NDCG@K    = sum over first-occurrence hits at rank j < K of 1/log2(j + 2), divided by
+//   NDCG@K    = sum over those hit ranks j of 1/log2(j + 2), divided by
 //               IDCG@K = sum over j < min(|T|, K) of 1/log2(j + 2)
 // Averages are over users with a non-empty T; users with no targets are counted apart and change nothing.
 #pragma once
@@ -28,11 +31,11 @@ struct UserMetrics {
 /// Recall@K and NDCG@K of one ranked list against targets (see the file comment). Empty targets: both 0.
 inline UserMetrics user_metrics(std::span<const int> ranked, std::span<const int> targets, int k) {
   if (k < 1) throw ConfigError("metrics: K must be >= 1, got " + std::to_string(k));
+  if (targets.empty()) return {};
+  // Membership in a sorted copy; the denominator and the ideal DCG keep every target, repeats included.
   std::vector<int> t(targets.begin(), targets.end());
   std::sort(t.begin(), t.end());
-  t.erase(std::unique(t.begin(), t.end()), t.end());
-  if (t.empty()) return {};
-  std::vector<int> found;  // targets already hit, so a repeated identifier is not counted twice
+  std::vector<int> found;  // identifiers already hit: one repeated in the ranked list counts once
   double dcg = 0;
   const std::size_t top = std::min<std::size_t>(ranked.size(), std::size_t(k));
   for (std::size_t j = 0; j < top; ++j) {
@@ -43,8 +46,9 @@ inline UserMetrics user_metrics(std::span<const int> ranked, std::span<const int
     dcg += 1.0 / std::log2(double(j) + 2.0);
   }
   double idcg = 0;
-  for (std::size_t j = 0; j < std::min<std::size_t>(t.size(), std::size_t(k)); ++j) idcg += 1.0 / std::log2(double(j) + 2.0);
-  return {double(found.size()) / double(t.size()), dcg / idcg};
+  for (std::size_t j = 0; j < std::min<std::size_t>(targets.size(), std::size_t(k)); ++j)
+    idcg += 1.0 / std::log2(double(j) + 2.0);
+  return {double(found.size()) / double(targets.size()), dcg / idcg};
 }
 
 /// Sums per-user metrics for several K and averages them over users with targets.

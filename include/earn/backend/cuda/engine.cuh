@@ -23,6 +23,7 @@
 #include <cmath>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -197,6 +198,10 @@ class CudaState : public detail::RowBook {
   cuda::DeviceBuffer<cuda::Segment> segs_;
   cuda::DeviceBuffer<void*> ptrs_, reorder_ptrs_;
   cuda::DeviceBuffer<char> blas_ws_;  // cuBLAS workspace of this state's calls (graph capture needs one we own)
+  // This state's cuBLAS handle, made and bound to its stream and workspace by Engine::bind_blas: a handle holds one
+  // stream, so a handle shared by the engine was rebound from const methods when two states ran on two threads.
+  // Declared after the stream and workspace, so it is destroyed before them.
+  std::optional<cuda::BlasHandle> blas_;
   // Engine::tune_gemms: products (model GEMM g at `rows` rows) that run with a chosen cuBLASLt algorithm;
   // tune_gen_ counts changes (a graph key part: captured launches bake the algorithm in).
   std::vector<cuda::TunedGemm> tuned_;
@@ -300,8 +305,8 @@ class Engine<Schedule, CudaT<DType>> {
         };
         GemmTuning t{kNames[g], r, 0, 0, false, 0};
         t.default_us = time([&](const T* w) {
-          if (f32) cuda::linear<T, float>(blas_.get(), x, w, static_cast<float*>(y), r, sh.in, sh.out, beta);
-          else cuda::linear<T, T>(blas_.get(), x, w, static_cast<T*>(y), r, sh.in, sh.out, beta);
+          if (f32) cuda::linear<T, float>(st.blas_->get(), x, w, static_cast<float*>(y), r, sh.in, sh.out, beta);
+          else cuda::linear<T, T>(st.blas_->get(), x, w, static_cast<T*>(y), r, sh.in, sh.out, beta);
         });
         const auto algos = product.candidates(lt_.get(), st.blas_ws_.size(), opt.candidates);
         t.candidates = static_cast<int>(algos.size());
@@ -555,13 +560,15 @@ class Engine<Schedule, CudaT<DType>> {
     int ptr_count = 0;
   };
 
-  // The engine's cuBLAS handle on the state's stream, with the state's own workspace: capture into a graph must
-  // not depend on cuBLAS allocating one (and cublasSetStream resets the workspace, so both go together).
+  // The state's own cuBLAS handle (made on first use) on its stream, with its own workspace: capture into a graph
+  // must not depend on cuBLAS allocating one (and cublasSetStream resets the workspace, so both go together).
+  // Nothing the engine shares is rebound, so states may run on different threads.
   void bind_blas(State& st) const {
     constexpr std::size_t kWorkspace = std::size_t(32) << 20;
     st.blas_ws_.reserve(kWorkspace);
-    EARN_CUDA_CHECK(cublasSetStream(blas_.get(), st.stream()));
-    EARN_CUDA_CHECK(cublasSetWorkspace(blas_.get(), st.blas_ws_.data(), st.blas_ws_.size()));
+    if (!st.blas_) st.blas_.emplace();
+    EARN_CUDA_CHECK(cublasSetStream(st.blas_->get(), st.stream()));
+    EARN_CUDA_CHECK(cublasSetWorkspace(st.blas_->get(), st.blas_ws_.data(), st.blas_ws_.size()));
   }
 
   // The model's five GEMM shapes; stream_gemm plans are made once per shape.
@@ -620,7 +627,7 @@ class Engine<Schedule, CudaT<DType>> {
         t.product.run(lt_.get(), t.algo, x, w, y, beta, st.blas_ws_.data(), st.blas_ws_.size(), st.stream());
         return;
       }
-    cuda::linear<T, TY>(blas_.get(), x, w, y, rows, sh.in, sh.out, beta);
+    cuda::linear<T, TY>(st.blas_->get(), x, w, y, rows, sh.in, sh.out, beta);
   }
 
   // What a decode step's launches bake in: the engine (weights, schedule), step shape, GEMM groups, every
@@ -778,7 +785,7 @@ class Engine<Schedule, CudaT<DType>> {
     att.hd = c.head_dim();
     att.G = G;
     att.max_new = store.max_new();
-    cuda::attention<Policy, T>(blas_.get(), st.stream(), att);
+    cuda::attention<Policy, T>(st.blas_->get(), st.stream(), att);
   }
 
   // Attention through the flash kernels unless switched off: in prefill wherever they take the storage type and
@@ -890,8 +897,7 @@ class Engine<Schedule, CudaT<DType>> {
   int sms_;  // multiprocessors of the device (flash-decoding split, stream_gemm plans)
   cuda::StreamGemmPlan stream_plans_[kGemms] = {};  // per shape, for up to kStreamRows rows (16-bit storage only)
   cuda::BulkGemmPlan bulk_plans_[kGemms][4] = {};    // per shape and n-tile count (1-8, .., 25-32 rows)
-  cuda::BlasHandle blas_;
-  cuda::LtHandle lt_;  // tuned products (tune_gemms)
+  cuda::LtHandle lt_;  // tuned products (tune_gemms); cuBLASLt takes the stream per call, so sharing it is safe
 };
 
 }  // namespace earn
