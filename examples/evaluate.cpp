@@ -27,6 +27,7 @@
 #include <nlohmann/json.hpp>
 
 #include "earn/earn.hpp"
+#include "earn/rec/evaluate.hpp"
 #include "earn/rec/rec.hpp"
 #include "earn/tokenizer/llama2c.hpp"
 #include "model_source.hpp"
@@ -71,7 +72,7 @@ int main(int argc, char** argv) {
   app.add_option("--data", data, "data set directory (sequential_*.txt and the codes JSON)");
   app.add_option("--codes", data_opt.codes_file, "the codes JSON file inside --data (item -> 4 code tokens)");
   app.add_option("--split", split, "valid or test")->check(CLI::IsMember({"valid", "test"}));
-  app.add_option("--k", k, "EARN split layer (default: L, the dense model)")
+  app.add_option("--k", k, "EARN split layer (default: the one the checkpoint records, else L, the dense model)")
       ->check(CLI::Range(0, std::numeric_limits<int>::max()));
   app.add_option("--prefix-registers", rp, "r_p when the model has none of its own")->check(CLI::NonNegativeNumber);
   app.add_option("--suffix-registers", rs, "r_s when the model has none of its own")->check(CLI::NonNegativeNumber);
@@ -96,7 +97,8 @@ int main(int argc, char** argv) {
     open_output(json_file, json_out);
     const ModelWeights w = src.load(rp, rs);
     const ModelConfig& c = w.config;
-    if (k < 0) k = c.n_layers;  // the default, -1 (a negative --k is refused by its check)
+    // The default, -1 (a negative --k is refused by its check): the split layer the model was trained with.
+    if (k < 0) k = w.split_layer >= 0 ? w.split_layer : c.n_layers;
     const ItemVocab vocab(c.vocab_size - kCodeLevels * kCodesPerLevel);  // throws when the model is too small
     std::optional<Llama2cTokenizer> tok;
     if (!tokenizer.empty()) tok.emplace(tokenizer);
@@ -106,9 +108,8 @@ int main(int argc, char** argv) {
     const Dataset ds = Dataset::load(data, data_opt);
     const DatasetCounts counts = ds.counts();
     const CodeTrie trie(ds.catalogue(), vocab);
-    std::vector<const Case*> cases;
-    for (const Case& cs : ds.cases(split == "test" ? DataSplit::kTest : DataSplit::kValid))
-      if (!cs.targets.empty() && (limit == 0 || int(cases.size()) < limit)) cases.push_back(&cs);
+    const std::vector<const Case*> cases =
+        cases_with_targets(ds, split == "test" ? DataSplit::kTest : DataSplit::kValid, limit);
     const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
     std::cout << "model:   " << src.description() << ", " << c.n_layers << " layers, d " << c.dim << ", vocab "
@@ -135,23 +136,11 @@ int main(int argc, char** argv) {
                                 "--batch " + std::to_string(batch));
     const Engine<EarnSchedule> engine(w, EarnSchedule{k});
     BeamSearch search(engine, trie, {.beam = beam}, batch, pb.length(ds.history_len()));
-    MetricAccumulator acc(ks);
     Progress bar(static_cast<std::int64_t>(cases.size()));
-    std::vector<std::vector<int>> prompts;
-    const auto t1 = std::chrono::steady_clock::now();
-    for (std::size_t i = 0; i < cases.size(); i += batch) {
-      const std::size_t n = std::min<std::size_t>(batch, cases.size() - i);
-      prompts.resize(n);
-      for (std::size_t j = 0; j < n; ++j) prompts[j] = pb.build(ds.catalogue(), cases[i + j]->history);
-      const auto recs = search.run(prompts);
-      for (std::size_t j = 0; j < n; ++j) {
-        std::vector<int> ranked;
-        for (const Recommendation& r : recs[j]) ranked.push_back(r.identifier);
-        acc.add(ranked, cases[i + j]->targets);
-      }
-      bar.update(static_cast<std::int64_t>(i + n), i + n == cases.size());
-    }
-    const double eval_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
+    const EvalResult res = evaluate(search, ds, pb, cases, {.batch = batch, .ks = ks},
+                                    [&](int done, int total) { bar.update(done, done == total); });
+    const MetricAccumulator& acc = res.metrics;
+    const double eval_s = res.seconds;
     const BeamStats& st = search.stats();
     const double users_per_s = eval_s > 0 ? acc.users() / eval_s : 0.0;
 

@@ -218,8 +218,11 @@ int run(const Args& a) {
       metric.push_back(f.size() > 8 && !f[8].empty() ? std::stod(f[8]) : (metric.empty() ? 0.0 : metric.back()));
     }
   }
-  earn::examples::write_svg_chart((fs::path(a.out) / "learning_curve.svg").string(),
-                                  "training loss and validation NDCG@10", "optimizer step", "loss", "NDCG@10", xs,
+  const std::string svg = (fs::path(a.out) / "learning_curve.svg").string();
+  std::ofstream svg_out(svg);
+  if (!svg_out) throw earn::IoError(svg + ": cannot open for writing");
+  earn::examples::write_svg_chart(svg_out, svg, "training loss and validation NDCG@10", "optimizer step", "loss",
+                                  "NDCG@10", xs,
                                   {{"train loss", loss, "#1f77b4", false}, {"valid NDCG@10", metric, "#d62728", true}});
 
   // Test the best checkpoint (the last one without validation).

@@ -1,10 +1,14 @@
 // tests/support.hpp - helpers shared by earn's tests (not part of the library).
 #pragma once
 
+#include <unistd.h>
+
+#include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <system_error>
 
 namespace earn::test {
 
@@ -24,6 +28,25 @@ inline std::optional<std::filesystem::path> shared_file(const std::string& rel) 
   if (!std::filesystem::exists(p)) return std::nullopt;
   return p;
 }
+
+/// A fresh directory under the system's temp directory (named by `tag`, the process and a counter), removed with
+/// everything in it when the test ends.
+struct TempDir {
+  std::filesystem::path path;
+  explicit TempDir(const std::string& tag = "earn_test") {
+    static std::atomic<int> counter{0};
+    path = std::filesystem::temp_directory_path() /
+           (tag + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+};
 
 /// Path inside the source tree (fixtures under tests/fixtures).
 inline std::filesystem::path source_path(const std::string& rel) { return std::filesystem::path(EARN_SOURCE_DIR) / rel; }

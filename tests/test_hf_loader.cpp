@@ -23,26 +23,11 @@
 #include "support.hpp"
 
 namespace fs = std::filesystem;
+using earn::test::TempDir;
 using earn::io::TensorToWrite;
 using json = nlohmann::json;
 
 namespace {
-
-// A fresh directory, removed with everything in it when the test ends.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path = fs::temp_directory_path() /
-           ("earn_test_hf_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 earn::ModelConfig small_config(bool qwen2, bool tied) {
   earn::ModelConfig c;

@@ -27,28 +27,14 @@
 #include "earn/train/checkpoint.hpp"
 #include "earn/train/data.hpp"
 #include "earn/train/optimizer.hpp"
+#include "support.hpp"
 
 using namespace earn;
 using namespace earn::train;
 namespace fs = std::filesystem;
+using earn::test::TempDir;
 
 namespace {
-
-// A scratch directory under the system temp directory, removed with everything in it.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path = fs::temp_directory_path() /
-           ("earn_test_ckpt_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 enum class Family { kLlamaTied, kQwen2, kInterleaved };
 

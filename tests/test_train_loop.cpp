@@ -14,21 +14,13 @@
 #include "earn/train/cpu_step.hpp"
 #include "earn/train/init.hpp"
 #include "earn/train/trainer.hpp"
+#include "support.hpp"
 
 using namespace earn;
 namespace fs = std::filesystem;
+using earn::test::TempDir;
 
 namespace {
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    path = fs::temp_directory_path() / ("earn_train_loop_" + std::to_string(std::uint64_t(Rng(uint64_t(this)).next_u64())));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
 
 ModelConfig loop_config() {
   ModelConfig c;

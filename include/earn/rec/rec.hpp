@@ -11,6 +11,7 @@
 #include "earn/rec/beam_search.hpp"
 #include "earn/rec/catalogue.hpp"
 #include "earn/rec/dataset.hpp"
+#include "earn/rec/evaluate.hpp"
 #include "earn/rec/item_vocab.hpp"
 #include "earn/rec/metrics.hpp"
 #include "earn/rec/prompt.hpp"
