@@ -299,7 +299,9 @@ TEST_CASE("teacher_batch: prompts, fed tokens and targets in the order of Forwar
 
   // Against the plan: one target per answer row; a fed row's input token is the previous row's target.
   for (int k : {0, 1, 2}) {
-    for (auto [rp, rs] : {std::pair{1, 1}, std::pair{0, 1}, std::pair{2, 0}}) {
+    for (const auto& regs : {std::pair{1, 1}, std::pair{0, 1}, std::pair{2, 0}}) {
+      // Plain locals: clang 14 cannot capture structured bindings in INFO's lambda.
+      const int rp = regs.first, rs = regs.second;
       INFO("k " << k << " r_p " << rp << " r_s " << rs);
       const auto fp = plan::plan_forward(EarnSchedule{k}, 2, rp, rs, std::span<const plan::Sequence>(tb.sequences));
       const auto rows = fp.all_answer_rows();
