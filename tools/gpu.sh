@@ -15,7 +15,7 @@
 #                call, the PyTorch peer (tools/train_peer.py: eager and torch.compile); needs EARN_DATA (Beauty dir)
 #   train-run    examples/train (train_cuda --device cuda) on Beauty: the small model, dense and EARN k = 2 side by
 #                side, 10 epochs, validation every 2 epochs; the runs' logs, curves and results go to $OUT
-#   EARN_GPU_BIN=dir   use prebuilt test_cuda_{engine,attention,gemm} / bench_cuda_{llama,attention,beam,gemm} from dir (built with
+#   EARN_GPU_BIN=dir   use prebuilt test_cuda_{engine,threads,attention,gemm} / bench_cuda_{llama,attention,beam,gemm} from dir (built with
 #                      nvcc elsewhere; a libbenchmark.so* placed there is found through LD_LIBRARY_PATH)
 set -uo pipefail
 mode=${1:-all}
@@ -30,12 +30,13 @@ if [ -z "$bin" ]; then
   # Needs what tools/deps.sh installs (Eigen, nlohmann-json, doctest) next to the CUDA toolkit.
   cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEARN_ENABLE_CUDA=ON \
     -DEARN_BUILD_EXAMPLES=OFF >"$OUT/configure.log" 2>&1 || { tail -20 "$OUT/configure.log"; exit 1; }
-  cmake --build "$root/build-gpu" --target test_cuda_engine test_cuda_attention test_cuda_gemm test_cuda_train bench_cuda_llama bench_cuda_attention bench_cuda_beam bench_cuda_gemm bench_cuda_train train_cuda \
+  cmake --build "$root/build-gpu" --target test_cuda_engine test_cuda_threads test_cuda_attention test_cuda_gemm test_cuda_train bench_cuda_llama bench_cuda_attention bench_cuda_beam bench_cuda_gemm bench_cuda_train train_cuda \
     >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   bin=$root/build-gpu/bin
   mkdir -p "$bin"
   cp "$root/build-gpu/tests/cuda/test_cuda_engine" "$root/build-gpu/tests/cuda/test_cuda_attention" \
     "$root/build-gpu/tests/cuda/test_cuda_gemm" "$root/build-gpu/tests/cuda/test_cuda_train" \
+    "$root/build-gpu/tests/cuda/test_cuda_threads" \
     "$root/build-gpu/bench/cuda/bench_cuda_train" "$root/build-gpu/examples/train_cuda" \
     "$root/build-gpu/bench/cuda/bench_cuda_llama" "$root/build-gpu/bench/cuda/bench_cuda_gemm" \
     "$root/build-gpu/bench/cuda/bench_cuda_attention" "$root/build-gpu/bench/cuda/bench_cuda_beam" "$bin/"
@@ -52,7 +53,7 @@ sanitize() {
   echo "$tool rc=$?"; tail -3 "$OUT/$log"
 }
 if [ "$mode" = all ] || [ "$mode" = test ]; then
-  for t in test_cuda_attention test_cuda_gemm test_cuda_engine; do
+  for t in test_cuda_attention test_cuda_gemm test_cuda_engine test_cuda_threads; do
     echo "== CUDA tests: $t"
     (cd "$root" && "$bin/$t") >"$OUT/$t.log" 2>&1
     rc=$?
@@ -62,7 +63,7 @@ if [ "$mode" = all ] || [ "$mode" = test ]; then
     [ $rc = 0 ] || status=1
   done
   [ "${EARN_SANITIZER:-1}" = 1 ] || exit $status
-  for t in test_cuda_attention test_cuda_gemm test_cuda_engine; do
+  for t in test_cuda_attention test_cuda_gemm test_cuda_engine test_cuda_threads; do
     echo "== compute-sanitizer memcheck: $t"
     sanitize memcheck "$t" "memcheck_$t.log"
   done

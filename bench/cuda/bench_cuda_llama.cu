@@ -6,7 +6,10 @@
 //
 //   bench_cuda_llama [--json out.json] [--reps 3] [--layers 32] [--users 1,4,32] [--prompts 256,512]
 //                    [--ks -1,2,4,6,8] [--graphs 1] [--flash 1] [--stream-gemm 0] [--bulk-gemm 0] [--pdl 1] [--tune 1]
-//                    [--tune-prefill 0] [--tune-candidates 8] [--profile 0]
+//                    [--tune-prefill 0] [--tune-candidates 8] [--profile 0] [--registers 1,1]
+//                    [--dim 4096 --hidden 11008 --heads 32 --vocab 33024 --tied 0]
+// --registers rp,rs: the model's prefix and suffix registers (0,0 with --ks -1: plain Finetune, no register rows);
+// --dim/--hidden/--heads/--vocab/--tied: another model shape than Llama-7B's (a recommendation model's, say);
 // --ks: schedules (-1 dense); --graphs 0: decode steps launch kernel by kernel instead of replaying CUDA graphs;
 // --flash 0: attention (prefill and decode) through the cuBLAS path instead of the tensor-core flash kernels;
 // --stream-gemm 1: GEMMs of <= 8 rows through the weight-streaming kernel (stream_gemm.cuh) instead of cuBLAS;
@@ -50,7 +53,8 @@ namespace {
 struct Result {
   int B, P, k;  // k = -1: dense
   float prefill_ms, decode_ms;
-  Index kv_bytes;
+  Index kv_bytes;         // after the decode steps (prompt + every beam's generated rows)
+  Index kv_prefill_bytes;  // after the prefill: the prompt's cache, what EARN shrinks
   double prefill_floor_ms, decode_floor_ms;
   double prefill_seq_floor_ms;  // layer by layer: sum of each layer's max(bytes / bandwidth, FLOPs / rate)
   double burst_floor_ms;  // the whole floor at the burst GEMM rate
@@ -61,6 +65,8 @@ struct Result {
 
 int main(int argc, char** argv) {
   std::string json;
+  int dim = 4096, hidden = 11008, heads = 32, vocab = 33024, tied = 0;
+  std::vector<int> regs = {1, 1};
   int reps = 3, layers = 32, graphs = 1, flash = 1, stream_gemm = 0, bulk_gemm = 0, pdl = 1, tune = 1, tune_prefill = 0, candidates = 8, profile = 0;
   std::vector<int> Bs = {1, 4, 32}, Ps = {256, 512}, Ks = {-1, 2, 4, 6, 8};
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -80,6 +86,12 @@ int main(int argc, char** argv) {
     else if (a == "--tune-candidates") candidates = std::atoi(argv[i + 1]);
     else if (a == "--pdl") pdl = std::atoi(argv[i + 1]);
     else if (a == "--profile") profile = std::atoi(argv[i + 1]);
+    else if (a == "--registers") regs = earn::bench::parse_list(argv[i + 1]);
+    else if (a == "--dim") dim = std::atoi(argv[i + 1]);
+    else if (a == "--hidden") hidden = std::atoi(argv[i + 1]);
+    else if (a == "--heads") heads = std::atoi(argv[i + 1]);
+    else if (a == "--vocab") vocab = std::atoi(argv[i + 1]);
+    else if (a == "--tied") tied = std::atoi(argv[i + 1]);
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -99,13 +111,21 @@ int main(int argc, char** argv) {
                 "sustained (%.0f burst)\n",
                 prop.name, prop.multiProcessorCount, bw / 1e9, gr.sustained / 1e12, gr.burst / 1e12);
 
-    const ModelConfig c = earn::bench::llama7b_config(layers, 33024);
-    const int beam = 20, new_tokens = 4, steps = new_tokens - 1, r = 2;
-    auto weights = std::make_shared<const cuda::DeviceWeights<dtype::Bf16>>(
-        cuda::DeviceWeights<dtype::Bf16>::random(c, {.seed = 7, .scale = 1.0f, .prefix_registers = 1, .suffix_registers = 1}));
+    if (regs.size() != 2 || regs[0] < 0 || regs[1] < 0) {
+      std::fprintf(stderr, "--registers takes rp,rs\n");
+      return 2;
+    }
+    ModelConfig c = earn::bench::llama7b_config(layers, vocab);
+    c.dim = dim, c.hidden_dim = hidden, c.n_heads = c.n_kv_heads = heads, c.tied_embeddings = tied != 0;
+    c.validate();
+    const int beam = 20, new_tokens = 4, steps = new_tokens - 1, r = regs[0] + regs[1];
+    auto weights = std::make_shared<const cuda::DeviceWeights<dtype::Bf16>>(cuda::DeviceWeights<dtype::Bf16>::random(
+        c, {.seed = 7, .scale = 1.0f, .prefix_registers = regs[0], .suffix_registers = regs[1]}));
     const double wbytes = double(weights->bytes());
-    std::printf("model: Llama-7B dims, %d layers, %.2f GB of bf16 weights; decode %s, attention %s, small GEMMs "
-                "%s, programmatic dependent launch %s\n", layers, wbytes / 1e9,
+    std::printf("model: d %d, FFN %d, %d heads, vocab %d%s (Llama-7B: 4096, 11008, 32, 33024), %d layers, %d + %d "
+                "registers, %.3f GB of bf16 weights; decode %s, attention %s, small GEMMs "
+                "%s, programmatic dependent launch %s\n", dim, hidden, heads, vocab, tied ? " tied" : "", layers,
+                regs[0], regs[1], wbytes / 1e9,
                 graphs ? "replays CUDA graphs" : "launches kernel by kernel",
                 flash ? "flash kernels (prefill; flash-decoding)" : "cuBLAS batched",
                 bulk_gemm ? "bulk_gemm (<= 32 rows)" : stream_gemm ? "stream_gemm (<= 8 rows)" : "cuBLAS",
@@ -131,7 +151,8 @@ int main(int argc, char** argv) {
           st.use_pdl(pdl != 0);
           if (tune) {
             const auto t0 = std::chrono::steady_clock::now();
-            const std::vector<int> rows = {B * beam, B * r, B};
+            std::vector<int> rows = {B * beam, B};
+            if (r > 0) rows.push_back(B * r);  // the late layers' register rows (none without registers)
             int lt = 0;
             int n = 0;
             for (const auto& t : engine.tune_gemms(st, rows, {.candidates = candidates})) lt += t.lt, ++n;
@@ -141,7 +162,7 @@ int main(int argc, char** argv) {
                 lt += t.lt, ++n;
             }
             std::printf("  tune_gemms(%d, %d, %d rows%s): %d of %d products on a cuBLASLt algorithm, %.0f ms\n", B * beam,
-                        B * r, B, tune_prefill ? (", " + std::to_string(B * (P + r)) + " w/o classifier").c_str() : "",
+                        B, B * r, tune_prefill ? (", " + std::to_string(B * (P + r)) + " w/o classifier").c_str() : "",
                         lt, n, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
           }
           std::vector<int> users(B), row_user(B * beam);
@@ -154,6 +175,7 @@ int main(int argc, char** argv) {
           }
           std::vector<int> tokens(B * beam), parent(B * beam);
           Timer t;
+          Index kv_prefill = 0;
           std::vector<float> pre, dec, host_ms;  // host_ms: until prefill_batch_device returns (planning, launches)
           for (int rep = 0; rep <= reps; ++rep) {  // rep 0 warms up (cuBLAS heuristics, scratch allocation)
             const bool prof_pre = profile == 2 && rep == reps;
@@ -163,6 +185,7 @@ int main(int argc, char** argv) {
             engine.prefill_batch_device(st, users, prompts);
             host_ms.push_back(std::chrono::duration<float, std::milli>(std::chrono::steady_clock::now() - h0).count());
             const float p_ms = t.stop(st.stream());
+            kv_prefill = st.kv_bytes();
             if (prof_pre) EARN_CUDA_CHECK(cudaProfilerStop());
             st.set_rows(row_user);
             const bool prof = profile == 1 && rep == reps;
@@ -183,7 +206,7 @@ int main(int argc, char** argv) {
               dec.push_back(d_ms);
             }
           }
-          Result res{B, P, k, median(pre), median(dec), st.kv_bytes(), 0, 0, 0, 0, 0, 0};
+          Result res{B, P, k, median(pre), median(dec), st.kv_bytes(), kv_prefill, 0, 0, 0, 0, 0, 0};
           // Floors. Prefill: weights read once + KV written, against the GEMM FLOPs (+ causal attention pairs).
           const double n_in = P + r;
           // The layer-sequential floor adds each layer's own roofline: a layer cannot start before the one below
@@ -240,6 +263,12 @@ int main(int argc, char** argv) {
                             {"bf16_gemm_flops", rate},
                             {"bf16_gemm_flops_burst", gr.burst},
                             {"layers", layers},
+                            {"dim", dim},
+                            {"hidden", hidden},
+                            {"heads", heads},
+                            {"vocab", vocab},
+                            {"prefix_registers", regs[0]},
+                            {"suffix_registers", regs[1]},
                             {"weight_bytes", wbytes},
                             {"graphs", graphs != 0},
                             {"flash", flash != 0},
@@ -255,6 +284,7 @@ int main(int argc, char** argv) {
                                   {"prefill_ms", x.prefill_ms},
                                   {"decode_ms", x.decode_ms},
                                   {"kv_bytes", x.kv_bytes},
+                                  {"kv_prefill_bytes", x.kv_prefill_bytes},
                                   {"prefill_floor_ms", x.prefill_floor_ms},
                                   {"prefill_seq_floor_ms", x.prefill_seq_floor_ms},
                                   {"decode_floor_ms", x.decode_floor_ms},

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# experiments/grid.sh - the accuracy grid of issue 16 on one GPU machine: Finetune (dense, no registers) against
+# EARN at several split layers and register counts on Amazon Beauty, each setting trained from scratch with several
+# seeds by examples/train (train_cuda --device cuda); then the speed of every setting on the CUDA engine at the
+# model's size and at Llama-7B dimensions (bench_cuda_llama). Small runs share the GPU side by side, under CUDA MPS
+# when the machine has it (kernels of different processes then overlap instead of time-slicing).
+#
+#   experiments/grid.sh [all]         the whole grid, 5 seeds, then the speed table
+#   experiments/grid.sh train [--seeds 0,1,2] [--settings all|name,name] [--jobs 27] [--epochs 10]
+#   experiments/grid.sh speed
+#
+#   EARN_GPU_BIN   folder with train_cuda and bench_cuda_llama (default: build them in build-gpu)
+#   EARN_DATA      Beauty in AtSpeed's layout (default ../shared/data/amazon-beauty)
+#   EARN_RUN_TIMEOUT  seconds a run may take (default 3000), so that a call with a limit still packs what finished
+#   OUT            where results go (default ./out/grid): one runs-<seeds>.tar.gz of every run's result.json,
+#                  train_log.csv and console log (checkpoints stay behind: the script remakes them), speed-*.json
+#
+# The model (preset small: d 512, 8 layers, 8 heads, FFN 1408, untied head, 26.75M parameters) and its recipe (AdamW
+# lr 1e-3, cosine with warm-up 0.02, batch 128, 10 epochs, beam 20, the best validation NDCG@10 of 5 validations
+# kept and tested) are the paper's recipe on a from-scratch model; experiments/README.md says how they were chosen.
+# experiments/report.py turns the tarballs and speed files into runs.csv, the table and the figures.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$root/out/grid}
+mkdir -p "$OUT"
+data=${EARN_DATA:-$root/../shared/data/amazon-beauty}
+mode=${1:-all}
+shift || true
+if [ "$mode" = all ]; then  # the whole grid (5 seeds; ~25 minutes of an H200 under MPS), then the speed table
+  "$0" train --seeds 0,1,2,3,4 --jobs 18 "$@" && exec "$0" speed
+fi
+
+# name  schedule  k  r_p  r_s   (L = 8: L/4 = 2, L/2 = 4, 3L/4 = 6)
+settings_all="finetune:dense:8:0:0 earn-k1:earn:1:1:1 earn-k2:earn:2:1:1 earn-k4:earn:4:1:1 earn-k6:earn:6:1:1
+earn-k2-r0+1:earn:2:0:1 earn-k2-r1+0:earn:2:1:0 earn-k2-r2+2:earn:2:2:2 earn-k2-r3+3:earn:2:3:3"
+seeds=0,1,2 which=all jobs=27 epochs=10
+while [ $# -gt 0 ]; do
+  case $1 in
+    --seeds) seeds=$2; shift 2 ;;
+    --settings) which=$2; shift 2 ;;
+    --jobs) jobs=$2; shift 2 ;;
+    --epochs) epochs=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+bin=${EARN_GPU_BIN:-}
+if [ -z "$bin" ]; then
+  cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEARN_ENABLE_CUDA=ON >"$OUT/configure.log" 2>&1 &&
+    cmake --build "$root/build-gpu" --target train_cuda bench_cuda_llama >"$OUT/build.log" 2>&1 ||
+    { tail -30 "$OUT/build.log"; exit 1; }
+  bin=$root/build-gpu/bin
+  mkdir -p "$bin"
+  cp "$root/build-gpu/examples/train_cuda" "$root/build-gpu/bench/cuda/bench_cuda_llama" "$bin/"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+
+# CUDA MPS, when present: one server for this script's processes, stopped on exit.
+mps_start() {
+  command -v nvidia-cuda-mps-control >/dev/null || { echo "MPS: not installed, runs time-slice the GPU"; return; }
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/earn-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/earn-mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d; then
+    echo "MPS: on"
+    trap 'echo quit | nvidia-cuda-mps-control' EXIT
+  else
+    echo "MPS: failed to start, runs time-slice the GPU"
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
+}
+
+if [ "$mode" = train ]; then
+  mps_start
+  runs=/tmp/earn-grid
+  mkdir -p "$runs"
+  list=()
+  for s in ${seeds//,/ }; do
+    for st in $settings_all; do
+      name=${st%%:*}
+      if [ "$which" != all ] && [[ ",$which," != *",$name,"* ]]; then continue; fi
+      list+=("$name:$s:$st")
+    done
+  done
+  echo "grid: ${#list[@]} runs, $jobs at a time, $epochs epochs each"
+  t0=$(date +%s)
+  running=0
+  for item in "${list[@]}"; do
+    IFS=: read -r name seed _ schedule k rp rs <<<"$item"
+    dir=$runs/$name-s$seed
+    mkdir -p "$dir"
+    # Validation 5 times (every 2 epochs' steps: 804 steps an epoch at batch 128), the best tested at the end.
+    OMP_NUM_THREADS=1 timeout "${EARN_RUN_TIMEOUT:-3000}" "$bin/train_cuda" --device cuda --data "$data" --preset small --epochs "$epochs" \
+      --eval-every $((804 * epochs / 5)) --seed "$seed" --schedule "$schedule" --k "$k" \
+      --prefix-registers "$rp" --suffix-registers "$rs" --out "$dir" --no-resume >"$dir/console.log" 2>&1 &
+    running=$((running + 1))
+    if [ "$running" -ge "$jobs" ]; then wait -n; running=$((running - 1)); fi
+  done
+  wait
+  echo "grid: done in $(( $(date +%s) - t0 )) s"
+  fails=0
+  for item in "${list[@]}"; do
+    IFS=: read -r name seed _ <<<"$item"
+    dir=$runs/$name-s$seed
+    if [ -f "$dir/result.json" ]; then
+      python3 -c "import json,sys; r=json.load(open(sys.argv[1])); t=r['test']; print('%-14s seed %s  valid N@10 %.4f  test R@10 %.4f N@10 %.4f' % (sys.argv[2], sys.argv[3], r['best_valid_ndcg@10'], t['recall@10'], t['ndcg@10']))" "$dir/result.json" "$name" "$seed"
+    else
+      fails=$((fails + 1)); echo "$name seed $seed: FAILED"; tail -5 "$dir/console.log"
+    fi
+  done
+  packed=()
+  for item in "${list[@]}"; do
+    IFS=: read -r name seed _ <<<"$item"
+    for f in result.json train_log.csv console.log; do [ -f "$runs/$name-s$seed/$f" ] && packed+=("$name-s$seed/$f"); done
+  done
+  (cd "$runs" && tar czf "$OUT/runs-${seeds//,/_}-${which//[,+]/_}.tar.gz" "${packed[@]}")
+  [ "$fails" = 0 ] || exit 1
+fi
+
+if [ "$mode" = speed ]; then
+  # Every setting's prefill (B users, prompt P) and 3 decode steps at beam 20, dense Finetune without registers as
+  # the reference; medians of 5 repetitions, the floors from the bandwidth and GEMM rate measured in each call.
+  small=(--layers 8 --dim 512 --hidden 1408 --heads 8 --vocab 1028 --users 32,256 --prompts 40,80)
+  big=(--layers 32 --users 8,32 --prompts 80,512)
+  run() {  # tag registers ks-small ks-llama
+    timeout 200 "$bin/bench_cuda_llama" --reps 5 "${small[@]}" --registers "$2" --ks "$3" --json "$OUT/speed-small-$1.json" || exit 1
+    timeout 200 "$bin/bench_cuda_llama" --reps 5 "${big[@]}" --registers "$2" --ks "$4" --json "$OUT/speed-llama7b-$1.json" || exit 1
+  }
+  run finetune 0,0 -1 -1
+  run r1+1 1,1 1,2,4,6 4,8,16,24
+  run r0+1 0,1 2 8
+  run r1+0 1,0 2 8
+  run r2+2 2,2 2 8
+  run r3+3 3,3 2 8
+  (cd "$OUT" && tar czf speed.tar.gz speed-*.json && rm speed-*.json)
+fi

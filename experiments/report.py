@@ -1,0 +1,289 @@
+#!/usr/bin/python3
+"""experiments/report.py - the accuracy grid's table and figures from the files experiments/grid.sh wrote.
+
+    experiments/report.py --runs out/runs-*.tar.gz --speed out/speed.tar.gz   # collect, then table and figures
+    experiments/report.py                                                     # table and figures from results/
+
+Collecting writes experiments/results/runs.csv (one row per run: setting, seed, best validation NDCG@10 and its step,
+test Recall / NDCG@{5,10,20}), valid_curves.csv (every validation of every run) and speed.csv (bench_cuda_llama:
+prefill / decode ms and KV bytes per setting, shape, users, prompt length). The table (table.md) gives mean and
+sample standard deviation over seeds, the KV per user after prefill and the speed-ups over Finetune; the figures
+(accuracy_vs_k.png, accuracy_vs_cost.png) carry one-standard-deviation error bars.
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import statistics
+import tarfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RES = HERE / "results"
+L = 8  # layers of the grid's model
+
+# name -> (label, k, r_p, r_s); k = L for Finetune (dense, no registers)
+SETTINGS = {
+    "finetune": ("Finetune", L, 0, 0),
+    "earn-k1": ("EARN k=1", 1, 1, 1),
+    "earn-k2": ("EARN k=2 (L/4)", 2, 1, 1),
+    "earn-k4": ("EARN k=4 (L/2)", 4, 1, 1),
+    "earn-k6": ("EARN k=6 (3L/4)", 6, 1, 1),
+    "earn-k2-r0+1": ("EARN k=2, 0+1", 2, 0, 1),
+    "earn-k2-r1+0": ("EARN k=2, 1+0", 2, 1, 0),
+    "earn-k2-r2+2": ("EARN k=2, 2+2", 2, 2, 2),
+    "earn-k2-r3+3": ("EARN k=2, 3+3", 2, 3, 3),
+}
+METRICS = ["recall@5", "recall@10", "recall@20", "ndcg@5", "ndcg@10", "ndcg@20"]
+# The paper's Table 1, Beauty, LC-Rec on Llama-7B (k = 4 of 32, 1 + 1 registers).
+PAPER = {"Finetune": {"recall@10": 0.0145, "recall@20": 0.0225, "ndcg@10": 0.0084, "ndcg@20": 0.0108},
+         "EARN": {"recall@10": 0.0167, "recall@20": 0.0265, "ndcg@10": 0.0095, "ndcg@20": 0.0124}}
+# Speed settings: the grid model at B users / prompt P, and Llama-7B dims; the k of each setting per shape.
+SPEED_K = {"small": {"finetune": -1, "earn-k1": 1, "earn-k2": 2, "earn-k4": 4, "earn-k6": 6},
+           "llama7b": {"finetune": -1, "earn-k1": 4, "earn-k2": 8, "earn-k4": 16, "earn-k6": 24}}
+SPEED_AT = {"small": (256, 80), "llama7b": (32, 512)}
+
+
+def setting_regs(name):
+    _, _, rp, rs = SETTINGS[name]
+    return f"{rp}+{rs}"
+
+
+def collect_runs(tars):
+    runs, curves = [], []
+    for t in tars:
+        with tarfile.open(t) as tf:
+            for m in tf.getmembers():
+                parts = Path(m.name).parts
+                if len(parts) != 2:
+                    continue
+                run, fname = parts
+                name, seed = run.rsplit("-s", 1)
+                if fname == "result.json":
+                    r = json.load(tf.extractfile(m))
+                    row = {"setting": name, "seed": int(seed), "k": r["k"], "r_p": r["registers"][0],
+                           "r_s": r["registers"][1], "params": r["params"], "steps": r["steps"],
+                           "best_step": r["best_step"], "valid_ndcg@10": r["best_valid_ndcg@10"]}
+                    row.update({m_: r["test"][m_] for m_ in METRICS})
+                    runs.append(row)
+                elif fname == "train_log.csv":
+                    for x in csv.DictReader(io.TextIOWrapper(tf.extractfile(m))):
+                        if x["valid_metric"]:
+                            curves.append({"setting": name, "seed": int(seed), "step": int(x["step"]),
+                                           "epoch": int(x["epoch"]), "loss": float(x["loss"]),
+                                           "valid_ndcg@10": float(x["valid_metric"])})
+    runs = list({(r["setting"], r["seed"]): r for r in reversed(runs)}.values())  # a run packed twice counts once
+    curves = list({(r["setting"], r["seed"], r["step"]): r for r in reversed(curves)}.values())
+    runs.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), r["seed"]))
+    curves.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), r["seed"], r["step"]))
+    write_csv(RES / "runs.csv", runs)
+    write_csv(RES / "valid_curves.csv", curves)
+
+
+def collect_speed(tar):
+    rows = []
+    with tarfile.open(tar) as tf:
+        for m in tf.getmembers():
+            if not m.name.endswith(".json"):
+                continue
+            shape, regs = Path(m.name).stem.split("-", 2)[1:]  # speed-<shape>-<finetune|rA+B>
+            j = json.load(tf.extractfile(m))
+            for x in j["results"]:
+                rows.append({"shape": shape, "layers": j["layers"], "dim": j["dim"], "r_p": j["prefix_registers"],
+                             "r_s": j["suffix_registers"], "B": x["B"], "P": x["P"], "k": x["k"],
+                             "prefill_ms": x["prefill_ms"], "decode_ms": x["decode_ms"],
+                             "kv_prefill_bytes": x["kv_prefill_bytes"], "prefill_floor_ms": x["prefill_floor_ms"],
+                             "decode_floor_ms": x["decode_floor_ms"], "card": j["card"]})
+    rows.sort(key=lambda r: (r["shape"], r["B"], r["P"], r["r_p"], r["r_s"], r["k"]))
+    write_csv(RES / "speed.csv", rows)
+
+
+def write_csv(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {path.relative_to(HERE.parent)} ({len(rows)} rows)")
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def mean_sd(xs):
+    xs = [float(x) for x in xs]
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
+
+
+def speed_of(speed, shape, name):
+    """prefill ms, decode ms, KV bytes per user after prefill for setting `name` at the shape's reference B, P."""
+    _, k, rp, rs = SETTINGS[name]
+    kk = -1 if name == "finetune" else SPEED_K[shape].get(name, SPEED_K[shape]["earn-k2"])
+    B, P = SPEED_AT[shape]
+    for r in speed:
+        if (r["shape"], int(r["B"]), int(r["P"]), int(r["k"]), int(r["r_p"]), int(r["r_s"])) == (shape, B, P, kk, rp, rs):
+            return float(r["prefill_ms"]), float(r["decode_ms"]), float(r["kv_prefill_bytes"]) / B
+    return None
+
+
+def verdict(d, se):
+    """A directional claim "A above B" from d = mean(A) - mean(B) and its standard error."""
+    if d > 2 * se:
+        return "reproduced (> 2 standard errors)"
+    if d >= 0:
+        return "same direction, within noise (< 2 standard errors)"
+    if d >= -2 * se:
+        return "opposite direction, within noise (< 2 standard errors)"
+    return "not reproduced (opposite, > 2 standard errors)"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", nargs="*", default=[])
+    ap.add_argument("--speed")
+    a = ap.parse_args()
+    if a.runs:
+        collect_runs(a.runs)
+    if a.speed:
+        collect_speed(a.speed)
+    runs = read_csv(RES / "runs.csv")
+    speed = read_csv(RES / "speed.csv") if (RES / "speed.csv").exists() else []
+    by = {}
+    for r in runs:
+        by.setdefault(r["setting"], []).append(r)
+    stats = {n: {m: mean_sd([r[m] for r in rs]) for m in METRICS + ["valid_ndcg@10"]} for n, rs in by.items()}
+
+    out = ["| setting | k | regs | seeds | " + " | ".join(m.replace("recall", "R").replace("ndcg", "N") for m in METRICS)
+           + " | KV/user (model) | KV cut | prefill x | decode x | KV cut 7B | prefill x 7B | decode x 7B |",
+           "|---" * (4 + len(METRICS) + 6) + "|"]
+    ref = {s: speed_of(speed, s, "finetune") for s in SPEED_AT}
+    for n in SETTINGS:
+        if n not in by:
+            continue
+        label, k, rp, rs = SETTINGS[n]
+        cells = [label, str(k), f"{rp}+{rs}", str(len(by[n]))]
+        cells += [f"{stats[n][m][0]:.4f} ± {stats[n][m][1]:.4f}" for m in METRICS]
+        for shape in ("small", "llama7b"):
+            s, r0 = speed_of(speed, shape, n), ref[shape]
+            if s and r0:
+                if shape == "small":
+                    cells.append(f"{s[2] / 1024:.0f} KiB")
+                cells += [f"{100 * (1 - s[2] / r0[2]):.1f} %", f"{r0[0] / s[0]:.2f}", f"{r0[1] / s[1]:.2f}"]
+            else:
+                cells += ["-"] * (4 if shape == "small" else 3)
+        out.append("| " + " | ".join(cells) + " |")
+    (B1, P1), (B2, P2) = SPEED_AT["small"], SPEED_AT["llama7b"]
+    card = speed[0]["card"] if speed else "?"
+    text = ["# Finetune vs EARN on Amazon Beauty (from scratch, d 512, 8 layers, 26.75M parameters)", "",
+            f"Test metrics of the best-validation checkpoint, mean ± sample standard deviation over seeds. KV per user "
+            f"after prefill and speed-ups over Finetune measured on the CUDA engine ({card}), beam 20, 4 new tokens: "
+            f"the grid's model at {B1} users, prompt {P1}; Llama-7B dims (32 layers; k scaled by k/L) at {B2} users, "
+            f"prompt {P2}. The register ablations at Llama-7B dims use k = 8.", ""] + out + [""]
+
+    # The paper's claims against the grid.
+    def diff(a_, b_, m):
+        (ma, sa), (mb, sb) = stats[a_][m], stats[b_][m]
+        na, nb = len(by[a_]), len(by[b_])
+        return ma - mb, math.sqrt(sa * sa / na + sb * sb / nb)
+
+    claims = []
+    if "finetune" in stats:
+        r10 = stats["finetune"]["recall@10"]
+        claims.append(("Finetune from scratch reaches the paper's LC-Rec Llama-7B Finetune (Recall@10 >= 0.0145) "
+                       "with <= 100M parameters", "reproduced" if r10[0] >= 0.0145 else "not reproduced",
+                       f"Recall@10 {r10[0]:.4f} ± {r10[1]:.4f} against 0.0145 ({100 * (r10[0] / 0.0145 - 1):+.1f} %)"))
+    if "finetune" in stats and "earn-k2" in stats:
+        for m in ("recall@10", "recall@20", "ndcg@10", "ndcg@20"):
+            d, se = diff("earn-k2", "finetune", m)
+            pd = PAPER["EARN"][m] - PAPER["Finetune"][m]
+            base = stats["finetune"][m][0]
+            claims.append((f"EARN (k = L/4, 1 + 1) above Finetune: {m}", verdict(d, se),
+                           f"EARN − Finetune {d:+.4f} ± {se:.4f} ({100 * d / base:+.1f} %; EARN not worse than "
+                           f"{100 * (d - 2 * se) / base:+.1f} % at 2 standard errors); paper {pd:+.4f} "
+                           f"({100 * pd / PAPER['Finetune'][m]:+.1f} %)"))
+    if "earn-k1" in stats and "earn-k2" in stats:
+        d, se = diff("earn-k2", "earn-k1", "ndcg@10")
+        claims.append(("Accuracy falls when k < L/4 (k = 1 below k = 2): NDCG@10", verdict(d, se),
+                       f"k=2 − k=1 {d:+.4f} ± {se:.4f}"))
+    for many in ("earn-k2-r2+2", "earn-k2-r3+3"):
+        if many in stats and "earn-k2" in stats:
+            d, se = diff("earn-k2", many, "ndcg@10")
+            claims.append((f"More registers lower accuracy ({setting_regs(many)} below 1+1): NDCG@10", verdict(d, se),
+                           f"1+1 − {setting_regs(many)} {d:+.4f} ± {se:.4f}"))
+    if "earn-k2-r0+1" in stats and "earn-k2-r1+0" in stats:
+        d, se = diff("earn-k2-r0+1", "earn-k2-r1+0", "ndcg@10")
+        claims.append(("A suffix register matters more than a prefix one (0+1 above 1+0): NDCG@10", verdict(d, se),
+                       f"0+1 − 1+0 {d:+.4f} ± {se:.4f}"))
+    s7, r7 = speed_of(speed, "llama7b", "earn-k1"), ref["llama7b"]
+    if s7 and r7:
+        cut = 100 * (1 - s7[2] / r7[2])
+        spd = (r7[0] + r7[1]) / (s7[0] + s7[1])
+        claims.append(("KV cut 80.5 % and speed-up 3.79x at Llama-7B, k = 4 of 32", "see numbers",
+                       f"KV after prefill −{cut:.1f} %; prefill + decode {spd:.2f}x (prefill {r7[0] / s7[0]:.2f}x, "
+                       f"decode {r7[1] / s7[1]:.2f}x) at {B2} users, prompt {P2}"))
+    text += ["## The paper's claims", "",
+             "Differences of means ± their standard error (sqrt(s_a^2 / n_a + s_b^2 / n_b)); a claim is reproduced "
+             "when the difference has the paper's sign and exceeds 2 standard errors.", "",
+             "| claim | verdict | measured |", "|---|---|---|"]
+    text += [f"| {c} | {v} | {m} |" for c, v, m in claims]
+    (RES / "table.md").write_text("\n".join(text) + "\n")
+    print(f"wrote experiments/results/table.md")
+    figures(by, stats, speed, ref)
+
+
+def figures(by, stats, speed, ref):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ks = [n for n in ("earn-k1", "earn-k2", "earn-k4", "earn-k6") if n in stats]
+    for ax, m in zip(axes, ("recall@10", "ndcg@10")):
+        x = [SETTINGS[n][1] for n in ks]
+        ax.errorbar(x, [stats[n][m][0] for n in ks], yerr=[stats[n][m][1] for n in ks], marker="o", capsize=4,
+                    label="EARN 1+1")
+        if "finetune" in stats:
+            mu, sd = stats["finetune"][m]
+            ax.axhline(mu, color="k", ls="--", label="Finetune (dense)")
+            ax.axhspan(mu - sd, mu + sd, color="k", alpha=0.1)
+        for n, mk in (("earn-k2-r0+1", "v"), ("earn-k2-r1+0", "^"), ("earn-k2-r2+2", "s"), ("earn-k2-r3+3", "D")):
+            if n in stats:
+                ax.errorbar([2.1], [stats[n][m][0]], yerr=[stats[n][m][1]], marker=mk, ls="none", capsize=3,
+                            label=f"k=2, {setting_regs(n)}")
+        ax.set_xlabel("split layer k (of 8)")
+        ax.set_ylabel(f"test {m}")
+        ax.set_xticks([1, 2, 4, 6, 8])
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Amazon Beauty, mean ± sd over seeds ({len(by.get('finetune', []))} per setting)")
+    fig.tight_layout()
+    fig.savefig(RES / "accuracy_vs_k.png", dpi=120)
+    print("wrote experiments/results/accuracy_vs_k.png")
+
+    if not speed:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for n in SETTINGS:
+        if n not in stats:
+            continue
+        s, r0 = speed_of(speed, "small", n), ref["small"]
+        if not (s and r0):
+            continue
+        mu, sd = stats[n]["ndcg@10"]
+        axes[0].errorbar([(r0[0] + r0[1]) / (s[0] + s[1])], [mu], yerr=[sd], marker="o", capsize=3, label=SETTINGS[n][0])
+        axes[1].errorbar([100 * (1 - s[2] / r0[2])], [mu], yerr=[sd], marker="o", capsize=3, label=SETTINGS[n][0])
+    B, P = SPEED_AT["small"]
+    axes[0].set_xlabel(f"speed-up over Finetune (prefill + 3 decode steps, {B} users, prompt {P})")
+    axes[1].set_xlabel("KV cache cut after prefill (%)")
+    for ax in axes:
+        ax.set_ylabel("test NDCG@10")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RES / "accuracy_vs_cost.png", dpi=120)
+    print("wrote experiments/results/accuracy_vs_cost.png")
+
+
+if __name__ == "__main__":
+    main()
