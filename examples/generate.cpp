@@ -1,12 +1,16 @@
-// generate: text (or token) generation with the dense CPU engine, printing tokens/s.
+// generate: text (or token) generation with the dense CPU engine, printing prefill and decode tokens/s apart.
 //
 // Loads stories260K from ../shared/data/llama2c when present (the real pretrained llama2.c model and its
 // tokenizer), else a built-in deterministic random model whose output is printed as token ids. A --model or
 // --tokenizer that is named but cannot be loaded is an error (exit 1), never a silent fallback.
 //   generate --steps 256                      greedy, as llama2.c's run.c with -t 0
 //   generate --temperature 0.8 --top-p 0.9 --seed 3 --prompt "Once upon a time"
+//   generate --model stories15M.bin --tokenizer tokenizer.bin --threads 2 --steps 200 --repeat 3
+// Timing: one untimed warm-up generation of a few tokens first (OpenMP's threads start, caches fill), then the
+// prefill (prompt tokens / s) and the decode steps (tokens / s) are timed apart; --repeat N reports medians of N.
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -16,6 +20,9 @@
 #include "earn/io/llama2c.hpp"
 #include "earn/tokenizer/llama2c.hpp"
 #include "model_source.hpp"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 using namespace earn;
 
@@ -27,6 +34,7 @@ int main(int argc, char** argv) {
   int steps = 256;
   float temperature = 0.0f, top_p = 0.9f;
   std::uint64_t seed = 42;
+  int threads = 0, repeat = 1;
   auto* model_opt = app.add_option("--model", model_path, "llama2.c checkpoint (default: stories260K from ../shared/data)");
   auto* tokenizer_opt = app.add_option("--tokenizer", tokenizer_path, "llama2.c tokenizer of the model");
   app.add_option("--prompt", prompt, "prompt text (empty: start from BOS)");
@@ -34,7 +42,19 @@ int main(int argc, char** argv) {
   app.add_option("--temperature", temperature, "0: greedy")->check(CLI::NonNegativeNumber);
   app.add_option("--top-p", top_p, "nucleus sampling mass")->check(CLI::Range(0.0f, 1.0f));
   app.add_option("--seed", seed, "sampling seed");
+  app.add_option("--threads", threads, "OpenMP threads (0: OMP_NUM_THREADS or all cores)")->check(CLI::Range(0, 1024));
+  app.add_option("--repeat", repeat, "timed generations; medians are reported")->check(CLI::Range(1, 1000));
   CLI11_PARSE(app, argc, argv);
+#ifdef _OPENMP
+  if (threads > 0) omp_set_num_threads(threads);
+  const int used_threads = omp_get_max_threads();
+#else
+  if (threads > 1) {
+    std::fprintf(stderr, "error: --threads %d: this build has no OpenMP\n", threads);
+    return 1;
+  }
+  const int used_threads = 1;
+#endif
 
   try {
     ModelWeights w;
@@ -64,17 +84,39 @@ int main(int argc, char** argv) {
     // run.c's steps count positions: the prompt's tokens and the generated ones together; the last generated
     // token is printed, never fed, so steps = context fills the context exactly.
     const int new_tokens = std::max(0, std::min(steps, context) - int(ids.size()) + 1);
-    const auto t0 = std::chrono::steady_clock::now();
-    const auto out = generate(engine, ids, {.max_new_tokens = new_tokens, .temperature = temperature, .top_p = top_p,
-                                            .seed = seed, .stop_token = tok ? Llama2cTokenizer::kBos : -1});
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    GenerateOptions opt{.max_new_tokens = new_tokens, .temperature = temperature, .top_p = top_p, .seed = seed,
+                        .stop_token = tok ? Llama2cTokenizer::kBos : -1};
+    {  // warm-up, untimed: a few tokens through the same path
+      GenerateOptions warm = opt;
+      warm.max_new_tokens = std::min(new_tokens, 4);
+      (void)generate(engine, ids, warm);
+    }
+    std::vector<int> out;
+    std::vector<double> prefill_s, decode_s;
+    GenerateTimings t;
+    opt.timings = &t;
+    for (int r = 0; r < repeat; ++r) {
+      out = generate(engine, ids, opt);
+      prefill_s.push_back(t.prefill_seconds);
+      decode_s.push_back(t.decode_seconds);
+    }
+    const auto median = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
     if (tok) {
       std::printf("%s%s\n", tok->decode(ids).c_str(), tok->decode(out, ids.back()).c_str());
     } else {
-      for (int t : out) std::printf("%d ", t);
+      for (int x : out) std::printf("%d ", x);
       std::printf("\n");
     }
-    std::printf("achieved tok/s: %.1f (%zu tokens in %.3f s, prefill included)\n", out.size() / s, out.size(), s);
+    const double ps = median(prefill_s), ds = median(decode_s);
+    std::printf("prefill: %d tokens in %.2f ms, %.1f tokens/s; decode: %d steps in %.3f s, %.1f tokens/s (%d threads, "
+                "median of %d, warm-up excluded)\n",
+                t.prompt_tokens, ps * 1e3, t.prompt_tokens / ps, t.decode_steps, ds,
+                t.decode_steps > 0 ? t.decode_steps / ds : 0.0, used_threads, repeat);
+    std::printf("achieved tok/s: %.1f (%zu tokens in %.3f s, prefill included)\n", out.size() / (ps + ds), out.size(),
+                ps + ds);
   } catch (const earn::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;

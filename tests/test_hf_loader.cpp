@@ -232,6 +232,53 @@ TEST_CASE("4.x config style and the documented defaults") {
   }
 }
 
+TEST_CASE("BOS / EOS ids: config.json, then generation_config.json over it; save_hf writes them back") {
+  TempDir d;
+  earn::ModelWeights w = model(false, false);
+  earn::io::write_safetensors(d.path / "model.safetensors", hf_tensors(w));
+  json j = config_5x(w.config);
+  SUBCASE("absent: none stated") {
+    write_json(d.path / "config.json", j);
+    const auto c = earn::io::load_hf(d.path).config;
+    CHECK(c.bos_token_id == -1);
+    CHECK(c.eos_token_ids.empty());
+  }
+  SUBCASE("one id each, and null meaning absent") {
+    j["bos_token_id"] = 1;
+    j["eos_token_id"] = 2;
+    write_json(d.path / "config.json", j);
+    auto c = earn::io::load_hf(d.path).config;
+    CHECK(c.bos_token_id == 1);
+    CHECK(c.eos_token_ids == std::vector<int>{2});
+    j["bos_token_id"] = nullptr;
+    write_json(d.path / "config.json", j);
+    CHECK(earn::io::load_hf(d.path).config.bos_token_id == -1);
+  }
+  SUBCASE("a list of EOS ids, overridden by generation_config.json") {
+    j["eos_token_id"] = {2, 7};
+    write_json(d.path / "config.json", j);
+    CHECK(earn::io::load_hf(d.path).config.eos_token_ids == std::vector<int>{2, 7});
+    write_json(d.path / "generation_config.json", json{{"bos_token_id", 3}, {"eos_token_id", {5, 6, 9}}});
+    const auto c = earn::io::load_hf(d.path).config;
+    CHECK(c.bos_token_id == 3);
+    CHECK(c.eos_token_ids == std::vector<int>{5, 6, 9});
+    // An id outside the vocabulary in generation_config.json names that file.
+    write_json(d.path / "generation_config.json", json{{"eos_token_id", 1 << 20}});
+    expect_error<earn::ConfigError>(d.path, {"generation_config.json", "outside the vocabulary"});
+    write_json(d.path / "generation_config.json", json::array({1}));
+    expect_error<earn::FormatError>(d.path, {"generation_config.json", "is not an object"});
+  }
+  SUBCASE("save_hf round trip") {
+    w.config.bos_token_id = 1;
+    w.config.eos_token_ids = {2, 4};
+    TempDir out;
+    earn::io::save_hf(out.path, w);
+    const auto c = earn::io::load_hf(out.path).config;
+    CHECK(c.bos_token_id == 1);
+    CHECK(c.eos_token_ids == std::vector<int>{2, 4});
+  }
+}
+
 TEST_CASE("Llama without num_key_value_heads has as many kv heads as heads") {
   TempDir d;
   earn::ModelConfig c = small_config(false, true);
@@ -388,6 +435,11 @@ TEST_CASE("config.json: missing, malformed and unsupported fields are typed erro
       {"Qwen2 sliding layer", true, [](json& j) { j["layer_types"][1] = "sliding_attention"; }, true, "layer_types"},
       {"Qwen2 without num_key_value_heads", true, [](json& j) { j.erase("num_key_value_heads"); }, false,
        "num_key_value_heads: missing"},
+      {"eos_token_id a string", false, [](json& j) { j["eos_token_id"] = "2"; }, false, "eos_token_id: expected"},
+      {"eos_token_id negative in a list", false, [](json& j) { j["eos_token_id"] = {2, -1}; }, false, "eos_token_id"},
+      {"bos_token_id fractional", false, [](json& j) { j["bos_token_id"] = 1.5; }, false, "bos_token_id"},
+      {"eos_token_id past the vocabulary", false, [](json& j) { j["eos_token_id"] = 4096; }, true,
+       "eos token id 4096 is outside the vocabulary"},
   };
   earn::io::write_safetensors(d.path / "model.safetensors", hf_tensors(llama));
   TempDir dq;

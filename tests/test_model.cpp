@@ -114,6 +114,15 @@ TEST_CASE("Greedy generate follows the reference's argmax step by step, and stop
   }
   const auto stopped = generate(e, std::vector<int>{7, 1, 4}, {.max_new_tokens = 6, .stop_token = out[2]});
   CHECK(stopped == std::vector<int>(out.begin(), out.begin() + 2));
+  // A list of stop tokens (several EOS ids): the first of them generated stops; timings count the steps fed.
+  earn::GenerateTimings t;
+  const auto listed = generate(e, std::vector<int>{7, 1, 4},
+                               {.max_new_tokens = 6, .stop_tokens = {-5, out[3], out[4]}, .timings = &t});
+  const int first = int(std::find_first_of(out.begin(), out.end(), out.begin() + 3, out.begin() + 5) - out.begin());
+  CHECK(listed == std::vector<int>(out.begin(), out.begin() + first));
+  CHECK(t.prompt_tokens == 3);
+  CHECK(t.decode_steps == first);  // tokens 1..first were each produced by one decode step
+  CHECK(t.prefill_seconds > 0);
 }
 
 TEST_CASE("generate fills the context exactly: the last token is returned, never fed") {

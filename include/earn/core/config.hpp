@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "earn/core/error.hpp"
 
@@ -29,6 +30,9 @@ struct ModelConfig {
   bool tied_embeddings = true;  ///< LM head shares the token embedding
   bool qkv_bias = false;        ///< Qwen2: q/k/v projections carry biases
   RopeStyle rope_style = RopeStyle::kRotateHalf;
+  /// Special tokens, when the checkpoint states them (Hugging Face config.json / generation_config.json):
+  int bos_token_id = -1;           ///< -1: not stated
+  std::vector<int> eos_token_ids = {};  ///< generation stops at any of them (HF lists several for some models)
 
   int head_dim() const { return n_heads > 0 ? dim / n_heads : 0; }
   int kv_dim() const { return n_kv_heads * head_dim(); }
@@ -55,6 +59,12 @@ struct ModelConfig {
       fail("rope_theta must be positive and finite, got " + std::to_string(rope_theta));
     if (!(norm_eps > 0.0f) || !std::isfinite(norm_eps))
       fail("norm_eps must be positive and finite, got " + std::to_string(norm_eps));
+    if (bos_token_id < -1 || bos_token_id >= vocab_size)
+      fail("bos_token_id " + std::to_string(bos_token_id) + " is outside the vocabulary 0.." +
+           std::to_string(vocab_size - 1));
+    for (int e : eos_token_ids)
+      if (e < 0 || e >= vocab_size)
+        fail("eos token id " + std::to_string(e) + " is outside the vocabulary 0.." + std::to_string(vocab_size - 1));
   }
 };
 

@@ -289,6 +289,30 @@ class HfTensors {
 
 }  // namespace detail
 
+namespace detail {
+
+/// bos_token_id (an id or null) and eos_token_id (an id, a list of ids, or null) of a config.json or a
+/// generation_config.json, into c where stated. FormatError for other types, ids outside int.
+inline void read_special_ids(const JsonFields& f, ModelConfig& c) {
+  const auto id = [&](const std::string& key, const nlohmann::json& v) {
+    if (!v.is_number_integer() || v.get<std::int64_t>() < 0 || v.get<std::int64_t>() > std::numeric_limits<int>::max())
+      f.bad(key, "expected a non-negative token id, found " + v.dump());
+    return static_cast<int>(v.get<std::int64_t>());
+  };
+  if (const auto* b = f.get("bos_token_id")) c.bos_token_id = id("bos_token_id", *b);
+  if (const auto* e = f.get("eos_token_id")) {
+    c.eos_token_ids.clear();
+    if (e->is_array()) {
+      if (e->size() > 64) f.bad("eos_token_id", "more than 64 ids");
+      for (const auto& x : *e) c.eos_token_ids.push_back(id("eos_token_id", x));
+    } else {
+      c.eos_token_ids.push_back(id("eos_token_id", *e));
+    }
+  }
+}
+
+}  // namespace detail
+
 /// Parses a config.json document; `file` names it in errors. The result is validated (ConfigError if not).
 inline HfConfig parse_hf_config(const nlohmann::json& j, const std::string& file) {
   if (!j.is_object()) earn::detail::throw_format(file, "json", "is not an object");
@@ -382,6 +406,8 @@ inline HfConfig parse_hf_config(const nlohmann::json& j, const std::string& file
     f.unsupported("partial_rotary_factor", "partial rotary embeddings are not supported");
   c.rope_theta = as_float("rope_theta", theta.value_or(10000.0));
 
+  detail::read_special_ids(f, c);
+
   if (auto e = f.opt_object("earn")) {
     if (auto k = e->opt_int("split_layer")) {
       if (*k < 0 || *k > c.n_layers)
@@ -398,9 +424,22 @@ inline HfConfig parse_hf_config(const nlohmann::json& j, const std::string& file
   return out;
 }
 
-/// Reads and parses `<dir>/config.json`.
+/// Reads and parses `<dir>/config.json`, then `generation_config.json` beside it when present: its bos_token_id /
+/// eos_token_id take precedence, as in transformers' generate.
 inline HfConfig read_hf_config(const std::filesystem::path& config_json) {
-  return parse_hf_config(detail::read_json_file(config_json), config_json.string());
+  HfConfig hc = parse_hf_config(detail::read_json_file(config_json), config_json.string());
+  const auto gen = config_json.parent_path() / "generation_config.json";
+  if (detail::exists_nothrow(gen)) {
+    const nlohmann::json j = detail::read_json_file(gen);
+    if (!j.is_object()) earn::detail::throw_format(gen.string(), "json", "is not an object");
+    detail::read_special_ids(detail::JsonFields(j, gen.string()), hc.model);
+    try {
+      hc.model.validate();
+    } catch (const ConfigError& e) {
+      throw ConfigError(gen.string() + ": " + e.what());
+    }
+  }
+  return hc;
 }
 
 /// Loads a Hugging Face model directory (see the header comment for what is read and refused).
@@ -535,6 +574,11 @@ inline void save_hf(const std::filesystem::path& dir, const ModelWeights& w) {
   else
     j["attention_bias"] = false;
   j["dtype"] = "float32";
+  if (c.bos_token_id >= 0) j["bos_token_id"] = c.bos_token_id;
+  if (c.eos_token_ids.size() == 1)
+    j["eos_token_id"] = c.eos_token_ids[0];
+  else if (!c.eos_token_ids.empty())
+    j["eos_token_id"] = c.eos_token_ids;
   std::ofstream cfg(dir / "config.json", std::ios::trunc);
   if (!cfg) throw IoError((dir / "config.json").string() + ": cannot open for writing");
   cfg << j.dump(2) << "\n";

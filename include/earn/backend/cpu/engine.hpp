@@ -175,9 +175,7 @@ class Engine<Schedule, Cpu> {
            Matrix& v) const {
     const ModelConfig& c = w_.config;
     cpu::rmsnorm(x, lw.attn_norm, c.norm_eps, h);
-    cpu::linear(h, lw.wq, q);
-    cpu::linear(h, lw.wk, k);
-    cpu::linear(h, lw.wv, v);
+    cpu::linear_multi<Matrix, float, 3>(h, {&lw.wq, &lw.wk, &lw.wv}, {&q, &k, &v});
     if (c.qkv_bias) {
       q.rowwise() += lw.bq.transpose();
       k.rowwise() += lw.bk.transpose();
@@ -193,8 +191,7 @@ class Engine<Schedule, Cpu> {
     x += tmp;
     cpu::rmsnorm(x, lw.ffn_norm, w_.config.norm_eps, h);
     Matrix gate, up;
-    cpu::linear(h, lw.w1, gate);
-    cpu::linear(h, lw.w3, up);
+    cpu::linear_multi<Matrix, float, 2>(h, {&lw.w1, &lw.w3}, {&gate, &up});
     cpu::swiglu(gate, up);
     cpu::linear(gate, lw.w2, tmp);
     x += tmp;

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <span>
@@ -21,26 +22,54 @@
 
 namespace earn::cpu {
 
-/// y [T, out] = x [T, in] * w^T, with w [out, in] as checkpoints store it.
-/// Eigen threads its GEMM but not its GEMV, so for few rows (decode) the output features are split over the
-/// threads here: each thread streams its own slice of w once, which is what bounds decode by memory bandwidth.
-template <class X, class T>
-inline void linear(const X& x, const MatrixT<T>& w, MatrixT<T>& y) {
-  y.resize(x.rows(), w.rows());
+/// ys[m] [T, out_m] = x [T, in] * ws[m]^T for every m, with each w [out, in] as checkpoints store it: products that
+/// share their input (q, k, v; the gate and up projections) in one pass.
+/// Many rows (prefill): one Eigen GEMM per product (Eigen threads it). Few rows (decode): Eigen does not thread its
+/// GEMV, so the output features of all the products, taken as one list, are split into one contiguous range per
+/// thread inside a single parallel region: each thread streams its own rows of the weights once, the threads get
+/// equal shares however the products' sizes fall, and one fork / join serves every product of the list.
+template <class X, class T, std::size_t N>
+inline void linear_multi(const X& x, const std::array<const MatrixT<T>*, N>& ws, const std::array<MatrixT<T>*, N>& ys) {
+  Index total_rows = 0, total_size = 0;
+  for (std::size_t m = 0; m < N; ++m) {
+    ys[m]->resize(x.rows(), ws[m]->rows());
+    total_rows += ws[m]->rows();
+    total_size += ws[m]->size();
+  }
   if (x.rows() > 16) {
-    y.noalias() = x * w.transpose();
+    for (std::size_t m = 0; m < N; ++m) ys[m]->noalias() = x * ws[m]->transpose();
     return;
   }
-  const Index n = w.rows();
-  constexpr Index kChunk = 64;  // output features per task: 64 rows x in floats stays in L2 for d <= 4096
-  const Index chunks = (n + kChunk - 1) / kChunk;
-  // Threads only pay for matrices past ~1 MB; below that the fork/join costs more than the product.
-  [[maybe_unused]] const bool big = w.size() >= (Index{1} << 18);
-#pragma omp parallel for schedule(static) if (big)
-  for (Index c = 0; c < chunks; ++c) {
-    const Index c0 = c * kChunk, cn = std::min(kChunk, n - c0);
-    y.middleCols(c0, cn).noalias() = x * w.middleRows(c0, cn).transpose();
+  // Rows [r0, r1) of the concatenated outputs: the pieces of each product that fall in the range.
+  const auto run = [&](Index r0, Index r1) {
+    Index base = 0;
+    for (std::size_t m = 0; m < N; ++m) {
+      const Index n = ws[m]->rows(), a = std::max(r0 - base, Index{0}), b = std::min(r1 - base, n);
+      if (a < b) ys[m]->middleCols(a, b - a).noalias() = x * ws[m]->middleRows(a, b - a).transpose();
+      base += n;
+    }
+  };
+  // Threads pay from ~128 KB of weights on: below that one fork / join costs more than the products.
+  [[maybe_unused]] const bool big = total_size >= (Index{1} << 15);
+#ifdef _OPENMP
+  if (big && omp_get_max_threads() > 1 && !omp_in_parallel()) {
+#pragma omp parallel
+    {
+      const Index nt = omp_get_num_threads(), t = omp_get_thread_num();
+      // Ranges rounded to multiples of 8 rows (whole vector lanes of the dot products), the last takes the rest.
+      const auto edge = [&](Index i) { return i >= nt ? total_rows : std::min(total_rows, (total_rows * i / nt) / 8 * 8); };
+      run(edge(t), edge(t + 1));
+    }
+    return;
   }
+#endif
+  run(0, total_rows);
+}
+
+/// y [T, out] = x [T, in] * w^T, with w [out, in] as checkpoints store it (linear_multi of one product).
+template <class X, class T>
+inline void linear(const X& x, const MatrixT<T>& w, MatrixT<T>& y) {
+  linear_multi<X, T, 1>(x, {&w}, {&y});
 }
 
 /// Rows `idx` of x, in order: the residual stream after a policy drops rows.
