@@ -5,8 +5,8 @@
 //
 //   analyze                                        built-in random model, dense, 200 test users (the numbers
 //                                                  describe random weights; it says so)
-//   analyze --model runs/finetune/checkpoints/best --users 1000 --out out/finetune
-//   analyze --model runs/earn/checkpoints/best --k 2 --head-keys 4 --tail-keys 4 --threshold 0.02
+//   analyze --model runs/finetune/checkpoints/step-N --users 1000 --out out/finetune
+//   analyze --model runs/earn/checkpoints/step-N --k 2 --head-keys 4 --tail-keys 4 --threshold 0.02
 //   python3 tools/plot_attention.py out/finetune   # attention_density.png, attention_sinks.png
 //
 // Shows: CpuState::observe (zero cost when absent), ObserverOptions (which rows, T_h, T_t, eps, density rule),
