@@ -54,11 +54,17 @@ inline void ref_rope(std::vector<double>& v, int heads, int hd, int pos, double 
     }
 }
 
+/// No probability hook: reference_logits keeps nothing.
+struct NoRefProbs {
+  void operator()(int /*layer*/, int /*row*/, int /*head*/, const std::vector<double>& /*p*/) const {}
+};
+
 /// Runs rows `input` (embeddings [n][dim]) at positions 0..n-1 through every layer. `allowed(l, q, k)` is the
 /// explicit mask: may row q attend to row k in layer l. Returns the final hidden rows after the final norm's
-/// classifier: logits [n][vocab].
-template <class Mask>
-Mat reference_logits(const ModelWeights& w, const Mat& input, Mask allowed) {
+/// classifier: logits [n][vocab]. `on_probs(l, q, h, p)` sees row q's attention probabilities p [n] (0 where masked)
+/// of head h in layer l.
+template <class Mask, class OnProbs = NoRefProbs>
+Mat reference_logits(const ModelWeights& w, const Mat& input, Mask allowed, OnProbs on_probs = {}) {
   const ModelConfig& c = w.config;
   const int n = static_cast<int>(input.size()), hd = c.head_dim(), group = c.n_heads / c.n_kv_heads;
   Mat x = input;
@@ -93,11 +99,13 @@ Mat reference_logits(const ModelWeights& w, const Mat& input, Mask allowed) {
         }
         double z = 0;
         for (int j = 0; j < n; ++j) z += s[j] == -INFINITY ? 0.0 : std::exp(s[j] - m);
+        std::vector<double> probs(n, 0.0);
         for (int j = 0; j < n; ++j) {
           if (s[j] == -INFINITY) continue;
-          const double p = std::exp(s[j] - m) / z;
+          const double p = probs[j] = std::exp(s[j] - m) / z;
           for (int i = 0; i < hd; ++i) att[h * hd + i] += p * v[j][kvh * hd + i];
         }
+        on_probs(l, t, h, probs);
       }
       auto o = ref_matvec(lw.wo, att);
       for (int i = 0; i < c.dim; ++i) x[t][i] += o[i];

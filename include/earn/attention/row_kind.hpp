@@ -13,4 +13,15 @@ enum class RowKind : std::uint8_t {
   kGenerated,       ///< a token produced by decoding
 };
 
+/// The kind's name in logs and CSV files: prefix_register, prompt, suffix_register, generated.
+constexpr const char* row_kind_name(RowKind k) {
+  switch (k) {
+    case RowKind::kPrefixRegister: return "prefix_register";
+    case RowKind::kPrompt: return "prompt";
+    case RowKind::kSuffixRegister: return "suffix_register";
+    case RowKind::kGenerated: return "generated";
+  }
+  return "?";
+}
+
 }  // namespace earn

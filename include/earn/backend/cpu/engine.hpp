@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "earn/attention/observer.hpp"
 #include "earn/attention/row_kind.hpp"
 #include "earn/backend/cpu/kv_store.hpp"
 #include "earn/backend/cpu/ops.hpp"
@@ -34,6 +35,11 @@ class CpuState : public detail::RowBook {
     row_user_ = std::move(users);
   }
 
+  /// Attention observer of every later prefill (nullptr: none, and nothing is paid for it). Not owned: it must
+  /// outlive the prefills it watches. Decode steps are not observed.
+  void observe(attention::Observer* observer) { observer_ = observer; }
+  attention::Observer* observer() const { return observer_; }
+
   const kv::Store<Cpu>& layer_cache(int l) const { return layers_.at(l); }
   int n_layers() const { return static_cast<int>(layers_.size()); }
 
@@ -58,6 +64,7 @@ class CpuState : public detail::RowBook {
   friend class Engine;
   int kv_dim_ = 0;
   std::vector<kv::Store<Cpu>> layers_;
+  attention::Observer* observer_ = nullptr;
 };
 
 /// The CPU engine. Keeps a reference to the weights, which must outlive it.
@@ -214,6 +221,8 @@ class Engine<Schedule, Cpu> {
     const RegisterWeights& reg = w_.registers;
     const int rp = static_cast<int>(reg.prefix.rows()), rs = static_cast<int>(reg.suffix.rows());
     fp = State::prefill_plan(schedule_, c.n_layers, rp, rs, prompts);
+    attention::Observer* const obs = st.observer_;
+    const int sample0 = obs ? begin_observing(*obs, fp) : 0;  // checks its requests before anything changes
     st.begin_prefill(users, fp);
 
     const plan::RowSet& in = fp.input();
@@ -241,14 +250,28 @@ class Engine<Schedule, Cpu> {
           const int u = users[s], off = rows.seg_off[s], n = rows.seg_n[s];
           const std::span<const int> pos(rows.pos.data() + off, static_cast<std::size_t>(n));
           store.write_prefix(u, k.middleRows(off, n), v.middleRows(off, n), pos);
+          // The keys are this layer's rows of the user, just cached: the same positions and kinds as the queries.
+          const std::span<const RowKind> kind(rows.kind.data() + off, static_cast<std::size_t>(n));
+          const attention::ObservedSegment seg{l, sample0 + s, u, fp.top().pos[fp.readout[s]], pos, kind, pos, kind,
+                                               &P::visible};
+          const bool watch = obs && obs->wants_layer(l);
           cpu::attention_prefill<P>(q.middleRows(off, n), pos, store.prefix_k(u), store.prefix_v(u),
                                     store.prefix_positions(u), c.n_heads, c.n_kv_heads, c.head_dim(),
-                                    att.middleRows(off, n));
+                                    att.middleRows(off, n), [&](int head, const auto& probs) {
+                                      if (watch) obs->observe(seg, head, probs);
+                                    });
         }
         residual_and_mlp(lw, att, x, h, tmp);
       });
     }
     return x;
+  }
+
+  // Starts an observed pass of plan fp: the first sample id of its sequences.
+  int begin_observing(attention::Observer& obs, const plan::ForwardPlan& fp) const {
+    std::vector<int> input_len(fp.input().segments());
+    for (std::size_t s = 0; s < input_len.size(); ++s) input_len[s] = fp.input_len(static_cast<int>(s));
+    return obs.begin_pass(w_.config.n_layers, w_.config.n_heads, input_len);
   }
 
   const ModelWeights& w_;
