@@ -86,4 +86,39 @@ static void BM_Decode(benchmark::State& state) {
 BENCHMARK(BM_Decode<bench::stories_260k>)->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_Decode<bench::llama_110m>)->Arg(16)->Arg(512)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-BENCHMARK_MAIN();
+// The same prefill and decode for the --model checkpoint (registered only when one is given).
+static void BM_Prefill_Checkpoint(benchmark::State& state) {
+  const ModelWeights& w = *bench::checkpoint();
+  Engine<DenseSchedule> e(w);
+  const int P = int(state.range(0));
+  const std::vector<int> prompt = bench::prompt_of(P, w.config.vocab_size);
+  auto st = e.make_state({.max_prompt = P, .max_new_tokens = 1});
+  for (auto _ : state) benchmark::DoNotOptimize(e.prefill(st, 0, prompt).data());
+  state.counters["tokens/s"] = benchmark::Counter(P, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["FLOP/s"] =
+      benchmark::Counter(P * bench::token_flops(w.config, P / 2.0), benchmark::Counter::kIsIterationInvariantRate);
+}
+static void BM_Decode_Checkpoint(benchmark::State& state) {
+  const ModelWeights& w = *bench::checkpoint();
+  Engine<DenseSchedule> e(w);
+  const int P = int(state.range(0));
+  constexpr int kSteps = 64;
+  bench::time_decode(state, e, bench::prompt_of(P, w.config.vocab_size), kSteps);
+  state.counters["tokens/s"] = benchmark::Counter(1, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["bytes/s"] =
+      benchmark::Counter(bench::decode_bytes(w, P + kSteps / 2.0), benchmark::Counter::kIsIterationInvariantRate);
+}
+static void register_checkpoint() {
+  if (!bench::checkpoint()) return;
+  const int ctx = bench::checkpoint()->config.max_seq_len;
+  auto* p = benchmark::RegisterBenchmark("BM_Prefill_Checkpoint", BM_Prefill_Checkpoint);
+  for (int P : {128, 512})
+    if (P <= ctx) p->Arg(P);
+  p->Unit(benchmark::kMillisecond)->UseRealTime();
+  auto* d = benchmark::RegisterBenchmark("BM_Decode_Checkpoint", BM_Decode_Checkpoint);
+  for (int P : {16, 512})
+    if (P + 64 <= ctx) d->Arg(P);
+  d->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+EARN_BENCH_MAIN(register_checkpoint)

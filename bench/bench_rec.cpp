@@ -5,7 +5,9 @@
 //   BM_Select_DenseMask/B    the naive baseline of the same 4 steps: write a -inf mask over the vocabulary per
 //                            row (CodeTrie::mask), then sort every (row, token) candidate
 //   BM_Decode_Rows/B/k       one engine decode step of B rows over a shared prompt (the model's share of a step)
-//   BM_BeamSearch_User/B/k   the whole search for one user: prefill + decode + selection
+//   BM_BeamSearch_User/B/k   the whole search for one user: prefill + decode + selection (users/s, and the FLOPs
+//                            and bytes a search cannot avoid, for its floor)
+// --model PATH: a checkpoint instead of the random model (its code tokens are its vocabulary's last 1024 ids).
 //
 // Catalogue: Amazon Beauty's 12023 code tuples when ../shared/data is present, else 12023 random ones.
 // Model: the examples' CPU-sized random Llama (d 512, 8 layers, vocab 8192; code tokens are its last 1024 ids).
@@ -26,7 +28,9 @@ using namespace earn::rec;
 
 namespace {
 
+// The --model checkpoint when given (bench_rec --model runs/earn/checkpoints/step-N), else the random one.
 const ModelWeights& model() {
+  if (const ModelWeights* c = bench::checkpoint()) return *c;
   static const ModelWeights w = random_weights(examples::cpu_sized_llama(), {.seed = 7});
   return w;
 }
@@ -144,7 +148,8 @@ void BM_Decode_Rows(benchmark::State& state) {
 }
 
 void BM_BeamSearch_User(benchmark::State& state) {
-  const int B = int(state.range(0)), k = int(state.range(1));
+  const ModelConfig& c = model().config;
+  const int B = int(state.range(0)), k = std::min(int(state.range(1)), c.n_layers);  // k >= L: dense
   const Engine<EarnSchedule> engine(model(), EarnSchedule{k});
   const std::vector<std::vector<int>> prompts{prompt()};
   BeamSearch search(engine, trie(), {.beam = B}, 1, int(prompts[0].size()));
@@ -155,6 +160,16 @@ void BM_BeamSearch_User(benchmark::State& state) {
   state.counters["decode_ms"] = 1e3 * s.decode_s / n;
   state.counters["select_ms"] = 1e3 * s.select_s / n;
   state.counters["kv_bytes"] = double(s.peak_kv_bytes);
+  state.counters["users/s"] = benchmark::Counter(1, benchmark::Counter::kIsIterationInvariantRate);
+  // The work a search cannot avoid, for its floor (bench/README.md divides by bench_model's measured GEMM rate and
+  // bandwidth): matrix FLOPs of the prefill (k layers over P + r rows, L - k over r, the readout's classifier) and
+  // of 3 decode steps of B rows; bytes = the weights read once by the prefill and once per decode step.
+  const double P = double(prompts[0].size()), r = engine.registers(), d = c.dim, kv = c.kv_dim(), h = c.hidden_dim;
+  const double layer = 2.0 * (2 * d * d + 2 * d * kv + 3 * d * h), head = 2.0 * d * c.vocab_size;
+  const double flops = layer * (k * (P + r) + (c.n_layers - k) * r) + head + 3.0 * B * (layer * c.n_layers + head);
+  const double weight_bytes = 4.0 * (c.n_layers * layer / 2 + head / 2);
+  state.counters["GFLOP/user"] = flops / 1e9;
+  state.counters["MB/user"] = 4.0 * weight_bytes / 1e6;
 }
 
 }  // namespace
@@ -164,4 +179,4 @@ BENCHMARK(BM_Select_DenseMask)->Arg(1)->Arg(20)->Arg(64)->Unit(benchmark::kMicro
 BENCHMARK(BM_Decode_Rows)->ArgsProduct({{1, 20, 64}, {2, 8}})->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_BeamSearch_User)->ArgsProduct({{20}, {2, 8}})->Unit(benchmark::kMillisecond);
 
-BENCHMARK_MAIN();
+EARN_BENCH_MAIN([] {})

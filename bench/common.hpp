@@ -3,7 +3,11 @@
 
 #include <benchmark/benchmark.h>
 
+#include <cstdio>
 #include <cstring>
+#include <exception>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "earn/earn.hpp"
@@ -68,4 +72,59 @@ void time_decode(benchmark::State& state, const EngineT& e, const std::vector<in
   }
 }
 
+/// `--model PATH` (or --model=PATH) given to a CPU benchmark: a Hugging Face directory or a llama2.c .bin. Empty when
+/// absent. parse_model_flag removes it from argv before Google Benchmark reads its own flags.
+inline std::string& model_flag() {
+  static std::string path;
+  return path;
+}
+inline void parse_model_flag(int& argc, char** argv) {
+  int out = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--model" && i + 1 < argc) {
+      model_flag() = argv[++i];
+    } else if (a.rfind("--model=", 0) == 0) {
+      model_flag() = a.substr(8);
+    } else {
+      argv[out++] = argv[i];
+    }
+  }
+  argc = out;
+}
+
+/// The --model checkpoint, loaded once (with random 1 + 1 registers when it has none, so EARN schedules are
+/// defined: timings and KV sizes are then meaningful, its recommendations are not); nullptr without --model.
+inline const ModelWeights* checkpoint() {
+  static const std::optional<ModelWeights> w = []() -> std::optional<ModelWeights> {
+    if (model_flag().empty()) return std::nullopt;
+    examples::ModelSource src;
+    src.path = model_flag();
+    ModelWeights m = src.load(1, 1);
+    std::fprintf(stderr, "model: %s, %.2fM parameters\n", src.description().c_str(), m.parameter_count() / 1e6);
+    return m;
+  }();
+  return w ? &*w : nullptr;
+}
+
 }  // namespace earn::bench
+
+/// main() of earn's CPU benchmarks: --model PATH is theirs (see checkpoint()), the rest is Google Benchmark's; a
+/// checkpoint that does not load is an error message and exit 1. `register_extra` adds benchmarks at run time
+/// (those of the checkpoint).
+#define EARN_BENCH_MAIN(register_extra)                                              \
+  int main(int argc, char** argv) {                                                  \
+    earn::bench::parse_model_flag(argc, argv);                                       \
+    try {                                                                            \
+      if (!earn::bench::model_flag().empty()) (void)earn::bench::checkpoint();       \
+      register_extra();                                                              \
+    } catch (const std::exception& e) {                                              \
+      std::fprintf(stderr, "error: %s\n", e.what());                                \
+      return 1;                                                                      \
+    }                                                                                \
+    benchmark::Initialize(&argc, argv);                                              \
+    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;                \
+    benchmark::RunSpecifiedBenchmarks();                                             \
+    benchmark::Shutdown();                                                           \
+    return 0;                                                                        \
+  }
