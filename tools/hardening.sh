@@ -32,7 +32,8 @@ for s in "${steps[@]}"; do
       step "ASan + UBSan build of the CPU tests and examples (build-asan)"
       configure build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEARN_SANITIZE=address,undefined
       targets=$(for f in tests/test_*.cpp; do basename "$f" .cpp; done)
-      cmake --build build-asan -j2 --target $targets generate ablation evaluate
+      examples=$(for f in examples/*.cpp; do basename "$f" .cpp; done)
+      cmake --build build-asan -j2 --target $targets $examples
       echo "== hardening: every CPU test under ASan + UBSan (built in ${SECONDS} s)"
       ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1 UBSAN_OPTIONS=print_stacktrace=1 \
         ctest --test-dir build-asan --output-on-failure -j2 -E '^(compile_fail_|package_)'
