@@ -19,12 +19,7 @@ const ModelWeights& model() {
   return w;
 }
 
-// Matrix-product FLOPs of `rows` rows through one layer whose attention scores are [rows, keys] (the CPU engine
-// computes the full score block and masks it, so `keys` is all cached keys).
-double layer_flops(const ModelConfig& c, double rows, double keys) {
-  const double d = c.dim, qd = double(c.n_heads) * c.head_dim(), kv = c.kv_dim(), h = c.hidden_dim;
-  return rows * 2.0 * (d * qd + 2 * d * kv + qd * d + 3 * d * h) + 4.0 * rows * keys * qd;
-}
+using bench::layer_flops;
 
 // Predicted prefill FLOPs for split layer k: early layers over the whole input, late layers over the registers.
 double prefill_flops(const ModelWeights& w, int k, int P) {

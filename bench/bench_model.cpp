@@ -55,10 +55,8 @@ static const ModelWeights& model() {
   return w;
 }
 
-// Prefill of P tokens (range 0).
-template <ModelConfig (*Cfg)()>
-static void BM_Prefill(benchmark::State& state) {
-  const ModelWeights& w = model<Cfg>();
+// Prefill of P tokens (range 0) of model w.
+static void prefill_body(benchmark::State& state, const ModelWeights& w) {
   Engine<DenseSchedule> e(w);
   const int P = int(state.range(0));
   const std::vector<int> prompt = bench::prompt_of(P, w.config.vocab_size);
@@ -68,13 +66,9 @@ static void BM_Prefill(benchmark::State& state) {
   state.counters["FLOP/s"] =
       benchmark::Counter(P * bench::token_flops(w.config, P / 2.0), benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_Prefill<bench::stories_260k>)->Arg(256)->Unit(benchmark::kMillisecond)->UseRealTime();
-BENCHMARK(BM_Prefill<bench::llama_110m>)->Arg(128)->Arg(512)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-// Decode one token after a prompt of P tokens (range 0); the state is rewound every 64 steps.
-template <ModelConfig (*Cfg)()>
-static void BM_Decode(benchmark::State& state) {
-  const ModelWeights& w = model<Cfg>();
+// Decode one token of model w after a prompt of P tokens (range 0); the state is rewound every 64 steps.
+static void decode_body(benchmark::State& state, const ModelWeights& w) {
   Engine<DenseSchedule> e(w);
   const int P = int(state.range(0));
   constexpr int kSteps = 64;
@@ -82,32 +76,25 @@ static void BM_Decode(benchmark::State& state) {
   state.counters["tokens/s"] = benchmark::Counter(1, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["bytes/s"] =
       benchmark::Counter(bench::decode_bytes(w, P + kSteps / 2.0), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+template <ModelConfig (*Cfg)()>
+static void BM_Prefill(benchmark::State& state) {
+  prefill_body(state, model<Cfg>());
+}
+BENCHMARK(BM_Prefill<bench::stories_260k>)->Arg(256)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Prefill<bench::llama_110m>)->Arg(128)->Arg(512)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+template <ModelConfig (*Cfg)()>
+static void BM_Decode(benchmark::State& state) {
+  decode_body(state, model<Cfg>());
 }
 BENCHMARK(BM_Decode<bench::stories_260k>)->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_Decode<bench::llama_110m>)->Arg(16)->Arg(512)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // The same prefill and decode for the --model checkpoint (registered only when one is given).
-static void BM_Prefill_Checkpoint(benchmark::State& state) {
-  const ModelWeights& w = *bench::checkpoint();
-  Engine<DenseSchedule> e(w);
-  const int P = int(state.range(0));
-  const std::vector<int> prompt = bench::prompt_of(P, w.config.vocab_size);
-  auto st = e.make_state({.max_prompt = P, .max_new_tokens = 1});
-  for (auto _ : state) benchmark::DoNotOptimize(e.prefill(st, 0, prompt).data());
-  state.counters["tokens/s"] = benchmark::Counter(P, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["FLOP/s"] =
-      benchmark::Counter(P * bench::token_flops(w.config, P / 2.0), benchmark::Counter::kIsIterationInvariantRate);
-}
-static void BM_Decode_Checkpoint(benchmark::State& state) {
-  const ModelWeights& w = *bench::checkpoint();
-  Engine<DenseSchedule> e(w);
-  const int P = int(state.range(0));
-  constexpr int kSteps = 64;
-  bench::time_decode(state, e, bench::prompt_of(P, w.config.vocab_size), kSteps);
-  state.counters["tokens/s"] = benchmark::Counter(1, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["bytes/s"] =
-      benchmark::Counter(bench::decode_bytes(w, P + kSteps / 2.0), benchmark::Counter::kIsIterationInvariantRate);
-}
+static void BM_Prefill_Checkpoint(benchmark::State& state) { prefill_body(state, *bench::checkpoint()); }
+static void BM_Decode_Checkpoint(benchmark::State& state) { decode_body(state, *bench::checkpoint()); }
 static void register_checkpoint() {
   if (!bench::checkpoint()) return;
   const int ctx = bench::checkpoint()->config.max_seq_len;

@@ -164,10 +164,10 @@ void BM_BeamSearch_User(benchmark::State& state) {
   // The work a search cannot avoid, for its floor (bench/README.md divides by bench_model's measured GEMM rate and
   // bandwidth): matrix FLOPs of the prefill (k layers over P + r rows, L - k over r, the readout's classifier) and
   // of 3 decode steps of B rows; bytes = the weights read once by the prefill and once per decode step.
-  const double P = double(prompts[0].size()), r = engine.registers(), d = c.dim, kv = c.kv_dim(), h = c.hidden_dim;
-  const double layer = 2.0 * (2 * d * d + 2 * d * kv + 3 * d * h), head = 2.0 * d * c.vocab_size;
+  const double P = double(prompts[0].size()), r = engine.registers();
+  const double layer = bench::layer_flops(c, 1, 0), head = 2.0 * c.dim * c.vocab_size;  // per row
   const double flops = layer * (k * (P + r) + (c.n_layers - k) * r) + head + 3.0 * B * (layer * c.n_layers + head);
-  const double weight_bytes = 4.0 * (c.n_layers * layer / 2 + head / 2);
+  const double weight_bytes = 4.0 * (c.n_layers * layer / 2 + head / 2);  // 2 FLOPs per weight and row
   state.counters["GFLOP/user"] = flops / 1e9;
   state.counters["MB/user"] = 4.0 * weight_bytes / 1e6;
 }

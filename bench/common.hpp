@@ -46,6 +46,13 @@ inline double token_flops(const ModelConfig& c, double ctx) {
   return c.n_layers * per_layer + 2.0 * d * c.vocab_size;
 }
 
+/// Matrix-product FLOPs of `rows` rows through one layer whose attention scores are [rows, keys] (the CPU engine
+/// computes the full score block and masks it, so `keys` is all cached keys; 0 leaves attention out).
+inline double layer_flops(const ModelConfig& c, double rows, double keys) {
+  const double d = c.dim, qd = double(c.n_heads) * c.head_dim(), kv = c.kv_dim(), h = c.hidden_dim;
+  return rows * 2.0 * (d * qd + 2 * d * kv + qd * d + 3 * d * h) + 4.0 * rows * keys * qd;
+}
+
 /// A deterministic prompt of P tokens spread over the vocabulary.
 inline std::vector<int> prompt_of(int P, int vocab) {
   std::vector<int> prompt(P);

@@ -287,10 +287,6 @@ class HfTensors {
   std::set<std::string, std::less<>> used_;
 };
 
-}  // namespace detail
-
-namespace detail {
-
 /// bos_token_id (an id or null) and eos_token_id (an id, a list of ids, or null) of a config.json or a
 /// generation_config.json, into c where stated. FormatError for other types, ids outside int.
 inline void read_special_ids(const JsonFields& f, ModelConfig& c) {
