@@ -66,7 +66,8 @@ int main(int argc, char** argv) {
   examples::ModelSource src;
   src.add_options(app);
   std::string data = std::string(EARN_SHARED_DATA_DIR) + "/amazon-beauty", split = "test", tokenizer, csv, json_out;
-  int k = -1, rp = 1, rs = 1, beam = 20, batch = 8, limit = 0;
+  int k = -1, rp = 1, rs = 1, beam = 20, batch = 8, limit = 0, press_k = -1, press_regs = 2;
+  std::string press;
   std::vector<int> ks{5, 10, 20};
   DatasetOptions data_opt;
   app.add_option("--data", data, "data set directory (sequential_*.txt and the codes JSON)");
@@ -81,6 +82,13 @@ int main(int argc, char** argv) {
   app.add_option("--limit", limit, "evaluate the first N users with targets (0: all)")->check(CLI::NonNegativeNumber);
   app.add_option("--ks", ks, "cut-offs K of Recall@K and NDCG@K")->check(CLI::PositiveNumber);
   app.add_option("--tokenizer", tokenizer, "llama2.c tokenizer file: use the LC-Rec instruction text as prompt");
+  app.add_option("--press", press,
+                 "an inference-time baseline instead of EARN: the dense model with a KV press over every layer "
+                 "(streaming_llm, snapkv, h2o, pyramidkv) or each history truncated to its last k / L items (truncate)")
+      ->check(CLI::IsMember({"streaming_llm", "snapkv", "h2o", "pyramidkv", "truncate"}));
+  app.add_option("--press-k", press_k, "--press keeps the KV of EARN at this split layer (default L/4)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--press-registers", press_regs, "... with this many registers (default 2)")->check(CLI::NonNegativeNumber);
   app.add_option("--csv", csv, "write the metric table as CSV");
   app.add_option("--json", json_out, "write metrics, speed and KV bytes as JSON");
   CLI11_PARSE(app, argc, argv);
@@ -134,14 +142,37 @@ int main(int argc, char** argv) {
     examples::check_fits_memory(batch * (user_rows * c.n_layers * c.kv_dim() * 2 + double(beam) * c.vocab_size) *
                                     sizeof(float),
                                 "--batch " + std::to_string(batch));
-    const Engine<EarnSchedule> engine(w, EarnSchedule{k});
-    BeamSearch search(engine, trie, {.beam = beam}, batch, pb.length(ds.history_len()));
-    Progress bar(static_cast<std::int64_t>(cases.size()));
-    const EvalResult res = evaluate(search, ds, pb, cases, {.batch = batch, .ks = ks},
-                                    [&](int done, int total) { bar.update(done, done == total); });
+    // The search under one schedule (EARN's, or a baseline press over every layer); its results and counters.
+    auto search_under = [&]<class S>(const S& schedule, double history_share) {
+      const Engine<S> engine(w, schedule);
+      BeamSearch search(engine, trie, {.beam = beam}, batch, pb.length(ds.history_len()));
+      Progress bar(static_cast<std::int64_t>(cases.size()));
+      EvalResult r = evaluate(search, ds, pb, cases, {.batch = batch, .ks = ks, .history_share = history_share},
+                              [&](int done, int total) { bar.update(done, done == total); });
+      return std::pair<EvalResult, BeamStats>{std::move(r), search.stats()};
+    };
+    std::pair<EvalResult, BeamStats> ran;
+    if (press.empty()) {
+      ran = search_under(EarnSchedule{k}, 1.0);
+    } else {
+      const kv::Budget b = kv::Budget::matching_earn(press_k >= 0 ? press_k : c.n_layers / 4, c.n_layers, press_regs);
+      const int mk = press_k >= 0 ? press_k : c.n_layers / 4;
+      if (press == "truncate")
+        std::cout << "press:   truncate, each history to its last ceil(" << b.ratio << " x items) items (k = " << mk
+                  << " of " << c.n_layers << "), the dense model\n";
+      else
+        std::cout << "press:   " << press << " over every layer, the KV of EARN k = " << mk << " with " << press_regs
+                  << " registers (" << b.rows << " + " << b.ratio << " x rows a layer)\n";
+      if (press == "streaming_llm") ran = search_under(press_schedule(kv::press::StreamingLLM{b}), 1.0);
+      else if (press == "snapkv") ran = search_under(press_schedule(kv::press::SnapKV{b}), 1.0);
+      else if (press == "h2o") ran = search_under(press_schedule(kv::press::H2O{b}), 1.0);
+      else if (press == "pyramidkv") ran = search_under(press_schedule(kv::press::PyramidKV{b}), 1.0);
+      else ran = search_under(DenseSchedule{}, b.ratio);  // truncate
+    }
+    const EvalResult& res = ran.first;
     const MetricAccumulator& acc = res.metrics;
     const double eval_s = res.seconds;
-    const BeamStats& st = search.stats();
+    const BeamStats& st = ran.second;
     const double users_per_s = eval_s > 0 ? acc.users() / eval_s : 0.0;
 
     std::printf("\n%6s %10s %10s\n", "K", "Recall@K", "NDCG@K");
@@ -167,6 +198,7 @@ int main(int argc, char** argv) {
       j["data"] = data;
       j["split"] = split;
       j["split_layer"] = k;
+      if (!press.empty()) j["press"] = press;
       j["layers"] = c.n_layers;
       j["registers"] = {w.registers.prefix.rows(), w.registers.suffix.rows()};
       j["beam"] = beam;

@@ -39,8 +39,12 @@ namespace {
 
 namespace tr = earn::train;
 namespace rec = earn::rec;
+using earn::ConfigError;
+using earn::DenseSchedule;
 using earn::EarnSchedule;
 using earn::ModelConfig;
+using earn::press_schedule;
+namespace kv = earn::kv;
 using earn::ModelWeights;
 
 // Built-in shapes of a from-scratch recommendation model on the code-token vocabulary (4 + 1024 ids).
@@ -71,6 +75,8 @@ struct Args {
   long long steps = 0;
   std::uint64_t seed = 0;
   bool no_resume = false, no_test = false, registers_only = false;
+  std::vector<std::string> test_presses;  // baselines tested on the best checkpoint (dense schedule)
+  int press_k = -1, press_registers = 2;   // the EARN setting whose KV the baselines match (k default L/4)
 };
 
 // The CPU backend: the host step and the host beam search over the CPU engine.
@@ -79,12 +85,13 @@ struct CpuBackend {
   static Step make_step(const ModelWeights& w, EarnSchedule s, const tr::AdamWOptions& o, const Args&) {
     return Step(w, s, o);
   }
-  static rec::EvalResult evaluate(const ModelWeights& w, EarnSchedule s, const rec::CodeTrie& trie,
-                                  const rec::Dataset& ds, const rec::PromptBuilder& pb,
-                                  std::span<const rec::Case* const> cases, const Args& a) {
-    const earn::Engine<EarnSchedule> engine(w, s);
+  template <class S>
+  static rec::EvalResult evaluate(const ModelWeights& w, S s, const rec::CodeTrie& trie, const rec::Dataset& ds,
+                                  const rec::PromptBuilder& pb, std::span<const rec::Case* const> cases,
+                                  const Args& a, double history_share = 1.0) {
+    const earn::Engine<S> engine(w, s);
     rec::BeamSearch search(engine, trie, {.beam = a.beam}, a.eval_batch, pb.length(ds.history_len()));
-    return rec::evaluate(search, ds, pb, cases, {.batch = a.eval_batch});
+    return rec::evaluate(search, ds, pb, cases, {.batch = a.eval_batch, .history_share = history_share});
   }
 };
 
@@ -96,13 +103,14 @@ struct CudaBackend {
   static Step make_step(const ModelWeights& w, EarnSchedule s, const tr::AdamWOptions& o, const Args&) {
     return Step(w, s, o);
   }
-  static rec::EvalResult evaluate(const ModelWeights& w, EarnSchedule s, const rec::CodeTrie& trie,
-                                  const rec::Dataset& ds, const rec::PromptBuilder& pb,
-                                  std::span<const rec::Case* const> cases, const Args& a) {
-    const earn::Engine<EarnSchedule, earn::CudaBf16> engine(w, s);
+  template <class S>
+  static rec::EvalResult evaluate(const ModelWeights& w, S s, const rec::CodeTrie& trie, const rec::Dataset& ds,
+                                  const rec::PromptBuilder& pb, std::span<const rec::Case* const> cases,
+                                  const Args& a, double history_share = 1.0) {
+    const earn::Engine<S, earn::CudaBf16> engine(w, s);
     earn::cuda::DeviceBeamSearch search(engine, trie, {.beam = a.beam}, a.eval_batch, pb.length(ds.history_len()),
                                         /*batched_prefill=*/true);
-    return rec::evaluate(search, ds, pb, cases, {.batch = a.eval_batch});
+    return rec::evaluate(search, ds, pb, cases, {.batch = a.eval_batch, .history_share = history_share});
   }
 };
 #endif
@@ -132,6 +140,9 @@ int run(const Args& a) {
   ModelWeights w;
   std::optional<earn::Llama2cTokenizer> tok;
   const bool dense = a.schedule == "dense";
+  if (!a.test_presses.empty() && (!dense || a.no_test))
+    throw ConfigError("--test-presses tests the inference-time baselines on the dense (Finetune) model's best "
+                      "checkpoint: use it with --schedule dense and without --no-test");
   const int rp = dense ? 0 : a.rp, rs = dense ? 0 : a.rs;
   if (a.init.empty()) {
     ModelConfig c = preset(a.preset);
@@ -240,6 +251,25 @@ int run(const Args& a) {
     for (int kk : r.metrics.ks()) std::printf("%6d %10.4f %10.4f\n", kk, r.metrics.recall(kk), r.metrics.ndcg(kk));
     result["test"] = metrics_json(r.metrics);
     result["test_seconds"] = r.seconds;
+    // The inference-time baselines on the same checkpoint, at the KV of EARN's (press_k, press_registers) setting.
+    const int pk = a.press_k >= 0 ? a.press_k : c.n_layers / 4;
+    if (!a.test_presses.empty()) {
+      const kv::Budget budget = kv::Budget::matching_earn(pk, c.n_layers, a.press_registers);
+      result["press_match"] = {{"k", pk}, {"registers", a.press_registers}, {"ratio", budget.ratio},
+                               {"rows", budget.rows}};
+    }
+    for (const std::string& name : a.test_presses) {
+      const kv::Budget budget = kv::Budget::matching_earn(pk, c.n_layers, a.press_registers);
+      rec::EvalResult pr;
+      if (name == "streaming_llm") pr = Backend::evaluate(best, press_schedule(kv::press::StreamingLLM{budget}), trie, ds, pb, test, a);
+      else if (name == "snapkv") pr = Backend::evaluate(best, press_schedule(kv::press::SnapKV{budget}), trie, ds, pb, test, a);
+      else if (name == "h2o") pr = Backend::evaluate(best, press_schedule(kv::press::H2O{budget}), trie, ds, pb, test, a);
+      else if (name == "pyramidkv") pr = Backend::evaluate(best, press_schedule(kv::press::PyramidKV{budget}), trie, ds, pb, test, a);
+      else pr = Backend::evaluate(best, DenseSchedule{}, trie, ds, pb, test, a, budget.ratio);  // "truncate"
+      std::printf("test under %s (KV of EARN k = %d, %d registers): R@10 %.4f N@10 %.4f\n", name.c_str(), pk,
+                  a.press_registers, pr.metrics.recall(10), pr.metrics.ndcg(10));
+      result["test_press"][name] = metrics_json(pr.metrics);
+    }
   }
   std::ofstream(fs::path(a.out) / "result.json") << result.dump(1) << "\n";
   std::cout << "wrote " << (fs::path(a.out) / "train_log.csv").string() << ", learning_curve.svg, result.json\n";
@@ -288,6 +318,15 @@ int main(int argc, char** argv) {
   app.add_option("--out", a.out, "run directory (checkpoints, log, curve, result)");
   app.add_flag("--no-resume", a.no_resume, "start fresh even if --out holds a checkpoint");
   app.add_flag("--no-test", a.no_test, "skip the final test evaluation");
+  app.add_option("--test-presses", a.test_presses,
+                 "also test the best checkpoint under these inference-time baselines (a dense model): streaming_llm, "
+                 "snapkv, h2o, pyramidkv, truncate (the last share k / L of each history's items)")
+      ->check(CLI::IsMember({"streaming_llm", "snapkv", "h2o", "pyramidkv", "truncate"}))
+      ->delimiter(',');
+  app.add_option("--press-k", a.press_k, "the baselines keep the KV of EARN at this split layer (default L/4)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--press-registers", a.press_registers, "... with this many registers (default 2: 1 + 1)")
+      ->check(CLI::Range(0, 64));
   app.add_option("--device", a.device, "cpu, or cuda (the train_cuda build)")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--dtype", a.dtype, "CUDA GEMM operands: bf16 or f32")->check(CLI::IsMember({"bf16", "f32"}));
   CLI11_PARSE(app, argc, argv);

@@ -8,6 +8,10 @@
 #   experiments/grid.sh [all]         the whole grid, 5 seeds, then the speed table
 #   experiments/grid.sh train [--seeds 0,1,2] [--settings all|name,name] [--jobs 27] [--epochs 10]
 #   experiments/grid.sh speed
+#   experiments/grid.sh baselines [--seeds 0,1,2,3,4]   the inference-time baselines (kv/press.hpp: StreamingLLM,
+#                  SnapKV, H2O, PyramidKV, and truncation of the history to its last k / L items) on Finetune models
+#                  trained again with the grid's recipe and seeds, each at the KV of EARN k = 2 with 1 + 1 registers;
+#                  then their speed beside Finetune's at both shapes (EARN's KV at k = 2 of 8 and k = 4 of 32)
 #
 #   EARN_GPU_BIN   folder with train_cuda and bench_cuda_llama (default: build them in build-gpu)
 #   EARN_DATA      Beauty in AtSpeed's layout (default ../shared/data/amazon-beauty)
@@ -29,17 +33,23 @@ shift || true
 if [ "$mode" = all ]; then  # the whole grid (5 seeds; ~25 minutes of an H200 under MPS), then the speed table
   "$0" train --seeds 0,1,2,3,4 --jobs 18 "$@" && exec "$0" speed
 fi
+if [ "$mode" = baselines ]; then
+  "$0" train --settings finetune --tag baselines --extra "--test-presses streaming_llm,snapkv,h2o,pyramidkv,truncate --press-k 2 --press-registers 2" "$@" &&
+    exec "$0" speed-baselines
+fi
 
 # name  schedule  k  r_p  r_s   (L = 8: L/4 = 2, L/2 = 4, 3L/4 = 6)
 settings_all="finetune:dense:8:0:0 earn-k1:earn:1:1:1 earn-k2:earn:2:1:1 earn-k4:earn:4:1:1 earn-k6:earn:6:1:1
 earn-k2-r0+1:earn:2:0:1 earn-k2-r1+0:earn:2:1:0 earn-k2-r2+2:earn:2:2:2 earn-k2-r3+3:earn:2:3:3"
-seeds=0,1,2 which=all jobs=27 epochs=10
+seeds=0,1,2 which=all jobs=27 epochs=10 extra="" tag=""
 while [ $# -gt 0 ]; do
   case $1 in
     --seeds) seeds=$2; shift 2 ;;
     --settings) which=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
     --epochs) epochs=$2; shift 2 ;;
+    --extra) extra=$2; shift 2 ;;  # more train_cuda arguments for every run
+    --tag) tag=$2; shift 2 ;;      # names the runs' folder and tarball
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -71,7 +81,7 @@ mps_start() {
 
 if [ "$mode" = train ]; then
   mps_start
-  runs=/tmp/earn-grid
+  runs=/tmp/earn-grid${tag:+-$tag}
   mkdir -p "$runs"
   list=()
   for s in ${seeds//,/ }; do
@@ -91,7 +101,7 @@ if [ "$mode" = train ]; then
     # Validation 5 times (every 2 epochs' steps: 804 steps an epoch at batch 128), the best tested at the end.
     OMP_NUM_THREADS=1 timeout "${EARN_RUN_TIMEOUT:-3000}" "$bin/train_cuda" --device cuda --data "$data" --preset small --epochs "$epochs" \
       --eval-every $((804 * epochs / 5)) --seed "$seed" --schedule "$schedule" --k "$k" \
-      --prefix-registers "$rp" --suffix-registers "$rs" --out "$dir" --no-resume >"$dir/console.log" 2>&1 &
+      --prefix-registers "$rp" --suffix-registers "$rs" --out "$dir" --no-resume $extra >"$dir/console.log" 2>&1 &
     running=$((running + 1))
     if [ "$running" -ge "$jobs" ]; then wait -n; running=$((running - 1)); fi
   done
@@ -112,7 +122,7 @@ if [ "$mode" = train ]; then
     IFS=: read -r name seed _ <<<"$item"
     for f in result.json train_log.csv console.log; do [ -f "$runs/$name-s$seed/$f" ] && packed+=("$name-s$seed/$f"); done
   done
-  (cd "$runs" && tar czf "$OUT/runs-${seeds//,/_}-${which//[,+]/_}.tar.gz" "${packed[@]}")
+  (cd "$runs" && tar czf "$OUT/runs-${tag:+$tag-}${seeds//,/_}-${which//[,+]/_}.tar.gz" "${packed[@]}")
   [ "$fails" = 0 ] || exit 1
 fi
 
@@ -132,4 +142,15 @@ if [ "$mode" = speed ]; then
   run r2+2 2,2 2 8
   run r3+3 3,3 2 8
   (cd "$OUT" && tar czf speed.tar.gz speed-*.json && rm speed-*.json)
+fi
+
+if [ "$mode" = speed-baselines ]; then
+  # Finetune and the four presses at EARN's KV (k = 2 of 8 with 1 + 1 registers; k = 4 of 32 at Llama-7B dims), one
+  # call per shape so they are measured side by side; EARN's own rows come from `speed` (r1+1).
+  presses=streaming_llm,snapkv,h2o,pyramidkv
+  timeout 300 "$bin/bench_cuda_llama" --reps 5 --layers 8 --dim 512 --hidden 1408 --heads 8 --vocab 1028 --users 32,256 \
+    --prompts 40,80 --registers 0,0 --ks -1 --presses $presses --press-k 2 --json "$OUT/speed-small-baselines.json" || exit 1
+  timeout 300 "$bin/bench_cuda_llama" --reps 5 --layers 32 --users 8,32 --prompts 80,512 --registers 0,0 --ks -1 \
+    --presses $presses --press-k 4 --json "$OUT/speed-llama7b-baselines.json" || exit 1
+  (cd "$OUT" && tar czf speed-baselines.tar.gz speed-*-baselines.json && rm speed-*-baselines.json)
 fi

@@ -2,13 +2,16 @@
 """experiments/report.py - the accuracy grid's table and figures from the files experiments/grid.sh wrote.
 
     experiments/report.py --runs out/runs-*.tar.gz --speed out/speed.tar.gz   # collect, then table and figures
+    experiments/report.py --baselines out/runs-baselines-*.tar.gz --speed-baselines out/speed-baselines.tar.gz
     experiments/report.py                                                     # table and figures from results/
 
 Collecting writes experiments/results/runs.csv (one row per run: setting, seed, best validation NDCG@10 and its step,
 test Recall / NDCG@{5,10,20}), valid_curves.csv (every validation of every run) and speed.csv (bench_cuda_llama:
 prefill / decode ms and KV bytes per setting, shape, users, prompt length). The table (table.md) gives mean and
 sample standard deviation over seeds, the KV per user after prefill and the speed-ups over Finetune; the figures
-(accuracy_vs_k.png, accuracy_vs_cost.png) carry one-standard-deviation error bars.
+(accuracy_vs_k.png, accuracy_vs_cost.png) carry one-standard-deviation error bars. The baselines (grid.sh baselines)
+go to baselines.csv (test metrics of every press on every Finetune seed) and speed_baselines.csv, and table.md gains
+their section.
 """
 import argparse
 import csv
@@ -99,6 +102,105 @@ def collect_speed(tar):
     write_csv(RES / "speed.csv", rows)
 
 
+BASELINES = {"finetune": "Finetune (dense, full KV)", "streaming_llm": "StreamingLLM", "snapkv": "SnapKV",
+             "h2o": "H2O", "pyramidkv": "PyramidKV", "truncate": "Truncation (last k/L of the items)"}
+
+
+def collect_baselines(tars):
+    rows = []
+    for t in tars:
+        with tarfile.open(t) as tf:
+            for m in tf.getmembers():
+                parts = Path(m.name).parts
+                if len(parts) != 2 or parts[1] != "result.json":
+                    continue
+                seed = int(parts[0].rsplit("-s", 1)[1])
+                r = json.load(tf.extractfile(m))
+                match = r.get("press_match", {})
+                for method, metrics in [("finetune", r["test"])] + list(r.get("test_press", {}).items()):
+                    row = {"method": method, "seed": seed, "match_k": match.get("k"), "match_registers": match.get("registers")}
+                    row.update({m_: metrics[m_] for m_ in METRICS})
+                    rows.append(row)
+    rows.sort(key=lambda r: (list(BASELINES).index(r["method"]), r["seed"]))
+    write_csv(RES / "baselines.csv", rows)
+
+
+def collect_speed_baselines(tar):
+    rows = []
+    with tarfile.open(tar) as tf:
+        for m in tf.getmembers():
+            if not m.name.endswith(".json"):
+                continue
+            shape = Path(m.name).stem.split("-")[1]  # speed-<shape>-baselines
+            j = json.load(tf.extractfile(m))
+            for x in j["results"]:
+                rows.append({"shape": shape, "layers": j["layers"], "schedule": x["schedule"], "B": x["B"], "P": x["P"],
+                             "prefill_ms": x["prefill_ms"], "decode_ms": x["decode_ms"],
+                             "kv_prefill_bytes": x["kv_prefill_bytes"], "prefill_floor_ms": x["prefill_floor_ms"],
+                             "decode_floor_ms": x["decode_floor_ms"], "card": j["card"]})
+    write_csv(RES / "speed_baselines.csv", rows)
+
+
+def baselines_section(stats_earn, n_earn, speed, ref):
+    """table.md's section on the inference-time baselines at EARN's KV, from baselines.csv and speed_baselines.csv."""
+    rows = read_csv(RES / "baselines.csv")
+    sp = read_csv(RES / "speed_baselines.csv") if (RES / "speed_baselines.csv").exists() else []
+    by = {}
+    for r in rows:
+        by.setdefault(r["method"], []).append(r)
+    st = {n: {m: mean_sd([r[m] for r in rs]) for m in METRICS} for n, rs in by.items()}
+    k, regs = rows[0]["match_k"], rows[0]["match_registers"]
+
+    def sp_of(shape, sched):
+        B, P = SPEED_AT[shape]
+        for r in sp:
+            if (r["shape"], r["schedule"], int(r["B"]), int(r["P"])) == (shape, sched, B, P):
+                return float(r["prefill_ms"]), float(r["decode_ms"]), float(r["kv_prefill_bytes"]) / B
+        return None
+
+    cols = ["recall@10", "ndcg@10", "recall@20", "ndcg@20"]
+    out = ["| method | seeds | " + " | ".join(c.replace("recall", "R").replace("ndcg", "N") for c in cols) +
+           " | N@10 vs EARN | KV/user (model) | prefill x | decode x | KV/user 7B | prefill x 7B | decode x 7B |",
+           "|---" * (2 + len(cols) + 7) + "|"]
+
+    # EARN at the KV the presses match: k = 2 of 8 at the grid's shape, k = 4 of 32 (the grid's "earn-k1" speed row,
+    # k scaled by k / L... = 4) at Llama-7B dims.
+    earn_at = {"small": "earn-k2", "llama7b": "earn-k1"}
+
+    def cells_speed(sched, earn=False):
+        c = []
+        for shape in ("small", "llama7b"):
+            s = speed_of(speed, shape, earn_at[shape]) if earn else sp_of(shape, sched)
+            r0 = sp_of(shape, "dense") or ref.get(shape)
+            c += [f"{s[2] / 1024:.0f} KiB", f"{r0[0] / s[0]:.2f}", f"{r0[1] / s[1]:.2f}"] if s and r0 else ["-"] * 3
+        return c
+
+    e_mu, e_sd = stats_earn["ndcg@10"] if stats_earn else (float("nan"), float("nan"))
+    for n in BASELINES:
+        if n not in st:
+            continue
+        cells = [BASELINES[n], str(len(by[n]))] + [f"{st[n][m][0]:.4f} ± {st[n][m][1]:.4f}" for m in cols]
+        mu, sd = st[n]["ndcg@10"]
+        se = math.sqrt(sd * sd / len(by[n]) + e_sd * e_sd / n_earn) if n_earn else float("nan")
+        cells.append(f"{mu - e_mu:+.4f} ± {se:.4f}")
+        cells += cells_speed(n if n != "finetune" else "dense")
+        out.append("| " + " | ".join(cells) + " |")
+    if stats_earn:
+        cells = [f"EARN k = {k}, 1 + 1 (trained; grid; 7B: k = 4 of 32)", str(n_earn)]
+        cells += [f"{stats_earn[m][0]:.4f} ± {stats_earn[m][1]:.4f}" for m in cols] + ["0"]
+        cells += cells_speed(None, earn=True)
+        out.append("| " + " | ".join(cells) + " |")
+    (B1, P1), (B2, P2) = SPEED_AT["small"], SPEED_AT["llama7b"]
+    return ["## Inference-time baselines at EARN's KV", "",
+            f"The Finetune models trained again with the grid's recipe and seeds, each tested as it is and under every "
+            f"press (kv/press.hpp) with Budget::matching_earn(k = {k}, L = {L}, {regs} registers): every layer keeps "
+            f"{regs} + floor(P k / L) rows of a P-row prompt, at most the rows EARN caches (k (P + r) + (L - k) r over "
+            f"its layers). Truncation keeps the last ceil(k / L x items) items of each history. Speed: the same presses "
+            f"on random weights at the grid model's shape ({B1} users, prompt {P1}; budgets of k = {k} of 8) and at "
+            f"Llama-7B dims ({B2} users, prompt {P2}; k = 4 of 32), speed-ups over Finetune measured in the same call; "
+            f"EARN's row from the grid's speed table. N@10 vs EARN: difference of means ± its standard error.", ""] + out + [""]
+
+
 def write_csv(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -144,11 +246,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="*", default=[])
     ap.add_argument("--speed")
+    ap.add_argument("--baselines", nargs="*", default=[])
+    ap.add_argument("--speed-baselines")
     a = ap.parse_args()
     if a.runs:
         collect_runs(a.runs)
     if a.speed:
         collect_speed(a.speed)
+    if a.baselines:
+        collect_baselines(a.baselines)
+    if a.speed_baselines:
+        collect_speed_baselines(a.speed_baselines)
     runs = read_csv(RES / "runs.csv")
     speed = read_csv(RES / "speed.csv") if (RES / "speed.csv").exists() else []
     by = {}
@@ -229,6 +337,8 @@ def main():
              "when the difference has the paper's sign and exceeds 2 standard errors.", "",
              "| claim | verdict | measured |", "|---|---|---|"]
     text += [f"| {c} | {v} | {m} |" for c, v, m in claims]
+    if (RES / "baselines.csv").exists():
+        text += [""] + baselines_section(stats.get("earn-k2"), len(by.get("earn-k2", [])), speed, ref)
     (RES / "table.md").write_text("\n".join(text) + "\n")
     print(f"wrote experiments/results/table.md")
     figures(by, stats, speed, ref)

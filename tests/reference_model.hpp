@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "earn/model/weights.hpp"
@@ -60,7 +61,8 @@ struct NoRefProbs {
 };
 
 /// Runs rows `input` (embeddings [n][dim]) at positions 0..n-1 through every layer. `allowed(l, q, k)` is the
-/// explicit mask: may row q attend to row k in layer l. Returns the final hidden rows after the final norm's
+/// explicit mask: may row q attend to row k in layer l (or `allowed(l, q, h, k)`, per query head h). Rows are
+/// computed in order within a layer, so a mask may decide row q's keys from the probabilities of rows before it. Returns the final hidden rows after the final norm's
 /// classifier: logits [n][vocab]. `on_probs(l, q, h, p)` sees row q's attention probabilities p [n] (0 where masked)
 /// of head h in layer l.
 template <class Mask, class OnProbs = NoRefProbs>
@@ -91,7 +93,11 @@ Mat reference_logits(const ModelWeights& w, const Mat& input, Mask allowed, OnPr
         std::vector<double> s(n, -INFINITY);
         double m = -INFINITY;
         for (int j = 0; j < n; ++j) {
-          if (!allowed(l, t, j)) continue;
+          if constexpr (std::is_invocable_v<Mask, int, int, int, int>) {  // a per-head mask (l, q, head, k)
+            if (!allowed(l, t, h, j)) continue;
+          } else if (!allowed(l, t, j)) {
+            continue;
+          }
           double d = 0;
           for (int i = 0; i < hd; ++i) d += q[t][h * hd + i] * k[j][kvh * hd + i];
           s[j] = d / std::sqrt(double(hd));

@@ -3,7 +3,9 @@
 # compute-sanitizer memcheck and racecheck over them, then the GPU benchmark and its Python peers (Hugging Face
 # generate, an eager PyTorch EARN). Logs and result files go to $OUT (default ./out/gpu).
 #
-#   tools/gpu.sh [all|test|micro|beam|profile|bench|peers|train-test|train-bench|train-run] [bench args...]
+#   tools/gpu.sh [all|test|press|micro|beam|profile|bench|peers|train-test|train-bench|train-run] [bench args...]
+#   press     the KV presses' and the GPU observer's tests (test_cuda_press, test_cuda_observer) under memcheck, and
+#             racecheck over the press kernels
 #   micro     the attention microbenchmarks (bench_cuda_attention, Google Benchmark) and the decode GEMMs'
 #             cuBLAS bandwidth (bench_cuda_gemm)
 #   beam      the whole beam search, selection on the host vs on the device (bench_cuda_beam)
@@ -15,7 +17,7 @@
 #                call, the PyTorch peer (tools/train_peer.py: eager and torch.compile); needs EARN_DATA (Beauty dir)
 #   train-run    examples/train (train_cuda --device cuda) on Beauty: the small model, dense and EARN k = 2 side by
 #                side, 10 epochs, validation every 2 epochs; the runs' logs, curves and results go to $OUT
-#   EARN_GPU_BIN=dir   use prebuilt test_cuda_{engine,threads,attention,gemm} / bench_cuda_{llama,attention,beam,gemm} from dir (built with
+#   EARN_GPU_BIN=dir   use prebuilt test_cuda_{engine,threads,press,observer,attention,gemm} / bench_cuda_{llama,attention,beam,gemm} from dir (built with
 #                      nvcc elsewhere; a libbenchmark.so* placed there is found through LD_LIBRARY_PATH)
 set -uo pipefail
 mode=${1:-all}
@@ -30,13 +32,13 @@ if [ -z "$bin" ]; then
   # Needs what tools/deps.sh installs (Eigen, nlohmann-json, doctest) next to the CUDA toolkit.
   cmake -S "$root" -B "$root/build-gpu" -G Ninja -DCMAKE_BUILD_TYPE=Release -DEARN_ENABLE_CUDA=ON \
     -DEARN_BUILD_EXAMPLES=OFF >"$OUT/configure.log" 2>&1 || { tail -20 "$OUT/configure.log"; exit 1; }
-  cmake --build "$root/build-gpu" --target test_cuda_engine test_cuda_threads test_cuda_attention test_cuda_gemm test_cuda_train bench_cuda_llama bench_cuda_attention bench_cuda_beam bench_cuda_gemm bench_cuda_train train_cuda \
+  cmake --build "$root/build-gpu" --target test_cuda_engine test_cuda_threads test_cuda_press test_cuda_observer test_cuda_attention test_cuda_gemm test_cuda_train bench_cuda_llama bench_cuda_attention bench_cuda_beam bench_cuda_gemm bench_cuda_train train_cuda \
     >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   bin=$root/build-gpu/bin
   mkdir -p "$bin"
   cp "$root/build-gpu/tests/cuda/test_cuda_engine" "$root/build-gpu/tests/cuda/test_cuda_attention" \
     "$root/build-gpu/tests/cuda/test_cuda_gemm" "$root/build-gpu/tests/cuda/test_cuda_train" \
-    "$root/build-gpu/tests/cuda/test_cuda_threads" \
+    "$root/build-gpu/tests/cuda/test_cuda_threads" "$root/build-gpu/tests/cuda/test_cuda_press" "$root/build-gpu/tests/cuda/test_cuda_observer" \
     "$root/build-gpu/bench/cuda/bench_cuda_train" "$root/build-gpu/examples/train_cuda" \
     "$root/build-gpu/bench/cuda/bench_cuda_llama" "$root/build-gpu/bench/cuda/bench_cuda_gemm" \
     "$root/build-gpu/bench/cuda/bench_cuda_attention" "$root/build-gpu/bench/cuda/bench_cuda_beam" "$bin/"
@@ -53,7 +55,7 @@ sanitize() {
   echo "$tool rc=$?"; tail -3 "$OUT/$log"
 }
 if [ "$mode" = all ] || [ "$mode" = test ]; then
-  for t in test_cuda_attention test_cuda_gemm test_cuda_engine test_cuda_threads; do
+  for t in test_cuda_attention test_cuda_gemm test_cuda_engine test_cuda_threads test_cuda_press test_cuda_observer; do
     echo "== CUDA tests: $t"
     (cd "$root" && "$bin/$t") >"$OUT/$t.log" 2>&1
     rc=$?
@@ -63,7 +65,7 @@ if [ "$mode" = all ] || [ "$mode" = test ]; then
     [ $rc = 0 ] || status=1
   done
   [ "${EARN_SANITIZER:-1}" = 1 ] || exit $status
-  for t in test_cuda_attention test_cuda_gemm test_cuda_engine test_cuda_threads; do
+  for t in test_cuda_attention test_cuda_gemm test_cuda_engine test_cuda_threads test_cuda_press test_cuda_observer; do
     echo "== compute-sanitizer memcheck: $t"
     sanitize memcheck "$t" "memcheck_$t.log"
   done
@@ -71,6 +73,18 @@ if [ "$mode" = all ] || [ "$mode" = test ]; then
   sanitize racecheck test_cuda_attention racecheck_attention.log '*bfloat16*'
   sanitize racecheck test_cuda_engine racecheck_engine.log '*Bf16*'
   sanitize racecheck test_cuda_gemm racecheck_gemm.log '*bfloat16*'
+fi
+if [ "$mode" = press ]; then  # the KV presses and the GPU observer: their tests, memcheck and racecheck over them
+  for t in test_cuda_press test_cuda_observer; do
+    echo "== CUDA tests: $t"
+    (cd "$root" && "$bin/$t") >"$OUT/$t.log" 2>&1
+    rc=$?
+    tail -4 "$OUT/$t.log"
+    echo "$t rc=$rc"
+    [ $rc = 0 ] || status=1
+    sanitize memcheck "$t" "memcheck_$t.log"
+  done
+  sanitize racecheck test_cuda_press racecheck_press.log
 fi
 if [ "$mode" = all ] || [ "$mode" = micro ]; then
   echo "== attention microbenchmarks"

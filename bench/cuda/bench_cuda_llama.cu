@@ -8,6 +8,10 @@
 //                    [--ks -1,2,4,6,8] [--graphs 1] [--flash 1] [--stream-gemm 0] [--bulk-gemm 0] [--pdl 1] [--tune 1]
 //                    [--tune-prefill 0] [--tune-candidates 8] [--profile 0] [--registers 1,1]
 //                    [--dim 4096 --hidden 11008 --heads 32 --vocab 33024 --tied 0]
+//                    [--presses streaming_llm,snapkv,h2o,pyramidkv --press-k 8 --press-registers 2]
+// --presses: the inference-time baselines (kv/press.hpp) over the dense model, each layer's cache pressed to the KV
+//   of EARN at split layer --press-k (default L/4) with --press-registers registers (Budget::matching_earn); their
+//   prefill is dense (plus the press), decode reads the kept rows;
 // --registers rp,rs: the model's prefix and suffix registers (0,0 with --ks -1: plain Finetune, no register rows);
 // --dim/--hidden/--heads/--vocab/--tied: another model shape than Llama-7B's (a recommendation model's, say);
 // --ks: schedules (-1 dense); --graphs 0: decode steps launch kernel by kernel instead of replaying CUDA graphs;
@@ -51,7 +55,8 @@ using earn::bench::GemmRate;
 namespace {
 
 struct Result {
-  int B, P, k;  // k = -1: dense
+  int B, P, k;  // k = -1: dense (and the presses: dense compute)
+  std::string schedule;  // dense, earn, or a press's name
   float prefill_ms, decode_ms;
   Index kv_bytes;         // after the decode steps (prompt + every beam's generated rows)
   Index kv_prefill_bytes;  // after the prefill: the prompt's cache, what EARN shrinks
@@ -69,6 +74,8 @@ int main(int argc, char** argv) {
   std::vector<int> regs = {1, 1};
   int reps = 3, layers = 32, graphs = 1, flash = 1, stream_gemm = 0, bulk_gemm = 0, pdl = 1, tune = 1, tune_prefill = 0, candidates = 8, profile = 0;
   std::vector<int> Bs = {1, 4, 32}, Ps = {256, 512}, Ks = {-1, 2, 4, 6, 8};
+  std::vector<std::string> presses;  // inference-time baselines over the dense model, at EARN's KV at --press-k
+  int press_k = -1, press_regs = 2;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--json") json = argv[i + 1];
@@ -87,6 +94,11 @@ int main(int argc, char** argv) {
     else if (a == "--pdl") pdl = std::atoi(argv[i + 1]);
     else if (a == "--profile") profile = std::atoi(argv[i + 1]);
     else if (a == "--registers") regs = earn::bench::parse_list(argv[i + 1]);
+    else if (a == "--presses") {
+      std::stringstream ss(argv[i + 1]);
+      for (std::string x; std::getline(ss, x, ',');) presses.push_back(x);
+    } else if (a == "--press-k") press_k = std::atoi(argv[i + 1]);
+    else if (a == "--press-registers") press_regs = std::atoi(argv[i + 1]);
     else if (a == "--dim") dim = std::atoi(argv[i + 1]);
     else if (a == "--hidden") hidden = std::atoi(argv[i + 1]);
     else if (a == "--heads") heads = std::atoi(argv[i + 1]);
@@ -137,12 +149,11 @@ int main(int argc, char** argv) {
     std::vector<Result> results;
     Rng rng(11);
 
-    for (int B : Bs)
-      for (int P : Ps)
-        for (int k : Ks) {
-          if (k > layers) continue;
-          const int kk = k < 0 ? layers : k;  // dense = every layer early (registers included: P + 2 rows)
-          Engine<EarnSchedule, CudaBf16> engine(weights, EarnSchedule{kk});
+    // One setting: B users, prompt P, under `schedule`; kk = the layers computing every input row (the rest compute
+    // the registers only); cached(l, n) = rows layer l caches of n input rows (its keep for a press).
+    auto run_setting = [&]<class Sched>(int B, int P, int k, const std::string& name, const Sched& schedule, int kk,
+                                    auto cached) {
+          Engine<Sched, CudaBf16> engine(weights, schedule);
           auto st = engine.make_state({.max_users = B, .max_rows = B * beam, .max_prompt = P, .max_new_tokens = new_tokens});
           st.use_graphs(graphs != 0);
           st.use_flash_attention(flash != 0);
@@ -206,7 +217,7 @@ int main(int argc, char** argv) {
               dec.push_back(d_ms);
             }
           }
-          Result res{B, P, k, median(pre), median(dec), st.kv_bytes(), kv_prefill, 0, 0, 0, 0, 0, 0};
+          Result res{B, P, k, name, median(pre), median(dec), st.kv_bytes(), kv_prefill, 0, 0, 0, 0, 0, 0};
           // Floors. Prefill: weights read once + KV written, against the GEMM FLOPs (+ causal attention pairs).
           const double n_in = P + r;
           // The layer-sequential floor adds each layer's own roofline: a layer cannot start before the one below
@@ -216,11 +227,11 @@ int main(int argc, char** argv) {
           double pf = 2.0 * head_params * B, pre_kv_rows = 0;
           double seq = std::max(2.0 * head_params / bw, 2.0 * head_params * B / rate);
           for (int l = 0; l < layers; ++l) {
-            const double rows = l < kk ? n_in : r;
+            const double rows = l < kk ? n_in : r, kept = cached(l, rows);
             const double lf = 2.0 * layer_params * rows * B + 4.0 * hd * c.n_heads * (rows * (rows + 1) / 2) * B;
             pf += lf;
-            pre_kv_rows += rows * B;
-            seq += std::max((2.0 * layer_params + rows * B * row_bytes) / bw, lf / rate);
+            pre_kv_rows += kept * B;
+            seq += std::max((2.0 * layer_params + kept * B * row_bytes) / bw, lf / rate);
           }
           const double pb = wbytes + pre_kv_rows * row_bytes;
           res.prefill_floor_ms = std::max(pb / bw, pf / rate) * 1e3;
@@ -232,7 +243,7 @@ int main(int argc, char** argv) {
           for (int g = 0; g < steps; ++g) {
             double f = 2.0 * (layer_params * layers + head_params) * R, kvb = 0;
             for (int l = 0; l < layers; ++l) {
-              const double S = l < kk ? n_in : r;
+              const double S = cached(l, l < kk ? n_in : r);
               f += 4.0 * hd * c.n_heads * R * (S + g + 1);
               kvb += (S * B + R * (g + 1)) * row_bytes;
             }
@@ -251,11 +262,33 @@ int main(int argc, char** argv) {
           std::printf("B=%2d P=%3d %-6s prefill %8.2f ms (floor %7.2f, layer-seq %7.2f)  decode %7.2f ms (floor %6.2f)  "
                       "total %8.2f ms  floor %8.2f  x%.2f (burst floor x%.2f, layer-seq x%.2f)  KV %.3f GB  prefill host "
                       "%.1f ms\n",
-                      B, P, k < 0 ? "dense" : ("k=" + std::to_string(k)).c_str(), res.prefill_ms, res.prefill_floor_ms,
+                      B, P, name == "earn" ? ("k=" + std::to_string(k)).c_str() : name.c_str(), res.prefill_ms, res.prefill_floor_ms,
                       res.prefill_seq_floor_ms, res.decode_ms, res.decode_floor_ms, total, floor, total / floor,
                       total / res.burst_floor_ms, total / seq_floor, double(res.kv_bytes) / 1e9, median(host_ms));
           std::fflush(stdout);
+        };
+    const auto all_rows = [](int, double rows) { return rows; };
+    for (int B : Bs)
+      for (int P : Ps) {
+        for (int k : Ks) {
+          if (k > layers) continue;
+          const int kk = k < 0 ? layers : k;  // dense = every layer early (registers included: P + 2 rows)
+          run_setting(B, P, k, k < 0 ? "dense" : "earn", EarnSchedule{kk}, kk, all_rows);
         }
+        // The baselines: the dense model, each layer's cache pressed to EARN's KV at --press-k (Budget::matching_earn).
+        const kv::Budget budget = kv::Budget::matching_earn(press_k >= 0 ? press_k : layers / 4, layers, press_regs);
+        auto pressed = [&]<class Pr>(const Pr& press) {
+          run_setting(B, P, -1, Pr::name, press_schedule(press), layers,
+                      [&](int l, double rows) { return double(std::min(press.rule(l, layers, int(rows)).keep, int(rows))); });
+        };
+        for (const std::string& name : presses) {
+          if (name == "streaming_llm") pressed(kv::press::StreamingLLM{budget});
+          else if (name == "snapkv") pressed(kv::press::SnapKV{budget});
+          else if (name == "h2o") pressed(kv::press::H2O{budget});
+          else if (name == "pyramidkv") pressed(kv::press::PyramidKV{budget});
+          else throw ConfigError("--presses: unknown press " + name + " (streaming_llm, snapkv, h2o, pyramidkv)");
+        }
+      }
 
     if (!json.empty()) {
       nlohmann::json out = {{"card", prop.name},
@@ -279,6 +312,7 @@ int main(int argc, char** argv) {
                             {"results", nlohmann::json::array()}};
       for (const Result& x : results)
         out["results"].push_back({{"B", x.B},
+                                  {"schedule", x.schedule},
                                   {"P", x.P},
                                   {"k", x.k},
                                   {"prefill_ms", x.prefill_ms},

@@ -17,9 +17,12 @@
 #include "earn/rec/beam_search.hpp"
 #include "earn/rec/prompt.hpp"
 #include "../reference_model.hpp"  // random_tokens
+#include "compare.cuh"
 
 using namespace earn;
+using earn::test::check_close;
 using earn::test::random_tokens;
+using earn::test::round_to;
 
 // Template test cases named by their dtype, short and compiler-independent (tools/gpu.sh racecheck: -tc='*Bf16*').
 TYPE_TO_STRING(earn::dtype::F32);
@@ -42,50 +45,6 @@ ModelConfig small_config(RopeStyle style, bool bias, int seed) {
   c.qkv_bias = bias;
   c.tied_embeddings = seed % 2 == 0;
   return c;
-}
-
-// Round every parameter to the GPU's storage type, so both engines compute with the same weights.
-template <class D>
-void round_to(ModelWeights& w) {
-  using T = earn::cuda::storage_t<D>;
-  auto r = [](auto& m) {
-    for (Index i = 0; i < m.size(); ++i) m.data()[i] = earn::cuda::to_float(earn::cuda::from_float<T>(m.data()[i]));
-  };
-  r(w.tok_embeddings);
-  r(w.lm_head);
-  r(w.registers.prefix);
-  r(w.registers.suffix);
-  for (auto& l : w.layers) {
-    r(l.wq), r(l.wk), r(l.wv), r(l.wo), r(l.w1), r(l.w2), r(l.w3);
-  }
-}
-
-// fp32: |got - want| <= 1e-4 max(1, |want|) for every element. bf16 / fp16: per logits row,
-// ||got - want|| / ||want|| <= 2e-2 (storage rounding of every activation is ~2^-9 / 2^-12 per element, so the
-// norm-wise error is the meaningful one). NaN fails either way. Returns the worst error seen.
-template <class D>
-double check_close(const Matrix& got, const Matrix& want, const char* what) {
-  REQUIRE(got.rows() == want.rows());
-  REQUIRE(got.cols() == want.cols());
-  constexpr bool exact = std::is_same_v<D, dtype::F32>;
-  const double tol = exact ? 1e-4 : 2e-2;
-  double worst = 0;
-  bool finite = true;
-  for (Index r = 0; r < got.rows(); ++r) {
-    double diff2 = 0, ref2 = 0;
-    for (Index i = 0; i < got.cols(); ++i) {
-      const double g = got(r, i), w = want(r, i);
-      if (!std::isfinite(g)) finite = false;
-      if (exact) worst = std::max(worst, std::abs(g - w) / std::max(1.0, std::abs(w)));
-      diff2 += (g - w) * (g - w);
-      ref2 += w * w;
-    }
-    if (!exact) worst = std::max(worst, std::sqrt(diff2 / std::max(ref2, 1e-30)));
-  }
-  INFO(what << ": worst relative error " << worst);
-  CHECK(finite);
-  CHECK(worst <= tol);
-  return worst;
 }
 
 // A CPU engine and a CUDA engine with the same weights and schedule, each with a state of options `o` (the

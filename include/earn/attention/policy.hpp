@@ -8,6 +8,7 @@
 #pragma once
 
 #include <concepts>
+#include <type_traits>
 
 #include "earn/attention/row_kind.hpp"
 
@@ -20,6 +21,15 @@ concept Policy = requires(RowKind kind, int q, int k) {
   { P::keeps(kind) } -> std::convertible_to<bool>;
   { P::visible(q, k) } -> std::convertible_to<bool>;
   { P::name } -> std::convertible_to<const char*>;
+};
+
+/// Whether the CUDA kernels can call P's hooks: keeps and visible must be constant expressions (static constexpr
+/// functions; nvcc's --expt-relaxed-constexpr makes them device functions). A policy whose visible reads run-time
+/// state (a global, a member) is host-only: the CPU engine takes it, the CUDA engine refuses it at compile time.
+template <class P>
+concept DeviceUsable = Policy<P> && requires {
+  typename std::bool_constant<P::visible(0, 0)>;
+  typename std::bool_constant<P::keeps(RowKind::kPrompt)>;
 };
 
 /// Optional promise: `static constexpr bool causal = true` says visible(q, k) is exactly k <= q. Kernels may then

@@ -3,14 +3,19 @@
 
 #include "earn/attention/policy.hpp"
 #include "earn/kv/layout.hpp"
+#include "earn/kv/pressed.hpp"
 
 namespace earn {
 
 /// A decoder block computed under attention policy `P`, caching into layout `C`. Pure description: the
-/// backend's engine supplies the arithmetic, so one Layer type serves the CPU and the CUDA backend.
+/// backend's engine supplies the arithmetic, so one Layer type serves the CPU and the CUDA backend. A value holds
+/// the policy's and the layout's run-time parameters (a press's budget); for the parameterless policies and
+/// layouts it is empty and costs nothing.
 /// \code
 ///   using Early = earn::Layer<earn::attention::DenseCausal, earn::kv::Contiguous>;
 ///   using Late  = earn::Layer<earn::attention::RegisterOnly, earn::kv::Register>;
+///   using Snap  = earn::Layer<earn::attention::DenseCausal, earn::kv::Pressed<earn::kv::press::SnapKV>>;
+///   Snap snap{{}, {{.budget = {.rows = 64}}}};   // 64 rows per layer and user
 /// \endcode
 template <class P, class C>
 struct Layer {
@@ -19,8 +24,13 @@ struct Layer {
   static_assert(!P::keeps_prompt || C::holds_prompt,
                 "earn: this attention policy keeps prompt rows, but its KV cache cannot hold the prompt: "
                 "pair it with kv::Contiguous, not kv::Register");
+  static_assert(!kv::is_pressed<C>() || attention::is_causal<P>(),
+                "earn: a pressed KV cache (kv::Pressed) keeps keys by score per head and lets decode rows see all of "
+                "them; pair it with a causal policy (attention::is_causal), such as attention::DenseCausal");
   using policy = P;
   using cache = C;
+  [[no_unique_address]] P rule{};    ///< the policy's parameters
+  [[no_unique_address]] C layout{};  ///< the cache's parameters (a press)
 };
 
 template <class T>

@@ -6,11 +6,15 @@
 #include <utility>
 #include <vector>
 
+#include "earn/attention/observer.hpp"
 #include "earn/backend/cpu/tag.hpp"
 #include "earn/core/config.hpp"
 #include "earn/core/error.hpp"
 #include "earn/core/tensor.hpp"
+#include "earn/kv/layout.hpp"
+#include "earn/kv/pressed.hpp"
 #include "earn/plan/forward.hpp"
+#include "earn/schedule/split.hpp"
 
 namespace earn {
 
@@ -47,9 +51,45 @@ inline void check_token_ids(std::span<const int> tokens, int vocab) {
 
 /// Prefix rows per user that layer `l`'s cache reserves, as its layout decides (registers only for kv::Register).
 template <class Schedule>
-Index layer_prefix_capacity(const Schedule& schedule, int l, const StateOptions& o, int registers) {
+Index layer_prefix_capacity(const Schedule& schedule, int l, int n_layers, const StateOptions& o, int registers) {
   const Index max_input = Index{o.max_prompt} + registers;
-  return schedule.visit(l, [&]<class L>(L) { return Index{L::cache::prefix_capacity(max_input, registers)}; });
+  return schedule.visit(l, [&]<class L>(const L& layer) {
+    return Index{kv::prefix_capacity(layer.layout, max_input, registers, l, n_layers)};
+  });
+}
+
+/// Checks every pressed layer's rule for every sequence of plan fp (kv::check_rule) before a prefill changes
+/// anything; ConfigError names the press.
+template <class Schedule>
+void check_press_rules(const Schedule& schedule, const plan::ForwardPlan& fp) {
+  for (int l = 0; l < fp.n_layers(); ++l)
+    schedule.visit(l, [&]<class L>(const L& layer) {
+      if constexpr (kv::is_pressed<typename L::cache>()) {
+        const plan::RowSet& rows = fp.layer_rows(l);
+        for (int s = 0; s < rows.segments(); ++s)
+          kv::check_rule(layer.layout.press.rule(l, fp.n_layers(), rows.seg_n[s]), rows.seg_n[s],
+                         L::cache::press_type::name);
+      }
+    });
+}
+
+/// Starts an observed prefill of plan fp on a model of n_layers x n_heads: checks the observer's requests (it
+/// throws before anything changes) and returns the sample id of the plan's first sequence.
+inline int begin_observing(attention::Observer& obs, const plan::ForwardPlan& fp, int n_layers, int n_heads) {
+  std::vector<int> input_len(fp.input().segments());
+  for (std::size_t s = 0; s < input_len.size(); ++s) input_len[s] = fp.input_len(static_cast<int>(s));
+  return obs.begin_pass(n_layers, n_heads, input_len);
+}
+
+/// What an observer sees of sequence s at layer l of plan fp: its rows there are both the queries and the keys
+/// (a prefill caches the rows it computes), under the layer policy's visibility.
+inline attention::ObservedSegment observed_segment(const plan::ForwardPlan& fp, int l, int s, int sample, int user,
+                                                   bool (*visible)(int, int)) {
+  const plan::RowSet& rows = fp.layer_rows(l);
+  const auto off = static_cast<std::size_t>(rows.seg_off[s]), n = static_cast<std::size_t>(rows.seg_n[s]);
+  const std::span<const int> pos(rows.pos.data() + off, n);
+  const std::span<const RowKind> kind(rows.kind.data() + off, n);
+  return {l, sample, user, fp.top().pos[fp.readout[s]], pos, kind, pos, kind, visible};
 }
 
 /// Row bookkeeping every backend's decoding state shares: which users are prefilled (and how long their input

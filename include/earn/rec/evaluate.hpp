@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <functional>
 #include <span>
 #include <vector>
@@ -22,7 +23,18 @@ struct EvalOptions {
   int batch = 32;               ///< users per search.run call (at most the searcher's max_users)
   int limit = 0;                ///< the first N cases with targets (0: all)
   std::vector<int> ks{5, 10, 20};
+  /// The truncation baseline: each prompt holds only the last ceil(history_share x items) items of the history (at
+  /// least one); 1 keeps the whole history. The prompt template's tokens stay.
+  double history_share = 1.0;
 };
+
+/// The last ceil(share x |history|) items of `history` (at least one when it has any).
+inline std::span<const int> truncated_history(std::span<const int> history, double share) {
+  if (!(share > 0.0 && share <= 1.0)) throw ConfigError("evaluate: history_share must lie in (0, 1]");
+  if (history.empty()) return history;
+  const auto n = static_cast<std::size_t>(std::ceil(share * double(history.size()) - 1e-9));
+  return history.last(std::clamp<std::size_t>(n, 1, history.size()));
+}
 
 /// What an evaluation measured.
 struct EvalResult {
@@ -48,6 +60,7 @@ EvalResult evaluate(Search& search, const Dataset& ds, const PromptBuilder& pb, 
   if (opt.batch < 1 || opt.batch > search.max_users())
     throw ConfigError("evaluate: batch " + std::to_string(opt.batch) + " is outside [1, the searcher's " +
                       std::to_string(search.max_users()) + " users]");
+  truncated_history({}, opt.history_share);  // checks the share before any search
   EvalResult r{MetricAccumulator(opt.ks), 0.0, 0};
   std::vector<std::vector<int>> prompts;
   std::vector<int> ranked;
@@ -56,7 +69,8 @@ EvalResult evaluate(Search& search, const Dataset& ds, const PromptBuilder& pb, 
   for (int i = 0; i < total; i += opt.batch) {
     const int n = std::min(opt.batch, total - i);
     prompts.resize(static_cast<std::size_t>(n));
-    for (int j = 0; j < n; ++j) prompts[j] = pb.build(ds.catalogue(), cases[i + j]->history);
+    for (int j = 0; j < n; ++j)
+      prompts[j] = pb.build(ds.catalogue(), truncated_history(cases[i + j]->history, opt.history_share));
     const auto recs = search.run(prompts);
     for (int j = 0; j < n; ++j) {
       ranked.clear();

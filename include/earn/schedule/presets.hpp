@@ -4,6 +4,7 @@
 #include "earn/attention/dense_causal.hpp"
 #include "earn/attention/register_only.hpp"
 #include "earn/kv/contiguous.hpp"
+#include "earn/kv/pressed.hpp"
 #include "earn/kv/register.hpp"
 #include "earn/layer/layer.hpp"
 #include "earn/schedule/split.hpp"
@@ -22,5 +23,20 @@ using EarnSchedule = Split<Dynamic, DenseLayer, RegisterLayer>;
 /// EARN with the split layer fixed at compile time.
 template <int K>
 using EarnScheduleK = Split<K, DenseLayer, RegisterLayer>;
+
+/// A dense layer whose cache keeps what press P keeps (kv/press.hpp).
+template <class P>
+using PressLayer = Layer<attention::DenseCausal, kv::Pressed<P>>;
+/// An inference-time baseline: the dense model with press P over every layer's cache.
+template <class P>
+using PressSchedule = Uniform<PressLayer<P>>;
+/// press_schedule(kv::press::SnapKV{.budget = {.ratio = 0.25}}): the schedule of a press value.
+template <class P>
+PressSchedule<P> press_schedule(P press) {
+  return PressSchedule<P>{PressLayer<P>{{}, {press}}};
+}
+
+static_assert(Schedule<DenseSchedule> && Schedule<EarnSchedule> && Schedule<EarnScheduleK<2>> &&
+              Schedule<PressSchedule<kv::press::SnapKV>>);
 
 }  // namespace earn

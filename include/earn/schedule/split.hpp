@@ -1,11 +1,16 @@
 // earn/schedule/split.hpp - compose layer types over layer ranges at compile time.
 //
 //   Split<k, Early, Late>   layers [0, k) are Early, layers [k, L) are Late; k a constant or earn::Dynamic
-//   Uniform<L>              every layer is L (the plain dense model)
+//   Uniform<L>              every layer is L (the plain dense model; a press over every layer)
+//   PerLayer<L>             layer l is the l-th of a list of L values (per-layer parameters: budgets, windows)
+// Each holds layer values (empty for parameterless layers), and visit(l, f) calls f with layer l's value: the one
+// place where a layer index becomes a layer type. Every engine takes any type of the Schedule concept.
 #pragma once
 
+#include <concepts>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "earn/core/error.hpp"
 #include "earn/layer/layer.hpp"
@@ -36,8 +41,11 @@ class Split {
   static constexpr bool is_dynamic = K == Dynamic;
 
   constexpr Split() requires(!is_dynamic) = default;
+  /// Fixed split with layer values (their run-time parameters).
+  constexpr Split(Early early, Late late) requires(!is_dynamic) : early_(early), late_(late) {}
   /// Runtime split layer; only for Split<Dynamic, ...>.
-  constexpr explicit Split(int k) requires(is_dynamic) : k_(k) {
+  constexpr explicit Split(int k, Early early = {}, Late late = {}) requires(is_dynamic)
+      : k_(k), early_(early), late_(late) {
     if (k < 0) throw ConfigError("schedule: split layer k = " + std::to_string(k) + " is negative");
   }
 
@@ -45,10 +53,11 @@ class Split {
   /// Whether layer `l` (0-based) is a late layer.
   constexpr bool is_late(int l) const { return l >= k_; }
 
-  /// Call f(Early{}) or f(Late{}) for layer l: the runtime k becomes a compile-time layer type here, once.
+  /// Call f(early) or f(late) (the layer values) for layer l: the runtime k becomes a compile-time layer type
+  /// here, once.
   template <class F>
   constexpr decltype(auto) visit(int l, F&& f) const {
-    return is_late(l) ? std::forward<F>(f)(Late{}) : std::forward<F>(f)(Early{});
+    return is_late(l) ? std::forward<F>(f)(late_) : std::forward<F>(f)(early_);
   }
 
   /// Refuse what is undefined for a model of `n_layers` layers with `registers` register rows.
@@ -63,6 +72,8 @@ class Split {
 
  private:
   int k_ = (K == Dynamic ? 0 : K);
+  [[no_unique_address]] Early early_{};
+  [[no_unique_address]] Late late_{};
 };
 
 /// Every layer of the model is `L`.
@@ -74,14 +85,97 @@ class Uniform {
   using early_layer = L;
   using late_layer = L;
   static constexpr bool is_dynamic = false;
+  constexpr Uniform() = default;
+  constexpr explicit Uniform(L layer) : layer_(layer) {}
   constexpr int k() const { return 0; }
   constexpr bool is_late(int) const { return false; }
   template <class F>
-  constexpr decltype(auto) visit(int, F&& f) const { return std::forward<F>(f)(L{}); }
+  constexpr decltype(auto) visit(int, F&& f) const { return std::forward<F>(f)(layer_); }
   void validate(int, int registers) const {
     if (!L::policy::keeps_prompt && registers == 0)
       throw ConfigError("schedule: every layer drops the prompt and there are no registers");
   }
+
+ private:
+  [[no_unique_address]] L layer_{};
 };
+
+/// Layer l is layers[l]: one layer type with per-layer values (a press with a budget per layer, by hand).
+/// \code
+///   using Snap = earn::Layer<earn::attention::DenseCausal, earn::kv::Pressed<earn::kv::press::SnapKV>>;
+///   std::vector<Snap> layers;
+///   for (int l = 0; l < 8; ++l) layers.push_back(Snap{{}, {{.budget = {.rows = 64 - 4 * l}}}});
+///   earn::PerLayer<Snap> schedule{layers};
+/// \endcode
+template <class L>
+class PerLayer {
+  static_assert(is_layer_v<L>, "earn: PerLayer<L> takes an earn::Layer type");
+
+ public:
+  using early_layer = L;
+  using late_layer = L;
+  static constexpr bool is_dynamic = true;
+  explicit PerLayer(std::vector<L> layers) : layers_(std::move(layers)) {
+    if (layers_.empty()) throw ConfigError("schedule: PerLayer needs one layer value per layer, got none");
+  }
+  int k() const { return 0; }
+  bool is_late(int) const { return false; }
+  /// f(layers[l]); RangeError past the list.
+  template <class F>
+  decltype(auto) visit(int l, F&& f) const {
+    if (l < 0 || l >= static_cast<int>(layers_.size()))
+      throw RangeError("schedule: layer " + std::to_string(l) + " of a PerLayer list of " +
+                       std::to_string(layers_.size()));
+    return std::forward<F>(f)(layers_[static_cast<std::size_t>(l)]);
+  }
+  void validate(int n_layers, int registers) const {
+    if (static_cast<int>(layers_.size()) != n_layers)
+      throw ConfigError("schedule: PerLayer lists " + std::to_string(layers_.size()) + " layers, the model has " +
+                        std::to_string(n_layers));
+    if (!L::policy::keeps_prompt && registers == 0)
+      throw ConfigError("schedule: every layer drops the prompt and there are no registers");
+  }
+  const std::vector<L>& layers() const { return layers_; }
+
+ private:
+  std::vector<L> layers_;
+};
+
+namespace detail {
+// A visitor that takes any layer value (the Schedule concept's probe of visit; nvcc refuses a lambda there).
+struct VisitProbe {
+  template <class L>
+  constexpr int operator()(const L&) const { return 0; }
+};
+}  // namespace detail
+
+/// Whether every layer type of schedule S has hooks the CUDA kernels can call (attention::DeviceUsable).
+template <class S>
+constexpr bool device_usable_schedule() {
+  return attention::DeviceUsable<typename S::early_layer::policy> &&
+         attention::DeviceUsable<typename S::late_layer::policy>;
+}
+
+/// The CUDA engine's check of its schedule: one readable error for a policy the GPU cannot run.
+template <class S>
+struct RequireDeviceUsable {
+  static_assert(device_usable_schedule<S>(),
+                "earn: a layer policy of this schedule has hooks the GPU cannot call (visible and keeps must be "
+                "static constexpr: attention::DeviceUsable); it runs on the CPU engine only");
+  static constexpr bool value = true;
+};
+
+/// What engines, planners and trainers take as a schedule: a split layer, a validity check against a model and
+/// visit(l, f), which calls f with layer l's value (an earn::Layer).
+template <class S>
+concept Schedule = requires(const S& s, int l, int r) {
+  typename S::early_layer;
+  typename S::late_layer;
+  { S::is_dynamic } -> std::convertible_to<bool>;
+  { s.k() } -> std::convertible_to<int>;
+  { s.is_late(l) } -> std::convertible_to<bool>;
+  s.validate(l, r);
+  { s.visit(l, detail::VisitProbe{}) } -> std::convertible_to<int>;
+} && is_layer_v<typename S::early_layer> && is_layer_v<typename S::late_layer>;
 
 }  // namespace earn

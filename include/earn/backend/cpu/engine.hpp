@@ -11,6 +11,7 @@
 #include "earn/attention/row_kind.hpp"
 #include "earn/backend/cpu/kv_store.hpp"
 #include "earn/backend/cpu/ops.hpp"
+#include "earn/backend/cpu/press.hpp"
 #include "earn/backend/cpu/tag.hpp"
 #include "earn/core/error.hpp"
 #include "earn/model/engine_fwd.hpp"
@@ -76,6 +77,9 @@ class CpuState : public detail::RowBook {
 /// \endcode
 template <class Schedule>
 class Engine<Schedule, Cpu> {
+  static_assert(::earn::Schedule<Schedule>,
+                "earn: Engine's first argument must be a schedule (schedule/split.hpp: Split, Uniform, PerLayer)");
+
  public:
   using schedule_type = Schedule;
   using backend_type = Cpu;
@@ -101,7 +105,7 @@ class Engine<Schedule, Cpu> {
     st.kv_dim_ = c.kv_dim();
     st.layers_.reserve(c.n_layers);
     for (int l = 0; l < c.n_layers; ++l) {
-      const Index cap = detail::layer_prefix_capacity(schedule_, l, o, registers());
+      const Index cap = detail::layer_prefix_capacity(schedule_, l, c.n_layers, o, registers());
       st.layers_.emplace_back(cap, o.max_users, o.max_rows, o.max_new_tokens, c.kv_dim());
     }
     return st;
@@ -221,8 +225,9 @@ class Engine<Schedule, Cpu> {
     const RegisterWeights& reg = w_.registers;
     const int rp = static_cast<int>(reg.prefix.rows()), rs = static_cast<int>(reg.suffix.rows());
     fp = State::prefill_plan(schedule_, c.n_layers, rp, rs, prompts);
+    detail::check_press_rules(schedule_, fp);
     attention::Observer* const obs = st.observer_;
-    const int sample0 = obs ? begin_observing(*obs, fp) : 0;  // checks its requests before anything changes
+    const int sample0 = obs ? detail::begin_observing(*obs, fp, c.n_layers, c.n_heads) : 0;  // checks it first
     st.begin_prefill(users, fp);
 
     const plan::RowSet& in = fp.input();
@@ -240,7 +245,7 @@ class Engine<Schedule, Cpu> {
         rope.emplace(fp.layer_rows(l).pos, c.head_dim(), c.rope_theta);
       }
       const plan::RowSet& rows = fp.layer_rows(l);
-      schedule_.visit(l, [&]<class L>(L) {
+      schedule_.visit(l, [&]<class L>(const L& layer) {
         using P = typename L::policy;
         const LayerWeights& lw = w_.layers[l];
         kv::Store<Cpu>& store = st.layers_[l];
@@ -249,29 +254,33 @@ class Engine<Schedule, Cpu> {
         for (int s = 0; s < rows.segments(); ++s) {
           const int u = users[s], off = rows.seg_off[s], n = rows.seg_n[s];
           const std::span<const int> pos(rows.pos.data() + off, static_cast<std::size_t>(n));
-          store.write_prefix(u, k.middleRows(off, n), v.middleRows(off, n), pos);
-          // The keys are this layer's rows of the user, just cached: the same positions and kinds as the queries.
-          const std::span<const RowKind> kind(rows.kind.data() + off, static_cast<std::size_t>(n));
-          const attention::ObservedSegment seg{l, sample0 + s, u, fp.top().pos[fp.readout[s]], pos, kind, pos, kind,
-                                               &P::visible};
+          const attention::ObservedSegment seg = detail::observed_segment(fp, l, s, sample0 + s, u, &P::visible);
           const bool watch = obs && obs->wants_layer(l);
-          cpu::attention_prefill<P>(q.middleRows(off, n), pos, store.prefix_k(u), store.prefix_v(u),
-                                    store.prefix_positions(u), c.n_heads, c.n_kv_heads, c.head_dim(),
-                                    att.middleRows(off, n), [&](int head, const auto& probs) {
-                                      if (watch) obs->observe(seg, head, probs);
-                                    });
+          const auto ks = k.middleRows(off, n), vs = v.middleRows(off, n);
+          if constexpr (kv::is_pressed<typename L::cache>()) {
+            // Dense attention over the user's rows; the cache then keeps what the press chooses of them.
+            const kv::PressRule rule = layer.layout.press.rule(l, c.n_layers, n);  // checked before the pass
+            cpu::PressScores scores(rule, n, c.n_heads, c.n_kv_heads);
+            cpu::attention_prefill<P>(q.middleRows(off, n), pos, ks, vs, pos, c.n_heads, c.n_kv_heads, c.head_dim(),
+                                      att.middleRows(off, n), [&](int head, const auto& probs) {
+                                        if (watch) obs->observe(seg, head, probs);
+                                        scores.add(head, probs);
+                                      });
+            const cpu::PressedRows kept = cpu::press_rows(rule, scores, ks, vs, pos, c.n_kv_heads, c.head_dim());
+            store.write_prefix(u, kept.k, kept.v, kept.pos, kept.head_pos);
+          } else {
+            store.write_prefix(u, ks, vs, pos);
+            cpu::attention_prefill<P>(q.middleRows(off, n), pos, store.prefix_k(u), store.prefix_v(u),
+                                      store.prefix_positions(u), c.n_heads, c.n_kv_heads, c.head_dim(),
+                                      att.middleRows(off, n), [&](int head, const auto& probs) {
+                                        if (watch) obs->observe(seg, head, probs);
+                                      });
+          }
         }
         residual_and_mlp(lw, att, x, h, tmp);
       });
     }
     return x;
-  }
-
-  // Starts an observed pass of plan fp: the first sample id of its sequences.
-  int begin_observing(attention::Observer& obs, const plan::ForwardPlan& fp) const {
-    std::vector<int> input_len(fp.input().segments());
-    for (std::size_t s = 0; s < input_len.size(); ++s) input_len[s] = fp.input_len(static_cast<int>(s));
-    return obs.begin_pass(w_.config.n_layers, w_.config.n_heads, input_len);
   }
 
   const ModelWeights& w_;

@@ -21,7 +21,7 @@ class Store<Cpu> {
   Store(Index prefix_capacity, int max_users, int max_rows, int max_new, int kv_dim)
       : prefix_capacity_(prefix_capacity), max_rows_(max_rows), max_new_(max_new), kv_dim_(kv_dim),
         prefix_k_(max_users, Matrix(prefix_capacity, kv_dim)), prefix_v_(max_users, Matrix(prefix_capacity, kv_dim)),
-        prefix_pos_(max_users), prefix_len_(max_users, 0),
+        prefix_pos_(max_users), prefix_head_pos_(max_users), prefix_len_(max_users, 0),
         gen_k_(Index{max_rows} * max_new, kv_dim), gen_v_(Index{max_rows} * max_new, kv_dim) {}
 
   Index prefix_capacity() const { return prefix_capacity_; }
@@ -30,17 +30,23 @@ class Store<Cpu> {
   int prefix_len(int user) const { return prefix_len_[user]; }
   const std::vector<int>& prefix_positions(int user) const { return prefix_pos_[user]; }
 
-  /// Replace user `user`'s prefix with rows k, v [n, kv_dim] at `positions`.
+  /// Replace user `user`'s prefix with rows k, v [n, kv_dim] at `positions`. A pressed layer (kv/press.hpp), whose
+  /// heads keep rows of different positions, also gives each row's position at every KV head ([n * kv heads]).
   template <class KM, class VM>
-  void write_prefix(int user, const KM& k, const VM& v, std::span<const int> positions) {
+  void write_prefix(int user, const KM& k, const VM& v, std::span<const int> positions,
+                    std::span<const int> head_positions = {}) {
     if (k.rows() > prefix_capacity_)
       throw RangeError("kv cache: " + std::to_string(k.rows()) + " prefix rows exceed the layer's capacity of " +
                        std::to_string(prefix_capacity_));
     prefix_k_[user].topRows(k.rows()) = k;
     prefix_v_[user].topRows(v.rows()) = v;
     prefix_pos_[user].assign(positions.begin(), positions.end());
+    prefix_head_pos_[user].assign(head_positions.begin(), head_positions.end());
     prefix_len_[user] = static_cast<int>(k.rows());
   }
+  /// Position of every prefix row at every KV head ([prefix_len * kv heads], row-major) when a press chose them per
+  /// head; empty otherwise (every head holds the rows at prefix_positions).
+  const std::vector<int>& prefix_head_positions(int user) const { return prefix_head_pos_[user]; }
   /// [prefix_len, kv_dim] views of a user's prefix.
   auto prefix_k(int user) const { return prefix_k_[user].topRows(prefix_len_[user]); }
   auto prefix_v(int user) const { return prefix_v_[user].topRows(prefix_len_[user]); }
@@ -75,6 +81,7 @@ class Store<Cpu> {
   int max_rows_ = 0, max_new_ = 0, kv_dim_ = 0;
   std::vector<Matrix> prefix_k_, prefix_v_;  // per user: [prefix_capacity, kv_dim]
   std::vector<std::vector<int>> prefix_pos_;  // per user: position of each prefix row
+  std::vector<std::vector<int>> prefix_head_pos_;  // per user: [rows * kv heads] positions of a pressed layer
   std::vector<int> prefix_len_;               // per user: rows written
   Matrix gen_k_, gen_v_;                      // [max_rows * max_new, kv_dim], row r's step g at r*max_new + g
 };

@@ -37,6 +37,8 @@
 #include "earn/backend/cuda/common.cuh"
 #include "earn/backend/cuda/kernels.cuh"
 #include "earn/backend/cuda/kv_store.cuh"
+#include "earn/backend/cuda/observe.cuh"
+#include "earn/backend/cuda/press.cuh"
 #include "earn/backend/cuda/stream_gemm.cuh"
 #include "earn/backend/cuda/weights.cuh"
 #include "earn/core/error.hpp"
@@ -83,6 +85,12 @@ class CudaState : public detail::RowBook {
   const kv::Store<CudaT<DType>>& layer_cache(int l) const { return layers_.at(l); }
   int n_layers() const { return static_cast<int>(layers_.size()); }
   cudaStream_t stream() const { return stream_.get(); }
+
+  /// Attention observer of every later prefill (nullptr: none, and nothing is paid for it), as CpuState::observe.
+  /// On the GPU it gets reduced statistics only (observe.cuh: computed on the device, no probabilities stored);
+  /// an observer that records whole rows is refused (ConfigError) at the prefill: record them with the CPU engine.
+  void observe(attention::Observer* observer) { observer_ = observer; }
+  attention::Observer* observer() const { return observer_; }
   /// Wait for every call issued on this state.
   void synchronize() const { stream_.synchronize(); }
 
@@ -181,6 +189,9 @@ class CudaState : public detail::RowBook {
 
   int kv_dim_ = 0;
   std::vector<kv::Store<CudaT<DType>>> layers_;
+  attention::Observer* observer_ = nullptr;
+  cuda::DeviceBuffer<int2> obs_rows_;    // the observed query rows of one layer: (segment, row in it)
+  cuda::DeviceBuffer<float4> obs_out_;   // their statistics per head
   bool poison_ = false;
   bool graphs_on_ = true;
   bool flash_on_ = true;
@@ -195,6 +206,13 @@ class CudaState : public detail::RowBook {
   cuda::DeviceBuffer<float> x_, x2_, scores_, logits_;
   cuda::DeviceBuffer<T> h_, qkv_, gu_, q_, att_, act_, probs_, reorder_scratch_;
   cuda::DeviceBuffer<int> ints_, parent_;
+  // Pressed layers of a prefill (press.cuh): the layer's full K / V / positions [rows, kv_dim], the scores, the
+  // kept rows, and the press segments and scored query rows of every pressed layer.
+  cuda::DeviceBuffer<T> press_k_, press_v_;
+  cuda::DeviceBuffer<int> press_pos_, press_idx_;
+  cuda::DeviceBuffer<float> press_scores_;
+  cuda::DeviceBuffer<cuda::PressSeg> press_segs_;
+  cuda::DeviceBuffer<int2> press_qrows_;
   cuda::DeviceBuffer<cuda::Segment> segs_;
   cuda::DeviceBuffer<void*> ptrs_, reorder_ptrs_;
   cuda::DeviceBuffer<char> blas_ws_;  // cuBLAS workspace of this state's calls (graph capture needs one we own)
@@ -217,6 +235,10 @@ class CudaState : public detail::RowBook {
 /// \endcode
 template <class Schedule, class DType>
 class Engine<Schedule, CudaT<DType>> {
+  static_assert(::earn::Schedule<Schedule>,
+                "earn: Engine's first argument must be a schedule (schedule/split.hpp: Split, Uniform, PerLayer)");
+  static_assert(RequireDeviceUsable<Schedule>::value);  // a readable error for a host-only policy
+
  public:
   using schedule_type = Schedule;
   using backend_type = CudaT<DType>;
@@ -343,7 +365,7 @@ class Engine<Schedule, CudaT<DType>> {
     st.kv_dim_ = c.kv_dim();
     st.layers_.reserve(c.n_layers);
     for (int l = 0; l < c.n_layers; ++l)
-      st.layers_.emplace_back(detail::layer_prefix_capacity(schedule_, l, o, registers()), o.max_users, o.max_rows,
+      st.layers_.emplace_back(detail::layer_prefix_capacity(schedule_, l, c.n_layers, o, registers()), o.max_users, o.max_rows,
                               o.max_new_tokens, c.kv_dim());
     return st;
   }
@@ -531,13 +553,12 @@ class Engine<Schedule, CudaT<DType>> {
       std::vector<void*> ptrs(blas_attention ? ptr_count : 0);
       for (std::size_t l = 0; blas_attention && l < layers.size(); ++l) {
         const LayerPlan& lp = layers[l];
-        auto& store = st.layers_[l];
         int e = 0;
         for (int si : layer_order[l]) {
           const cuda::Segment& sg = segs[lp.seg_off + si];
           if (sg.S == 0) continue;
-          const int u = seg_user[l][si];
-          cuda::attention_ptrs<T>(ptrs.data() + lp.ptr_off, lp.entries, e, sg, store.prefix_k(u), store.prefix_v(u),
+          cuda::attention_ptrs<T>(ptrs.data() + lp.ptr_off, lp.entries, e, sg, static_cast<const T*>(sg.pk),
+                                  static_cast<const T*>(sg.pv),
                                   st.q_.data(), st.scores_.data(), st.probs(), st.att_.data(), c.n_heads,
                                   c.n_kv_heads, c.head_dim());
           e += c.n_heads;
@@ -685,9 +706,17 @@ class Engine<Schedule, CudaT<DType>> {
 
   // One decoder block over `rows` residual rows. row_src (decode) maps a row to its generated-KV block, and G is
   // the number of generated keys each row sees; in prefill row_src is null and K/V go to the users' prefix blocks.
+  // A pressed layer of a prefill: its segments and scored rows (device), and the sizes of its kernels.
+  struct PressCall {
+    const cuda::PressSeg* segs = nullptr;
+    const int2* qrows = nullptr;
+    int nseg = 0, scored = 0, max_n = 0, max_keep = 0;  // scored: tiles of scored query rows
+    std::size_t scores = 0;  // floats of scores
+  };
+
   template <class Policy>
   void layer(State& st, int l, const Plan& plan, int pl, int rows, const int* pos, const int* row_seg,
-             const int* row_src, int G) const {
+             const int* row_src, int G, const PressCall* press = nullptr) const {
     const ModelConfig& c = w_.config;
     const cuda::DeviceLayer<DType>& lw = w_.layers[l];
     kv::Store<CudaT<DType>>& store = st.layers_[l];
@@ -701,9 +730,10 @@ class Engine<Schedule, CudaT<DType>> {
     gemm<T>(st, kQkv, st.h_.data(), lw.wqkv.data(), st.qkv_.data(), rows);
     const bool decode = row_src != nullptr;
     const int head_groups = (c.n_heads + c.n_kv_heads + k::kQkvHeads - 1) / k::kQkvHeads;
-    T* k_dst = decode ? store.gen_k() : store.prefix_k_base();
-    T* v_dst = decode ? store.gen_v() : store.prefix_v_base();
-    int* kpos_dst = decode ? nullptr : store.prefix_pos_base();
+    // A pressed layer's prefill rows go to the press scratch (segments' slot0 = their first layer row).
+    T* k_dst = decode ? store.gen_k() : press ? st.press_k_.data() : store.prefix_k_base();
+    T* v_dst = decode ? store.gen_v() : press ? st.press_v_.data() : store.prefix_v_base();
+    int* kpos_dst = decode ? nullptr : press ? st.press_pos_.data() : store.prefix_pos_base();
     const float* bias = lw.bqkv.empty() ? nullptr : lw.bqkv.data();
     const int interleaved = c.rope_style == RopeStyle::kInterleaved ? 1 : 0;
     bool rotated = false;
@@ -743,6 +773,7 @@ class Engine<Schedule, CudaT<DType>> {
       fa.pdl = st.pdl_on_;
       cuda::flash_attention<Policy, false>(s, fa);
     }
+    if (press) run_press<Policy>(st, store, *press, pos);
 
     // x += att Wo^T; x += W2 (silu(W1 n(x)) * W3 n(x)), the residual adds fused into the GEMMs (beta = 1).
     gemm<float>(st, kWo, st.att_.data(), lw.wo.data(), st.x_.data(), rows, 1.0f);
@@ -756,6 +787,82 @@ class Engine<Schedule, CudaT<DType>> {
                                                                                  st.act_.data());
     EARN_CUDA_CHECK_LAUNCH();
     gemm<float>(st, kW2, st.act_.data(), lw.w2.data(), st.x_.data(), rows, 1.0f);
+  }
+
+  // The press of a pressed layer after its prefill attention (press.cuh): scores, selection, gather into the store.
+  template <class Policy>
+  void run_press(State& st, kv::Store<CudaT<DType>>& store, const PressCall& pc, const int* pos) const {
+    const ModelConfig& c = w_.config;
+    const cudaStream_t s = st.stream();
+    namespace k = cuda::kernel;
+    if (pc.scored > 0) {
+      EARN_CUDA_CHECK(cudaMemsetAsync(st.press_scores_.data(), 0, pc.scores * sizeof(float), s));
+      if (c.head_dim() > 256) throw RangeError("press: the CUDA press scores heads of at most 256 dimensions");
+      cuda::allow_dynamic_smem<k::press_scores<Policy, T>>(k::press_scores_smem(256));  // once, for any head size
+      const std::size_t smem = k::press_scores_smem(c.head_dim());
+      k::press_scores<Policy, T><<<dim3(pc.scored, c.n_heads), 256, smem, s>>>(
+          st.q_.data(), st.press_k_.data(), pos, pc.segs, pc.qrows, st.press_scores_.data(), c.n_heads, c.n_kv_heads,
+          c.head_dim());
+      EARN_CUDA_CHECK_LAUNCH();
+    }
+    k::press_select<<<dim3(pc.nseg, c.n_kv_heads), 128, pc.max_n * (sizeof(float) + 1), s>>>(
+        pc.segs, st.press_scores_.data(), st.press_idx_.data());
+    EARN_CUDA_CHECK_LAUNCH();
+    k::press_gather<T><<<dim3(pc.nseg, std::max(pc.max_keep, 1)), 128, 0, s>>>(
+        pc.segs, st.press_idx_.data(), st.press_k_.data(), st.press_v_.data(), pos, c.n_kv_heads, c.head_dim(),
+        store.prefix_k_base(), store.prefix_v_base(), store.prefix_pos_base());
+    EARN_CUDA_CHECK_LAUNCH();
+  }
+
+  // The observer's statistics of layer l (observe.cuh): the rows its reduce query selects in every segment, reduced
+  // on the device; each sample's mean over its rows goes to the observer per head. Synchronises the stream.
+  template <class Policy>
+  void observe_layer(State& st, attention::Observer& obs, const plan::ForwardPlan& fp, int l, const Plan& plan,
+                     std::span<const int> users, int sample0, const int* pos) const {
+    const ModelConfig& c = w_.config;
+    const plan::RowSet& rw = fp.layer_rows(l);
+    std::vector<int2> rows;
+    std::vector<int> seg_rows(rw.segments(), 0);
+    int max_s = 0;
+    for (int s = 0; s < rw.segments(); ++s) {
+      const attention::ObservedSegment seg =
+          detail::observed_segment(fp, l, s, sample0 + s, users[s], &Policy::visible);
+      for (int i : attention::Observer::select(obs.options().reduce, seg)) rows.push_back(make_int2(s, i));
+      seg_rows[s] = static_cast<int>(rows.size());
+      max_s = std::max(max_s, rw.seg_n[s]);
+    }
+    if (rows.empty()) return;
+    if (max_s > 8192)
+      throw RangeError("observer: " + std::to_string(max_s) + " rows of one user at layer " + std::to_string(l) +
+                       "; the CUDA observer takes at most 8192");
+    st.obs_rows_.reserve(rows.size());
+    st.obs_out_.reserve(rows.size() * c.n_heads);
+    EARN_CUDA_CHECK(cudaMemcpyAsync(st.obs_rows_.data(), rows.data(), rows.size() * sizeof(int2),
+                                    cudaMemcpyHostToDevice, st.stream()));
+    const attention::ObserverOptions& o = obs.options();
+    const cuda::ObserveParams params{o.head_keys, o.tail_keys, static_cast<float>(o.threshold),
+                                     o.density == attention::DensityRule::kAboveUniform ? 1 : 0};
+    cuda::kernel::observe_stats<Policy, T>
+        <<<dim3(static_cast<unsigned>(rows.size()), c.n_heads), 128, (c.head_dim() + max_s) * sizeof(float),
+           st.stream()>>>(st.q_.data(), pos, st.segs_.data() + plan.layers[l].seg_off, st.obs_rows_.data(),
+                          c.n_heads, c.n_kv_heads, c.head_dim(), params, st.obs_out_.data());
+    EARN_CUDA_CHECK_LAUNCH();
+    std::vector<float4> out(rows.size() * c.n_heads);
+    EARN_CUDA_CHECK(cudaMemcpyAsync(out.data(), st.obs_out_.data(), out.size() * sizeof(float4),
+                                    cudaMemcpyDeviceToHost, st.stream()));
+    st.synchronize();
+    for (int s = 0, r0 = 0; s < rw.segments(); r0 = seg_rows[s], ++s) {
+      const int n = seg_rows[s] - r0;
+      if (n == 0) continue;
+      for (int h = 0; h < c.n_heads; ++h) {
+        attention::RowStats sum;
+        for (int r = r0; r < seg_rows[s]; ++r) {
+          const float4 v = out[std::size_t(r) * c.n_heads + h];
+          sum += attention::RowStats{v.x, v.y, v.z, v.w};
+        }
+        obs.accumulate(l, h, sum.scaled(1.0 / n), n);
+      }
+    }
   }
 
   // The cuBLAS attention path (prefill, fp32, shapes the fused decode kernel does not take).
@@ -822,6 +929,12 @@ class Engine<Schedule, CudaT<DType>> {
     st.check_prefill(users, prompts, c.vocab_size);
     const plan::ForwardPlan fp =
         State::prefill_plan(schedule_, c.n_layers, w_.prefix_registers, w_.suffix_registers, prompts);
+    detail::check_press_rules(schedule_, fp);
+    attention::Observer* const obs = st.observer_;
+    if (obs && obs->options().record.kinds != attention::kNoRows)
+      throw ConfigError("observer: the CUDA engine reduces attention statistics on the GPU and keeps no probability "
+                        "rows; record whole rows with the CPU engine (CpuState::observe)");
+    const int sample0 = obs ? detail::begin_observing(*obs, fp, c.n_layers, c.n_heads) : 0;  // checks it first
     st.begin_prefill(users, fp);
 
     // Upload the plan: input rows (codes), then per phase its rows' positions and segments and the gather from the
@@ -838,23 +951,33 @@ class Engine<Schedule, CudaT<DType>> {
                              p == 0 ? -1 : plan.add_ints(fp.phases[p].keep)});
     }
     const std::size_t max_rows = static_cast<std::size_t>(fp.input().size());
+    const std::vector<PressCall> press = plan_presses(st, fp, users, max_rows);
+    const std::size_t kvd = static_cast<std::size_t>(c.kv_dim());
     for (int l = 0; l < c.n_layers; ++l) {
       const plan::RowSet& rw = fp.layer_rows(l);
       std::vector<cuda::Segment> segs(rw.segments());
       std::vector<int> seg_user(users.begin(), users.end());
       const Index cap = st.layers_[l].prefix_capacity();
+      const bool pressed = press[l].nseg > 0;
       for (std::size_t s = 0; s < segs.size(); ++s) {
-        const int u = users[s];
-        st.layers_[l].set_prefix_len(u, rw.seg_n[s]);  // throws when the layer's cache cannot hold the rows
-        segs[s].q_off = rw.seg_off[s];
+        const int u = users[s], off = rw.seg_off[s];
+        segs[s].q_off = off;
         segs[s].nq = rw.seg_n[s];
         segs[s].S = rw.seg_n[s];
         segs[s].G = 0;
-        segs[s].slot0 = static_cast<int>(u * cap);
         segs[s].gen_pos0 = st.input_len_[u];
-        segs[s].kpos = st.layers_[l].prefix_positions(u);
-        segs[s].pk = st.layers_[l].prefix_k(u);
-        segs[s].pv = st.layers_[l].prefix_v(u);
+        if (pressed) {  // attention over the scratch; the store gets the kept rows (plan_presses set their count)
+          segs[s].slot0 = off;
+          segs[s].kpos = st.press_pos_.data() + off;
+          segs[s].pk = st.press_k_.data() + off * kvd;
+          segs[s].pv = st.press_v_.data() + off * kvd;
+        } else {
+          st.layers_[l].set_prefix_len(u, rw.seg_n[s]);  // throws when the layer's cache cannot hold the rows
+          segs[s].slot0 = static_cast<int>(u * cap);
+          segs[s].kpos = st.layers_[l].prefix_positions(u);
+          segs[s].pk = st.layers_[l].prefix_k(u);
+          segs[s].pv = st.layers_[l].prefix_v(u);
+        }
       }
       plan.add_layer(std::move(segs), seg_user, c.n_heads);
     }
@@ -878,10 +1001,90 @@ class Engine<Schedule, CudaT<DType>> {
         std::swap(st.x_, st.x2_);
       }
       schedule_.visit(l, [&]<class L>(L) {
-        layer<typename L::policy>(st, l, plan, l, p.rows, ints + p.i_pos, ints + p.i_seg, nullptr, 0);
+        layer<typename L::policy>(st, l, plan, l, p.rows, ints + p.i_pos, ints + p.i_seg, nullptr, 0,
+                                  press[l].nseg > 0 ? &press[l] : nullptr);
+        if (obs && obs->wants_layer(l))
+          observe_layer<typename L::policy>(st, *obs, fp, l, plan, users, sample0, ints + p.i_pos);
       });
     }
     return logits(st, ints + i_out, static_cast<int>(out.size()));
+  }
+
+  // The presses of plan fp's pressed layers (kv/press.hpp): each user's rule, kept-row count (set in the store),
+  // scored query rows and buffer offsets, uploaded once; the scratch is sized for max_rows rows. nseg = 0 for a
+  // layer without a press.
+  std::vector<PressCall> plan_presses(State& st, const plan::ForwardPlan& fp, std::span<const int> users,
+                                      std::size_t max_rows) const {
+    const ModelConfig& c = w_.config;
+    std::vector<PressCall> calls(c.n_layers);
+    std::vector<cuda::PressSeg> segs;
+    std::vector<int2> qrows;
+    std::vector<std::pair<int, int>> offsets(c.n_layers, {0, 0});  // per layer: first segment, first scored row
+    std::size_t max_scores = 0, max_idx = 0;
+    const int group = c.n_heads / c.n_kv_heads;
+    for (int l = 0; l < c.n_layers; ++l)
+      schedule_.visit(l, [&]<class L>(const L& layer) {
+        if constexpr (kv::is_pressed<typename L::cache>()) {
+          const plan::RowSet& rw = fp.layer_rows(l);
+          PressCall& pc = calls[l];
+          offsets[l] = {static_cast<int>(segs.size()), static_cast<int>(qrows.size())};
+          int score_off = 0, idx_off = 0;
+          for (int si = 0; si < rw.segments(); ++si) {
+            const int n = rw.seg_n[si];
+            const kv::PressRule r = layer.layout.press.rule(l, c.n_layers, n);
+            cuda::PressSeg ps;
+            ps.row0 = rw.seg_off[si];
+            ps.n = n;
+            ps.keep = std::min(r.keep, n);
+            ps.sinks = r.sinks;
+            ps.recent = r.recent;
+            ps.pool = r.pool;
+            ps.score_off = score_off;
+            ps.idx_off = idx_off;
+            ps.dst_slot = static_cast<int>(users[si] * st.layers_[l].prefix_capacity());
+            st.layers_[l].set_prefix_len(users[si], ps.keep);  // throws when the cache cannot hold them
+            const bool scored = ps.keep < n && r.score != kv::Score::kNone;
+            const int rows = !scored ? 0 : r.score == kv::Score::kWindow ? std::min(r.window, n) : n;
+            ps.scale = rows == 0 ? 0.0f
+                                 : 1.0f / static_cast<float>(group * (r.score == kv::Score::kWindow ? rows : 1));
+            // Tiles of scored rows (segment index within the layer, first row): press_scores takes one per block.
+            for (int i = n - rows; i < n; i += cuda::kernel::kPressQueryTile) qrows.push_back(make_int2(si, i)), ++pc.scored;
+            pc.max_n = std::max(pc.max_n, n);
+            pc.max_keep = std::max(pc.max_keep, ps.keep);
+            score_off += c.n_kv_heads * n;
+            idx_off += c.n_kv_heads * ps.keep;
+            segs.push_back(ps);
+          }
+          pc.nseg = rw.segments();
+          pc.scores = static_cast<std::size_t>(score_off);
+          max_scores = std::max(max_scores, pc.scores);
+          max_idx = std::max(max_idx, static_cast<std::size_t>(idx_off));
+        }
+      });
+    if (segs.empty()) return calls;
+    for (const PressCall& pc : calls)  // the kernels' shared memory: the scores of a row, and a segment's pooling
+      if (pc.max_n > 8192)
+        throw RangeError("press: " + std::to_string(pc.max_n) + " rows of one user at a pressed layer; the CUDA "
+                         "press takes at most 8192");
+    const std::size_t kvd = static_cast<std::size_t>(c.kv_dim());
+    st.press_k_.reserve(max_rows * kvd);
+    st.press_v_.reserve(max_rows * kvd);
+    st.press_pos_.reserve(max_rows);
+    st.press_scores_.reserve(std::max<std::size_t>(max_scores, 1));
+    st.press_idx_.reserve(std::max<std::size_t>(max_idx, 1));
+    st.press_segs_.reserve(segs.size());
+    st.press_qrows_.reserve(std::max<std::size_t>(qrows.size(), 1));
+    EARN_CUDA_CHECK(cudaMemcpyAsync(st.press_segs_.data(), segs.data(), segs.size() * sizeof(cuda::PressSeg),
+                                    cudaMemcpyHostToDevice, st.stream()));
+    if (!qrows.empty())
+      EARN_CUDA_CHECK(cudaMemcpyAsync(st.press_qrows_.data(), qrows.data(), qrows.size() * sizeof(int2),
+                                      cudaMemcpyHostToDevice, st.stream()));
+    for (int l = 0; l < c.n_layers; ++l)
+      if (calls[l].nseg > 0) {
+        calls[l].segs = st.press_segs_.data() + offsets[l].first;
+        calls[l].qrows = st.press_qrows_.data() + offsets[l].second;
+      }
+    return calls;
   }
 
   // A process-wide engine number for graph keys (an address could be reused by a later engine).

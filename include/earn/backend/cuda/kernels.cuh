@@ -60,6 +60,40 @@ __device__ inline float block_reduce(float v, float* red) {
   return r;
 }
 
+/// Block-wide, fp32: the attention probabilities of one query row (its rotated query qrow [hd], head of KV head g) over
+/// n keys (rows of k, stride kvd; positions kpos), scaled by 1 / sqrt(hd) and masked by Policy::visible: p[j] the
+/// probability, or -1 for a key the row does not see. qv [hd] and p [n] are shared memory, red the reductions'.
+/// Returns the number of visible keys (every thread gets it). The press and the observer kernels recompute rows
+/// with it where the flash kernels never form them.
+template <class Policy, class T>
+__device__ inline int row_probs(const T* qrow, int qpos, const T* k, long long kvd, int g, int hd, const int* kpos,
+                                int n, float* qv, float* p, float* red) {
+  for (int d = threadIdx.x; d < hd; d += blockDim.x) qv[d] = to_float(qrow[d]);
+  __syncthreads();
+  const float scale = rsqrtf(static_cast<float>(hd));
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    float v = -INFINITY;
+    if (Policy::visible(qpos, kpos[j])) {
+      const T* kr = k + j * kvd + static_cast<long long>(g) * hd;
+      float dot = 0.0f;
+      for (int d = 0; d < hd; ++d) dot += qv[d] * to_float(kr[d]);
+      v = dot * scale;
+    }
+    p[j] = v;
+    m = fmaxf(m, v);
+  }
+  m = block_reduce<true>(m, red);
+  float z = 0.0f, seen = 0.0f;
+  for (int j = threadIdx.x; j < n; j += blockDim.x)
+    if (p[j] != -INFINITY) z += expf(p[j] - m), seen += 1.0f;
+  z = block_reduce<false>(z, red);
+  seen = block_reduce<false>(seen, red);
+  for (int j = threadIdx.x; j < n; j += blockDim.x) p[j] = p[j] == -INFINITY ? -1.0f : expf(p[j] - m) / z;
+  __syncthreads();
+  return static_cast<int>(seen);
+}
+
 /// x[r] = row codes[r] of the token embedding (code >= 0) or register -code-1 (code < 0), widened to fp32.
 template <class T>
 __global__ void embed(const int* codes, const T* emb, const T* reg, int rows, int dim, float* x) {
