@@ -13,6 +13,7 @@
 #include <initializer_list>
 #include <string>
 #include <utility>
+#include <mutex>
 #include <vector>
 
 #include "earn/backend/cuda/tag.hpp"
@@ -161,10 +162,64 @@ class OwnedHandle {
   H h_ = nullptr;
 };
 
-/// Owning cuBLAS handle. Move-only.
-class BlasHandle : public OwnedHandle<cublasHandle_t, cublasDestroy> {
+namespace detail {
+// cuBLAS handles go back to a process-wide pool instead of being destroyed: cublasDestroy synchronises the device,
+// and a decoding state that ends on one thread would then invalidate the decode-graph capture of a state on another
+// (compute-sanitizer showed it: "operation not permitted when stream is capturing" from cublasDestroy). Each state
+// binds its stream and workspace to its handle before every call, so a handle keeps nothing of its last owner that
+// matters. The pool's handles are destroyed at exit.
+class BlasPool {
  public:
-  BlasHandle() { EARN_CUDA_CHECK(cublasCreate(&h_)); }
+  static BlasPool& get() {
+    static BlasPool pool;
+    return pool;
+  }
+  // A handle of the current device (a handle belongs to the device it was made on).
+  cublasHandle_t acquire() {
+    int dev = 0;
+    EARN_CUDA_CHECK(cudaGetDevice(&dev));
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      for (std::size_t i = free_.size(); i-- > 0;)
+        if (free_[i].first == dev) {
+          cublasHandle_t h = free_[i].second;
+          free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
+          return h;
+        }
+    }
+    cublasHandle_t h = nullptr;
+    EARN_CUDA_CHECK(cublasCreate(&h));
+    std::lock_guard<std::mutex> lock(m_);
+    device_of_.push_back({h, dev});
+    return h;
+  }
+  void release(cublasHandle_t h) noexcept {
+    try {
+      std::lock_guard<std::mutex> lock(m_);
+      int dev = 0;
+      for (const auto& [hh, d] : device_of_)
+        if (hh == h) dev = d;
+      free_.push_back({dev, h});
+    } catch (...) {
+      cublasDestroy(h);  // no room in the pool: destroy it after all
+    }
+  }
+  ~BlasPool() {
+    for (const auto& [dev, h] : free_) cublasDestroy(h);
+  }
+
+ private:
+  std::mutex m_;
+  std::vector<std::pair<int, cublasHandle_t>> free_;       // (device, handle) ready for a new owner
+  std::vector<std::pair<cublasHandle_t, int>> device_of_;  // every handle the pool made, and its device
+};
+inline void release_blas(cublasHandle_t h) { BlasPool::get().release(h); }
+}  // namespace detail
+
+/// Owning cuBLAS handle, from and back to a process-wide pool (detail::BlasPool). Move-only.
+class BlasHandle : public OwnedHandle<cublasHandle_t, detail::release_blas> {
+ public:
+  BlasHandle() { h_ = detail::BlasPool::get().acquire(); }
 };
 
 /// Owning CUDA event (timing enabled). Move-only.
@@ -289,10 +344,13 @@ class GraphCache {
   explicit GraphCache(std::size_t capacity) : capacity_(capacity < 1 ? 1 : capacity) {}
   GraphCache(const GraphCache&) = delete;
   GraphCache& operator=(const GraphCache&) = delete;
-  GraphCache(GraphCache&& o) noexcept : entries_(std::move(o.entries_)), capacity_(o.capacity_) { o.entries_.clear(); }
+  GraphCache(GraphCache&& o) noexcept : entries_(std::move(o.entries_)), capacity_(o.capacity_), eager_(o.eager_) {
+    o.entries_.clear();
+  }
   GraphCache& operator=(GraphCache&& o) noexcept {
     std::swap(entries_, o.entries_);
     std::swap(capacity_, o.capacity_);
+    std::swap(eager_, o.eager_);
     return *this;
   }
   ~GraphCache() { clear(); }
@@ -306,14 +364,30 @@ class GraphCache {
       }
     cudaGraph_t graph = nullptr;
     EARN_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    bool lost = false;  // the capture was invalidated from outside this thread
     try {
       record();
     } catch (...) {
+      cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+      lost = cudaStreamIsCapturing(s, &status) == cudaSuccess && status == cudaStreamCaptureStatusInvalidated;
       if (cudaStreamEndCapture(s, &graph) == cudaSuccess && graph) cudaGraphDestroy(graph);
       cudaGetLastError();  // the failed capture's error is the exception in flight, not the next call's
-      throw;
+      if (!lost) throw;
     }
-    EARN_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+    if (!lost) {
+      const cudaError_t end = cudaStreamEndCapture(s, &graph);
+      lost = end == cudaErrorStreamCaptureInvalidated;
+      if (lost) cudaGetLastError();
+      else EARN_CUDA_CHECK(end);
+    }
+    if (lost) {
+      // Another thread's device-wide synchronisation (a cudaFree, a synchronous copy) during the capture invalidates
+      // it even in thread-local mode (test_cuda_threads aborted in most runs before this): nothing was launched, so
+      // the step runs eagerly instead, and the next step of this shape tries to capture again.
+      ++eager_;
+      record();
+      return;
+    }
     cudaGraphExec_t exec = nullptr;
     const cudaError_t e = cudaGraphInstantiate(&exec, graph, 0);
     cudaGraphDestroy(graph);
@@ -326,6 +400,8 @@ class GraphCache {
     EARN_CUDA_CHECK(cudaGraphLaunch(exec, s));
   }
   std::size_t size() const { return entries_.size(); }
+  /// Steps launched eagerly because their capture was invalidated by another thread.
+  std::size_t eager_steps() const { return eager_; }
   void clear() noexcept {
     for (auto& e : entries_) cudaGraphExecDestroy(e.exec);
     entries_.clear();
@@ -338,6 +414,7 @@ class GraphCache {
   };
   std::vector<Entry> entries_;
   std::size_t capacity_ = kMax;
+  std::size_t eager_ = 0;
 };
 
 }  // namespace earn::cuda

@@ -152,6 +152,8 @@ class CudaState : public detail::RowBook {
   }
   /// Decode graphs held (tests: a repeated step shape replays instead of capturing again).
   std::size_t graph_count() const { return graphs_.size(); }
+  /// Decode steps launched eagerly because another thread invalidated their graph capture (see GraphCache::run).
+  std::size_t eager_steps() const { return graphs_.eager_steps(); }
 
   void enable_poison() {
     for (auto& layer : layers_) layer.poison(stream());
