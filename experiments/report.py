@@ -171,7 +171,8 @@ def baselines_section(stats_earn, n_earn, speed, ref):
         c = []
         for shape in ("small", "llama7b"):
             s = speed_of(speed, shape, earn_at[shape]) if earn else sp_of(shape, sched)
-            r0 = sp_of(shape, "dense") or ref.get(shape)
+            # Each ratio against the Finetune row of its own call: the grid's speed call for EARN, this one's else.
+            r0 = ref.get(shape) if earn else sp_of(shape, "dense")
             c += [f"{s[2] / 1024:.0f} KiB", f"{r0[0] / s[0]:.2f}", f"{r0[1] / s[1]:.2f}"] if s and r0 else ["-"] * 3
         return c
 

@@ -132,3 +132,25 @@ TEST_CASE_TEMPLATE("CUDA engine under StreamingLLM equals the CPU engine on roun
   round_to<D>(w);
   check_engines<D>(w, press_schedule(kv::press::StreamingLLM{.budget = {.ratio = 0.2, .rows = 4}, .sinks = 2}));
 }
+
+TEST_CASE("CUDA presses repeat bit for bit: scores summed in a fixed order, no atomics") {
+  const ModelWeights w = random_weights(gqa_config(), {.seed = 14, .scale = 2.0f});
+  const auto schedule = press_schedule(kv::press::H2O{.budget = {.ratio = 0.25, .rows = 2}});
+  Engine<std::decay_t<decltype(schedule)>, CudaBf16> gpu(w, schedule);
+  const int users[2] = {0, 1};
+  const std::vector<int> prompts[2] = {random_tokens(77, w.config.vocab_size, 8), random_tokens(45, w.config.vocab_size, 9)};
+  auto run = [&] {
+    auto st = gpu.make_state({.max_users = 2, .max_rows = 2, .max_prompt = 80, .max_new_tokens = 4});
+    Matrix first = gpu.prefill_batch(st, users, prompts);
+    const int rows[2] = {0, 1}, tok[2] = {5, 6};
+    st.set_rows(rows);
+    Matrix next = gpu.decode(st, tok);
+    return std::pair<Matrix, Matrix>{first, next};
+  };
+  const auto a = run();
+  for (int rep = 0; rep < 3; ++rep) {
+    const auto b = run();
+    CHECK(b.first == a.first);
+    CHECK(b.second == a.second);
+  }
+}

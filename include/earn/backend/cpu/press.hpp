@@ -17,7 +17,7 @@ namespace earn::cpu {
 class PressScores {
  public:
   PressScores(const kv::PressRule& rule, int n, int n_heads, int n_kv_heads)
-      : rule_(rule), n_(n), heads_(n_heads), group_(n_heads / n_kv_heads),
+      : rule_(rule), n_(n), group_(n_heads / n_kv_heads),
         active_(rule.keep < n && rule.score != kv::Score::kNone),
         per_head_(active_ ? std::size_t(n_heads) * n : 0, 0.0) {}
 
@@ -46,7 +46,7 @@ class PressScores {
 
  private:
   kv::PressRule rule_;
-  int n_, heads_, group_;
+  int n_, group_;
   bool active_;
   std::vector<double> per_head_;  // [heads, n]
 };

@@ -212,7 +212,7 @@ class CudaState : public detail::RowBook {
   // kept rows, and the press segments and scored query rows of every pressed layer.
   cuda::DeviceBuffer<T> press_k_, press_v_;
   cuda::DeviceBuffer<int> press_pos_, press_idx_;
-  cuda::DeviceBuffer<float> press_scores_;
+  cuda::DeviceBuffer<float> press_scores_, press_partial_;
   cuda::DeviceBuffer<cuda::PressSeg> press_segs_;
   cuda::DeviceBuffer<int2> press_qrows_;
   cuda::DeviceBuffer<cuda::Segment> segs_;
@@ -713,7 +713,8 @@ class Engine<Schedule, CudaT<DType>> {
     const cuda::PressSeg* segs = nullptr;
     const int2* qrows = nullptr;
     int nseg = 0, scored = 0, max_n = 0, max_keep = 0;  // scored: tiles of scored query rows
-    std::size_t scores = 0;  // floats of scores
+    std::size_t scores = 0;   // floats of scores
+    std::size_t partial = 0;  // floats of press_scores' partial sums
   };
 
   template <class Policy>
@@ -798,13 +799,16 @@ class Engine<Schedule, CudaT<DType>> {
     const cudaStream_t s = st.stream();
     namespace k = cuda::kernel;
     if (pc.scored > 0) {
-      EARN_CUDA_CHECK(cudaMemsetAsync(st.press_scores_.data(), 0, pc.scores * sizeof(float), s));
+      EARN_CUDA_CHECK(cudaMemsetAsync(st.press_partial_.data(), 0, pc.partial * sizeof(float), s));
       if (c.head_dim() > 256) throw RangeError("press: the CUDA press scores heads of at most 256 dimensions");
       cuda::allow_dynamic_smem<k::press_scores<Policy, T>>(k::press_scores_smem(256));  // once, for any head size
       const std::size_t smem = k::press_scores_smem(c.head_dim());
       k::press_scores<Policy, T><<<dim3(pc.scored, c.n_heads), 256, smem, s>>>(
-          st.q_.data(), st.press_k_.data(), pos, pc.segs, pc.qrows, st.press_scores_.data(), c.n_heads, c.n_kv_heads,
-          c.head_dim());
+          st.q_.data(), st.press_k_.data(), pos, pc.segs, pc.qrows, st.press_partial_.data(), c.n_heads,
+          c.n_kv_heads, c.head_dim());
+      EARN_CUDA_CHECK_LAUNCH();
+      k::press_reduce<<<dim3(pc.nseg, c.n_kv_heads), 128, 0, s>>>(pc.segs, st.press_partial_.data(), c.n_heads,
+                                                                  c.n_kv_heads, st.press_scores_.data());
       EARN_CUDA_CHECK_LAUNCH();
     }
     k::press_select<<<dim3(pc.nseg, c.n_kv_heads), 128, pc.max_n * (sizeof(float) + 1), s>>>(
@@ -1022,7 +1026,7 @@ class Engine<Schedule, CudaT<DType>> {
     std::vector<cuda::PressSeg> segs;
     std::vector<int2> qrows;
     std::vector<std::pair<int, int>> offsets(c.n_layers, {0, 0});  // per layer: first segment, first scored row
-    std::size_t max_scores = 0, max_idx = 0;
+    std::size_t max_scores = 0, max_idx = 0, max_partial = 0;
     const int group = c.n_heads / c.n_kv_heads;
     for (int l = 0; l < c.n_layers; ++l)
       schedule_.visit(l, [&]<class L>(const L& layer) {
@@ -1031,6 +1035,7 @@ class Engine<Schedule, CudaT<DType>> {
           PressCall& pc = calls[l];
           offsets[l] = {static_cast<int>(segs.size()), static_cast<int>(qrows.size())};
           int score_off = 0, idx_off = 0;
+          long long part_off = 0;
           for (int si = 0; si < rw.segments(); ++si) {
             const int n = rw.seg_n[si];
             const kv::PressRule r = layer.layout.press.rule(l, c.n_layers, n);
@@ -1050,7 +1055,11 @@ class Engine<Schedule, CudaT<DType>> {
             ps.scale = rows == 0 ? 0.0f
                                  : 1.0f / static_cast<float>(group * (r.score == kv::Score::kWindow ? rows : 1));
             // Tiles of scored rows (segment index within the layer, first row): press_scores takes one per block.
-            for (int i = n - rows; i < n; i += cuda::kernel::kPressQueryTile) qrows.push_back(make_int2(si, i)), ++pc.scored;
+            ps.first_scored = n - rows;
+            ps.part_off = part_off;
+            for (int i = n - rows; i < n; i += cuda::kernel::kPressQueryTile)
+              qrows.push_back(make_int2(si, i)), ++pc.scored, ++ps.tiles;
+            part_off += static_cast<long long>(ps.tiles) * c.n_heads * n;
             pc.max_n = std::max(pc.max_n, n);
             pc.max_keep = std::max(pc.max_keep, ps.keep);
             score_off += c.n_kv_heads * n;
@@ -1059,7 +1068,9 @@ class Engine<Schedule, CudaT<DType>> {
           }
           pc.nseg = rw.segments();
           pc.scores = static_cast<std::size_t>(score_off);
+          pc.partial = static_cast<std::size_t>(part_off);
           max_scores = std::max(max_scores, pc.scores);
+          max_partial = std::max(max_partial, pc.partial);
           max_idx = std::max(max_idx, static_cast<std::size_t>(idx_off));
         }
       });
@@ -1073,6 +1084,7 @@ class Engine<Schedule, CudaT<DType>> {
     st.press_v_.reserve(max_rows * kvd);
     st.press_pos_.reserve(max_rows);
     st.press_scores_.reserve(std::max<std::size_t>(max_scores, 1));
+    st.press_partial_.reserve(std::max<std::size_t>(max_partial, 1));
     st.press_idx_.reserve(std::max<std::size_t>(max_idx, 1));
     st.press_segs_.reserve(segs.size());
     st.press_qrows_.reserve(std::max<std::size_t>(qrows.size(), 1));

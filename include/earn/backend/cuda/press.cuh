@@ -5,8 +5,9 @@
 // attention reads them there. Then, per user segment:
 //   press_scores   (Score::kWindow / kAll only) one block per (tile of 32 scored query rows, head): the rows'
 //                  probabilities over the segment's keys, recomputed from the rotated Q and the scratch K in fp32
-//                  (keys through shared memory, read once per tile), added into the KV head's scores with the rule's
-//                  scale (1 / (group x window rows), or 1 / group)
+//                  (keys through shared memory, read once per tile), summed over the tile per key
+//   press_reduce   the tiles' and the group's heads' sums in a fixed order, times the rule's scale (1 / (group x
+//                  window rows), or 1 / group): each KV head's raw scores, the same bits on every run
 //   press_select   one block per (segment, KV head): kv::select_rows on the device: average pooling of the scores of
 //                  the keys before the recent ones, sinks, recent, then the `rest` best by a bitwise binary search for
 //                  the rest-th largest score (scores are >= 0, so their float bits order as the values do) with
@@ -30,6 +31,9 @@ struct PressSeg {
   int n = 0;            ///< rows
   int keep = 0, sinks = 0, recent = 0, pool = 1;  ///< the press's rule for n rows (kv::PressRule), keep <= n
   float scale = 0.0f;   ///< factor of each probability added to a KV head's score
+  int first_scored = 0;  ///< first scored query row (the last n - first_scored rows are scored)
+  int tiles = 0;        ///< tiles of kPressQueryTile scored rows
+  long long part_off = 0;  ///< this segment's partial sums [tiles][nh][n] start here
   int score_off = 0;    ///< this segment's scores [nkv][n] start here
   int idx_off = 0;      ///< its kept rows [nkv][keep] start here
   int dst_slot = 0;     ///< the store's first prefix row of the user
@@ -37,8 +41,6 @@ struct PressSeg {
 
 namespace kernel {
 
-/// Adds one query row's attention probabilities (head blockIdx.y) to its KV head's scores. Grid: (scored rows,
-/// heads); qrows[b] = (segment, row within it). Dynamic shared memory: (hd + max n) floats.
 /// Query rows per block of press_scores, keys per shared-memory chunk.
 inline constexpr int kPressQueryTile = 32, kPressKeyTile = 32;
 
@@ -48,15 +50,16 @@ inline std::size_t press_scores_smem(int hd) {
                           std::size_t(kPressQueryTile) * (kPressKeyTile + 1) + 2 * kPressQueryTile);
 }
 
-/// Adds the attention probabilities of a tile of query rows (head blockIdx.y) to its KV head's scores. Grid: (tiles,
-/// heads); tiles[b] = (segment, first row): rows [first, min(first + kPressQueryTile, n)) of the segment. Keys go
-/// through shared memory a chunk at a time, shared by the tile's rows (so K is read once per tile, not per row):
-/// pass 1 takes each row's max and sum (online softmax), pass 2 recomputes the scores and adds each key's
-/// probabilities, summed over the tile, with one atomic per key. A causal policy skips the chunks past the tile's last
-/// row. fp32 throughout. Block: 256 threads.
+/// Writes each key's attention probabilities summed over a tile of query rows at head blockIdx.y to
+/// partial[part_off + (tile * nh + head) * n + key] (keys no row of the tile sees are left as they are: zero). Grid:
+/// (tiles, heads); tiles[b] = (segment, first row): rows [first, min(first + kPressQueryTile, n)) of the segment. Keys
+/// go through shared memory a chunk at a time, shared by the tile's rows (so K is read once per tile, not per row):
+/// pass 1 takes each row's max and sum (online softmax), pass 2 recomputes the scores and sums each key's
+/// probabilities over the tile. A causal policy skips the chunks past the tile's last row. fp32 throughout, no
+/// atomics: press_reduce adds the partial sums in a fixed order, so the scores repeat bit for bit. Block: 256 threads.
 template <class Policy, class T>
 __global__ void press_scores(const T* q, const T* k, const int* pos, const PressSeg* segs, const int2* tiles,
-                             float* scores, int nh, int nkv, int hd) {
+                             float* partial, int nh, int nkv, int hd) {
   constexpr int QT = kPressQueryTile, KT = kPressKeyTile;
   extern __shared__ float sm[];
   const int2 tile = tiles[blockIdx.x];
@@ -109,17 +112,32 @@ __global__ void press_scores(const T* q, const T* k, const int* pos, const Press
           mx[r] = m, sum[r] = z;
         }
       } else {
-        float* out = scores + sg.score_off + static_cast<long long>(g) * sg.n + c0;
+        const int t = (r0 - sg.first_scored) / QT;
+        float* out = partial + sg.part_off + (static_cast<long long>(t) * nh + h) * sg.n + c0;
         for (int j = threadIdx.x; j < kn; j += blockDim.x) {  // key j's probabilities summed over the tile
           float col = 0.0f;
           for (int r = 0; r < nq; ++r) {
             const float v = lg[r * (KT + 1) + j];
             if (v != -INFINITY) col += expf(v - mx[r]) / sum[r];
           }
-          if (col > 0.0f) atomicAdd(out + j, col * sg.scale);
+          out[j] = col;
         }
       }
     }
+  }
+}
+
+/// scores[score_off + g * n + j] = scale x the sum, over the segment's tiles and then the query heads of KV head g
+/// (blockIdx.y) in order, of press_scores' partial sums: the raw scores of segment blockIdx.x, in a fixed order.
+__global__ void press_reduce(const PressSeg* segs, const float* partial, int nh, int nkv, float* scores) {
+  const PressSeg sg = segs[blockIdx.x];
+  const int g = blockIdx.y, group = nh / nkv;
+  for (int j = threadIdx.x; j < sg.n; j += blockDim.x) {
+    float acc = 0.0f;
+    for (int t = 0; t < sg.tiles; ++t)
+      for (int h = g * group; h < (g + 1) * group; ++h)
+        acc += partial[sg.part_off + (static_cast<long long>(t) * nh + h) * sg.n + j];
+    scores[sg.score_off + static_cast<long long>(g) * sg.n + j] = acc * sg.scale;
   }
 }
 
