@@ -155,19 +155,17 @@ int main(int argc, char** argv) {
     if (press.empty()) {
       ran = search_under(EarnSchedule{k}, 1.0);
     } else {
-      const kv::Budget b = kv::Budget::matching_earn(press_k >= 0 ? press_k : c.n_layers / 4, c.n_layers, press_regs);
       const int mk = press_k >= 0 ? press_k : c.n_layers / 4;
+      const kv::Budget b = kv::Budget::matching_earn(mk, c.n_layers, press_regs);
       if (press == "truncate")
         std::cout << "press:   truncate, each history to its last ceil(" << b.ratio << " x items) items (k = " << mk
                   << " of " << c.n_layers << "), the dense model\n";
       else
         std::cout << "press:   " << press << " over every layer, the KV of EARN k = " << mk << " with " << press_regs
                   << " registers (" << b.rows << " + " << b.ratio << " x rows a layer)\n";
-      if (press == "streaming_llm") ran = search_under(press_schedule(kv::press::StreamingLLM{b}), 1.0);
-      else if (press == "snapkv") ran = search_under(press_schedule(kv::press::SnapKV{b}), 1.0);
-      else if (press == "h2o") ran = search_under(press_schedule(kv::press::H2O{b}), 1.0);
-      else if (press == "pyramidkv") ran = search_under(press_schedule(kv::press::PyramidKV{b}), 1.0);
-      else ran = search_under(DenseSchedule{}, b.ratio);  // truncate
+      ran = press == "truncate"
+                ? search_under(DenseSchedule{}, b.ratio)
+                : kv::visit_press(press, b, [&](const auto& p) { return search_under(press_schedule(p), 1.0); });
     }
     const EvalResult& res = ran.first;
     const MetricAccumulator& acc = res.metrics;

@@ -260,12 +260,11 @@ int run(const Args& a) {
     }
     for (const std::string& name : a.test_presses) {
       const kv::Budget budget = kv::Budget::matching_earn(pk, c.n_layers, a.press_registers);
-      rec::EvalResult pr;
-      if (name == "streaming_llm") pr = Backend::evaluate(best, press_schedule(kv::press::StreamingLLM{budget}), trie, ds, pb, test, a);
-      else if (name == "snapkv") pr = Backend::evaluate(best, press_schedule(kv::press::SnapKV{budget}), trie, ds, pb, test, a);
-      else if (name == "h2o") pr = Backend::evaluate(best, press_schedule(kv::press::H2O{budget}), trie, ds, pb, test, a);
-      else if (name == "pyramidkv") pr = Backend::evaluate(best, press_schedule(kv::press::PyramidKV{budget}), trie, ds, pb, test, a);
-      else pr = Backend::evaluate(best, DenseSchedule{}, trie, ds, pb, test, a, budget.ratio);  // "truncate"
+      const rec::EvalResult pr =
+          name == "truncate" ? Backend::evaluate(best, DenseSchedule{}, trie, ds, pb, test, a, budget.ratio)
+                             : kv::visit_press(name, budget, [&](const auto& press) {
+                                 return Backend::evaluate(best, press_schedule(press), trie, ds, pb, test, a);
+                               });
       std::printf("test under %s (KV of EARN k = %d, %d registers): R@10 %.4f N@10 %.4f\n", name.c_str(), pk,
                   a.press_registers, pr.metrics.recall(10), pr.metrics.ndcg(10));
       result["test_press"][name] = metrics_json(pr.metrics);

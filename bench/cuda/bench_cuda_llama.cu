@@ -277,17 +277,12 @@ int main(int argc, char** argv) {
         }
         // The baselines: the dense model, each layer's cache pressed to EARN's KV at --press-k (Budget::matching_earn).
         const kv::Budget budget = kv::Budget::matching_earn(press_k >= 0 ? press_k : layers / 4, layers, press_regs);
-        auto pressed = [&]<class Pr>(const Pr& press) {
-          run_setting(B, P, -1, Pr::name, press_schedule(press), layers,
-                      [&](int l, double rows) { return double(std::min(press.rule(l, layers, int(rows)).keep, int(rows))); });
-        };
-        for (const std::string& name : presses) {
-          if (name == "streaming_llm") pressed(kv::press::StreamingLLM{budget});
-          else if (name == "snapkv") pressed(kv::press::SnapKV{budget});
-          else if (name == "h2o") pressed(kv::press::H2O{budget});
-          else if (name == "pyramidkv") pressed(kv::press::PyramidKV{budget});
-          else throw ConfigError("--presses: unknown press " + name + " (streaming_llm, snapkv, h2o, pyramidkv)");
-        }
+        for (const std::string& name : presses)
+          kv::visit_press(name, budget, [&]<class Pr>(const Pr& press) {
+            run_setting(B, P, -1, Pr::name, press_schedule(press), layers, [&](int l, double rows) {
+              return double(std::min(press.rule(l, layers, int(rows)).keep, int(rows)));
+            });
+          });
       }
 
     if (!json.empty()) {

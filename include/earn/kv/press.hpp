@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "earn/core/error.hpp"
@@ -162,6 +163,30 @@ struct PyramidKV {
 };
 
 }  // namespace press
+
+/// Query rows whose probabilities score the keys of n rows under rule r: the last `scored_rows` of them (0: the
+/// selection is by position alone, or every row is kept).
+inline int scored_rows(const PressRule& r, int n) {
+  if (r.keep >= n || r.score == Score::kNone) return 0;
+  return r.score == Score::kWindow ? std::min(r.window, n) : n;
+}
+
+/// The factor of each probability in a KV head's raw score: 1 / (group x window rows) for Score::kWindow (a mean),
+/// 1 / group for Score::kAll (a sum over rows, a mean over the group's query heads).
+inline double score_scale(const PressRule& r, int n, int group) {
+  return 1.0 / (double(group) * double(r.score == Score::kWindow ? std::max(scored_rows(r, n), 1) : 1));
+}
+
+/// Calls f(press) with the press named `name` (streaming_llm, snapkv, h2o, pyramidkv: their `name`s) at budget b and
+/// its default parameters: the programs' --press options. ConfigError for another name.
+template <class F>
+decltype(auto) visit_press(const std::string& name, Budget b, F&& f) {
+  if (name == press::StreamingLLM::name) return std::forward<F>(f)(press::StreamingLLM{b});
+  if (name == press::SnapKV::name) return std::forward<F>(f)(press::SnapKV{b});
+  if (name == press::H2O::name) return std::forward<F>(f)(press::H2O{b});
+  if (name == press::PyramidKV::name) return std::forward<F>(f)(press::PyramidKV{b});
+  throw ConfigError("unknown press " + name + " (streaming_llm, snapkv, h2o, pyramidkv)");
+}
 
 /// Scores of the keys [0, m) averaged over a centred window of `pool` keys (zero padding, divided by pool).
 inline std::vector<double> pool_scores(std::span<const double> s, int m, int pool) {

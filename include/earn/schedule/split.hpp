@@ -76,6 +76,15 @@ class Split {
   [[no_unique_address]] Late late_{};
 };
 
+namespace detail {
+// Uniform's and PerLayer's check: a layer type that drops the prompt everywhere needs registers to carry it.
+template <class L>
+void require_registers_if_dropping(int registers) {
+  if (!L::policy::keeps_prompt && registers == 0)
+    throw ConfigError("schedule: every layer drops the prompt and there are no registers");
+}
+}  // namespace detail
+
 /// Every layer of the model is `L`.
 template <class L>
 class Uniform {
@@ -91,10 +100,7 @@ class Uniform {
   constexpr bool is_late(int) const { return false; }
   template <class F>
   constexpr decltype(auto) visit(int, F&& f) const { return std::forward<F>(f)(layer_); }
-  void validate(int, int registers) const {
-    if (!L::policy::keeps_prompt && registers == 0)
-      throw ConfigError("schedule: every layer drops the prompt and there are no registers");
-  }
+  void validate(int, int registers) const { detail::require_registers_if_dropping<L>(registers); }
 
  private:
   [[no_unique_address]] L layer_{};
@@ -132,8 +138,7 @@ class PerLayer {
     if (static_cast<int>(layers_.size()) != n_layers)
       throw ConfigError("schedule: PerLayer lists " + std::to_string(layers_.size()) + " layers, the model has " +
                         std::to_string(n_layers));
-    if (!L::policy::keeps_prompt && registers == 0)
-      throw ConfigError("schedule: every layer drops the prompt and there are no registers");
+    detail::require_registers_if_dropping<L>(registers);
   }
   const std::vector<L>& layers() const { return layers_; }
 

@@ -256,25 +256,23 @@ class Engine<Schedule, Cpu> {
           const std::span<const int> pos(rows.pos.data() + off, static_cast<std::size_t>(n));
           const attention::ObservedSegment seg = detail::observed_segment(fp, l, s, sample0 + s, u, &P::visible);
           const bool watch = obs && obs->wants_layer(l);
+          // The keys are the user's rows of this layer; the cache then keeps them all, or what a press chooses.
           const auto ks = k.middleRows(off, n), vs = v.middleRows(off, n);
-          if constexpr (kv::is_pressed<typename L::cache>()) {
-            // Dense attention over the user's rows; the cache then keeps what the press chooses of them.
-            const kv::PressRule rule = layer.layout.press.rule(l, c.n_layers, n);  // checked before the pass
-            cpu::PressScores scores(rule, n, c.n_heads, c.n_kv_heads);
-            cpu::attention_prefill<P>(q.middleRows(off, n), pos, ks, vs, pos, c.n_heads, c.n_kv_heads, c.head_dim(),
-                                      att.middleRows(off, n), [&](int head, const auto& probs) {
-                                        if (watch) obs->observe(seg, head, probs);
-                                        scores.add(head, probs);
-                                      });
-            const cpu::PressedRows kept = cpu::press_rows(rule, scores, ks, vs, pos, c.n_kv_heads, c.head_dim());
+          constexpr bool pressed = kv::is_pressed<typename L::cache>();
+          kv::PressRule rule;
+          if constexpr (pressed) rule = layer.layout.press.rule(l, c.n_layers, n);  // checked before the pass
+          std::optional<cpu::PressScores> scores;
+          if (pressed) scores.emplace(rule, n, c.n_heads, c.n_kv_heads);
+          cpu::attention_prefill<P>(q.middleRows(off, n), pos, ks, vs, pos, c.n_heads, c.n_kv_heads, c.head_dim(),
+                                    att.middleRows(off, n), [&](int head, const auto& probs) {
+                                      if (watch) obs->observe(seg, head, probs);
+                                      if (scores) scores->add(head, probs);
+                                    });
+          if (scores) {
+            const cpu::PressedRows kept = cpu::press_rows(rule, *scores, ks, vs, pos, c.n_kv_heads, c.head_dim());
             store.write_prefix(u, kept.k, kept.v, kept.pos, kept.head_pos);
           } else {
             store.write_prefix(u, ks, vs, pos);
-            cpu::attention_prefill<P>(q.middleRows(off, n), pos, store.prefix_k(u), store.prefix_v(u),
-                                      store.prefix_positions(u), c.n_heads, c.n_kv_heads, c.head_dim(),
-                                      att.middleRows(off, n), [&](int head, const auto& probs) {
-                                        if (watch) obs->observe(seg, head, probs);
-                                      });
           }
         }
         residual_and_mlp(lw, att, x, h, tmp);

@@ -17,28 +17,22 @@ namespace earn::cpu {
 class PressScores {
  public:
   PressScores(const kv::PressRule& rule, int n, int n_heads, int n_kv_heads)
-      : rule_(rule), n_(n), group_(n_heads / n_kv_heads),
-        active_(rule.keep < n && rule.score != kv::Score::kNone),
-        per_head_(active_ ? std::size_t(n_heads) * n : 0, 0.0) {}
-
-  /// Whether scores are needed at all (a press that keeps every row, or selects by position, needs none).
-  bool active() const { return active_; }
+      : rule_(rule), n_(n), group_(n_heads / n_kv_heads), rows_(kv::scored_rows(rule, n)),
+        per_head_(rows_ > 0 ? std::size_t(n_heads) * n : 0, 0.0) {}
 
   template <class M>
   void add(int head, const M& p) {
-    if (!active_) return;
+    if (rows_ == 0) return;  // a press that keeps every row, or selects by position, needs no scores
     double* s = per_head_.data() + std::size_t(head) * n_;
-    const int i0 = rule_.score == kv::Score::kWindow ? std::max(0, n_ - rule_.window) : 0;
-    for (int i = i0; i < n_; ++i)
+    for (int i = n_ - rows_; i < n_; ++i)
       for (int j = 0; j <= i; ++j) s[j] += double(p(Index(i), Index(j)));  // causal: keys after i have p = 0
   }
 
   /// Raw scores of KV head g [n] (before pooling), as the rule defines them.
   std::vector<double> scores(int g) const {
     std::vector<double> out(static_cast<std::size_t>(n_), 0.0);
-    if (!active_) return out;
-    const int rows = rule_.score == kv::Score::kWindow ? std::min(rule_.window, n_) : 1;
-    const double scale = 1.0 / (double(group_) * double(rows));
+    if (rows_ == 0) return out;
+    const double scale = kv::score_scale(rule_, n_, group_);
     for (int h = g * group_; h < (g + 1) * group_; ++h)
       for (int j = 0; j < n_; ++j) out[j] += per_head_[std::size_t(h) * n_ + j] * scale;
     return out;
@@ -46,16 +40,14 @@ class PressScores {
 
  private:
   kv::PressRule rule_;
-  int n_, group_;
-  bool active_;
+  int n_, group_, rows_;  // rows_: the scored query rows (the last rows_ of the n)
   std::vector<double> per_head_;  // [heads, n]
 };
 
-/// The rows every KV head keeps ([kv heads][keep], ascending) and the gathered K / V [keep, kv_dim] (row j of head g
-/// = head g's j-th kept row), with each gathered row's position: the largest of the heads' (every kept key precedes
-/// the decode rows, so a causal policy sees all of them whatever the heads chose).
+/// The gathered K / V [keep, kv_dim] of the rows every KV head keeps (row j of head g = head g's j-th kept row, in
+/// ascending order), with each gathered row's position: the largest of the heads' (every kept key precedes the
+/// decode rows, so a causal policy sees all of them whatever the heads chose).
 struct PressedRows {
-  std::vector<std::vector<int>> rows;  // [kv heads][keep]
   std::vector<int> pos;                // [keep]
   std::vector<int> head_pos;           // [keep * kv heads], row-major: position of row j at head g
   Matrix k, v;                         // [keep, kv_dim]
@@ -65,16 +57,17 @@ template <class KM>
 PressedRows press_rows(const kv::PressRule& rule, const PressScores& scores, const KM& k, const KM& v,
                        std::span<const int> pos, int n_kv_heads, int hd) {
   const int n = static_cast<int>(k.rows());
+  std::vector<std::vector<int>> rows;  // [kv heads][keep]
+  for (int g = 0; g < n_kv_heads; ++g) rows.push_back(kv::select_rows(rule, n, scores.scores(g)));
+  const int keep = static_cast<int>(rows.front().size());
   PressedRows out;
-  for (int g = 0; g < n_kv_heads; ++g) out.rows.push_back(kv::select_rows(rule, n, scores.scores(g)));
-  const int keep = static_cast<int>(out.rows.front().size());
   out.k.resize(keep, k.cols());
   out.v.resize(keep, v.cols());
   out.pos.assign(static_cast<std::size_t>(keep), 0);
   out.head_pos.assign(std::size_t(keep) * n_kv_heads, 0);
   for (int g = 0; g < n_kv_heads; ++g)
     for (int j = 0; j < keep; ++j) {
-      const int r = out.rows[g][j];
+      const int r = rows[g][j];
       out.k.block(j, Index{g} * hd, 1, hd) = k.block(r, Index{g} * hd, 1, hd);
       out.v.block(j, Index{g} * hd, 1, hd) = v.block(r, Index{g} * hd, 1, hd);
       out.pos[j] = std::max(out.pos[j], pos[r]);

@@ -1050,10 +1050,8 @@ class Engine<Schedule, CudaT<DType>> {
             ps.idx_off = idx_off;
             ps.dst_slot = static_cast<int>(users[si] * st.layers_[l].prefix_capacity());
             st.layers_[l].set_prefix_len(users[si], ps.keep);  // throws when the cache cannot hold them
-            const bool scored = ps.keep < n && r.score != kv::Score::kNone;
-            const int rows = !scored ? 0 : r.score == kv::Score::kWindow ? std::min(r.window, n) : n;
-            ps.scale = rows == 0 ? 0.0f
-                                 : 1.0f / static_cast<float>(group * (r.score == kv::Score::kWindow ? rows : 1));
+            const int rows = kv::scored_rows(r, n);
+            ps.scale = static_cast<float>(kv::score_scale(r, n, group));
             // Tiles of scored rows (segment index within the layer, first row): press_scores takes one per block.
             ps.first_scored = n - rows;
             ps.part_off = part_off;
