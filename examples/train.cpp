@@ -1,6 +1,9 @@
 // examples/train.cpp - train a generative recommender with EARN register tokens (or the dense Finetune baseline) on
 // an LC-Rec data set, validate with the trie-constrained beam search, keep the best checkpoint, then test it.
 //
+// --schedule gist trains the paper's Gist baseline instead (attention/gist.hpp: every layer computes the prompt,
+// answer rows see only the registers, the cache keeps only the registers' rows).
+//
 // Shows: train::init_model / extend_vocab (from scratch on code tokens, or an existing Hugging Face / llama2.c /
 // earn checkpoint given rows for the code tokens and the registers), train::Trainer over train::CpuStep (this
 // program) or train::CudaStep (the same source built by nvcc as train_cuda, --device cuda), rec::evaluate for the
@@ -42,6 +45,7 @@ namespace rec = earn::rec;
 using earn::ConfigError;
 using earn::DenseSchedule;
 using earn::EarnSchedule;
+using earn::GistSchedule;
 using earn::ModelConfig;
 using earn::press_schedule;
 namespace kv = earn::kv;
@@ -81,9 +85,9 @@ struct Args {
 
 // The CPU backend: the host step and the host beam search over the CPU engine.
 struct CpuBackend {
-  using Step = tr::CpuStep<EarnSchedule>;
-  static Step make_step(const ModelWeights& w, EarnSchedule s, const tr::AdamWOptions& o, const Args&) {
-    return Step(w, s, o);
+  template <class S>
+  static tr::CpuStep<S> make_step(const ModelWeights& w, S s, const tr::AdamWOptions& o, const Args&) {
+    return tr::CpuStep<S>(w, s, o);
   }
   template <class S>
   static rec::EvalResult evaluate(const ModelWeights& w, S s, const rec::CodeTrie& trie, const rec::Dataset& ds,
@@ -99,9 +103,9 @@ struct CpuBackend {
 // The CUDA backend: the GPU step (bf16 or fp32 GEMM operands) and the device beam search over the bf16 engine.
 template <class DType>
 struct CudaBackend {
-  using Step = tr::CudaStep<EarnSchedule, DType>;
-  static Step make_step(const ModelWeights& w, EarnSchedule s, const tr::AdamWOptions& o, const Args&) {
-    return Step(w, s, o);
+  template <class S>
+  static tr::CudaStep<S, DType> make_step(const ModelWeights& w, S s, const tr::AdamWOptions& o, const Args&) {
+    return tr::CudaStep<S, DType>(w, s, o);
   }
   template <class S>
   static rec::EvalResult evaluate(const ModelWeights& w, S s, const rec::CodeTrie& trie, const rec::Dataset& ds,
@@ -125,8 +129,18 @@ nlohmann::json metrics_json(const rec::MetricAccumulator& m) {
   return j;
 }
 
-template <class Backend>
+// The schedule a run trains: EARN at split layer k (k = L: dense), or Gist.
+template <class S>
+S make_schedule(int k) {
+  if constexpr (std::is_same_v<S, GistSchedule>)
+    return GistSchedule{};
+  else
+    return EarnSchedule{k};
+}
+
+template <class Backend, class Schedule>
 int run(const Args& a) {
+  constexpr bool gist = std::is_same_v<Schedule, GistSchedule>;
   namespace fs = std::filesystem;
   rec::DatasetOptions dopt;
   if (!a.codes.empty()) dopt.codes_file = a.codes;
@@ -167,17 +181,18 @@ int run(const Args& a) {
     if (!a.tokenizer.empty()) tok.emplace(a.tokenizer);
   }
   const ModelConfig& c = w.config;
-  const int k = dense ? c.n_layers : (a.k < 0 ? c.n_layers / 4 : a.k);
-  const EarnSchedule schedule{k};
-  w.split_layer = k;
+  const int k = gist ? 0 : dense ? c.n_layers : (a.k < 0 ? c.n_layers / 4 : a.k);
+  const Schedule schedule = make_schedule<Schedule>(k);
+  w.split_layer = gist ? -1 : k;
   const rec::ItemVocab vocab(c.vocab_size - rec::kCodeLevels * rec::kCodesPerLevel);
   const rec::PromptBuilder pb = tok ? rec::PromptBuilder::text(*tok, vocab) : rec::PromptBuilder::code_tokens(vocab);
   const rec::CodeTrie trie(ds.catalogue(), vocab);
   std::cout << "model:    d " << c.dim << ", " << c.n_layers << " layers, " << c.n_heads << " heads, FFN "
             << c.hidden_dim << ", vocab " << c.vocab_size << ", " << w.parameter_count() / 1e6 << "M parameters, "
             << (a.init.empty() ? "from scratch (seed " + std::to_string(a.seed) + ")" : "from " + a.init) << "\n";
-  std::cout << "schedule: " << (dense ? "dense (Finetune)" : "EARN") << ", k = " << k << " of " << c.n_layers
-            << ", registers " << rp << " + " << rs << ", device " << a.device << "\n";
+  std::cout << "schedule: " << (gist ? "Gist (answer rows see the registers only, from layer 0), "
+                                : dense ? "dense (Finetune), " : "EARN, k = " + std::to_string(k) + " of ")
+            << c.n_layers << " layers, registers " << rp << " + " << rs << ", device " << a.device << "\n";
 
   const std::vector<tr::Example> examples = tr::make_examples(ds, pb, rec::DataSplit::kTrain);
   const auto valid = rec::cases_with_targets(ds, rec::DataSplit::kValid, a.eval_users);
@@ -237,7 +252,7 @@ int run(const Args& a) {
                                   {{"train loss", loss, "#1f77b4", false}, {"valid NDCG@10", metric, "#d62728", true}});
 
   // Test the best checkpoint (the last one without validation).
-  nlohmann::json result = {{"schedule", dense ? "dense" : "earn"}, {"k", k}, {"layers", c.n_layers},
+  nlohmann::json result = {{"schedule", a.schedule}, {"k", k}, {"layers", c.n_layers},
                            {"registers", {rp, rs}}, {"params", w.parameter_count()}, {"steps", s.steps},
                            {"best_step", s.best_step}, {"seed", a.seed}, {"lr", a.lr}, {"batch", a.batch}};
   if (s.best_metric) result["best_valid_ndcg@10"] = *s.best_metric;
@@ -290,8 +305,8 @@ int main(int argc, char** argv) {
   app.add_option("--layers", a.layers, "override the preset's layers")->check(CLI::NonNegativeNumber);
   app.add_option("--heads", a.heads, "override the preset's heads")->check(CLI::NonNegativeNumber);
   app.add_option("--hidden", a.hidden, "override the preset's FFN size")->check(CLI::NonNegativeNumber);
-  app.add_option("--schedule", a.schedule, "earn or dense (Finetune: no registers)")
-      ->check(CLI::IsMember({"earn", "dense"}));
+  app.add_option("--schedule", a.schedule, "earn, dense (Finetune: no registers) or gist (Gist-style compression)")
+      ->check(CLI::IsMember({"earn", "dense", "gist"}));
   app.add_option("--k", a.k, "EARN split layer (default L/4)")->check(CLI::NonNegativeNumber);
   app.add_option("--prefix-registers", a.rp, "r_p")->check(CLI::Range(0, 64));
   app.add_option("--suffix-registers", a.rs, "r_s")->check(CLI::Range(0, 64));
@@ -332,12 +347,19 @@ int main(int argc, char** argv) {
   try {
     if (a.device == "cuda") {
 #ifdef EARN_TRAIN_CUDA
-      return a.dtype == "f32" ? run<CudaBackend<earn::dtype::F32>>(a) : run<CudaBackend<earn::dtype::Bf16>>(a);
+      // Gist trains with bf16 operands on the GPU (one more instantiation of the step per dtype is not worth its
+      // build time; --dtype f32 is the check of the bf16 step, tests/cuda/test_cuda_train.cu covers Gist in fp32).
+      if (a.schedule == "gist") {
+        if (a.dtype == "f32") throw earn::ConfigError("--schedule gist trains with --dtype bf16 on the GPU");
+        return run<CudaBackend<earn::dtype::Bf16>, GistSchedule>(a);
+      }
+      return a.dtype == "f32" ? run<CudaBackend<earn::dtype::F32>, EarnSchedule>(a)
+                              : run<CudaBackend<earn::dtype::Bf16>, EarnSchedule>(a);
 #else
       throw earn::ConfigError("--device cuda needs the train_cuda program (built where nvcc is found)");
 #endif
     }
-    return run<CpuBackend>(a);
+    return a.schedule == "gist" ? run<CpuBackend, GistSchedule>(a) : run<CpuBackend, EarnSchedule>(a);
   } catch (const earn::Error& e) {
     std::cerr << "\ntrain: " << e.what() << "\n";
     return 1;

@@ -12,6 +12,9 @@
 #                  SnapKV, H2O, PyramidKV, and truncation of the history to its last k / L items) on Finetune models
 #                  trained again with the grid's recipe and seeds, each at the KV of EARN k = 2 with 1 + 1 registers;
 #                  then their speed beside Finetune's at both shapes (EARN's KV at k = 2 of 8 and k = 4 of 32)
+#   experiments/grid.sh gist [--seeds 0,1,2,3,4]   the trained prompt-compression baseline (attention/gist.hpp:
+#                  answer rows see only the registers, from layer 0) with the grid's recipe and seeds: 1 + 1 registers
+#                  (EARN's count) and 0 + 20 (gist tokens after the prompt, about EARN k = 2's KV at a full history)
 #
 #   EARN_GPU_BIN   folder with train_cuda and bench_cuda_llama (default: build them in build-gpu)
 #   EARN_DATA      Beauty in AtSpeed's layout (default ../shared/data/amazon-beauty)
@@ -38,9 +41,14 @@ if [ "$mode" = baselines ]; then
     exec "$0" speed-baselines
 fi
 
+if [ "$mode" = gist ]; then
+  exec "$0" train --settings gist-r1+1,gist-r0+20 --tag gist "$@"
+fi
+
 # name  schedule  k  r_p  r_s   (L = 8: L/4 = 2, L/2 = 4, 3L/4 = 6)
 settings_all="finetune:dense:8:0:0 earn-k1:earn:1:1:1 earn-k2:earn:2:1:1 earn-k4:earn:4:1:1 earn-k6:earn:6:1:1
 earn-k2-r0+1:earn:2:0:1 earn-k2-r1+0:earn:2:1:0 earn-k2-r2+2:earn:2:2:2 earn-k2-r3+3:earn:2:3:3"
+settings_named="gist-r1+1:gist:0:1:1 gist-r0+20:gist:0:0:20"  # run only when named (--settings)
 seeds=0,1,2 which=all jobs=27 epochs=10 extra="" tag=""
 while [ $# -gt 0 ]; do
   case $1 in
@@ -85,8 +93,9 @@ if [ "$mode" = train ]; then
   mkdir -p "$runs"
   list=()
   for s in ${seeds//,/ }; do
-    for st in $settings_all; do
+    for st in $settings_all $settings_named; do
       name=${st%%:*}
+      if [ "$which" = all ] && [[ " $settings_named " == *" $st "* ]]; then continue; fi
       if [ "$which" != all ] && [[ ",$which," != *",$name,"* ]]; then continue; fi
       list+=("$name:$s:$st")
     done

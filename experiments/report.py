@@ -3,6 +3,7 @@
 
     experiments/report.py --runs out/runs-*.tar.gz --speed out/speed.tar.gz   # collect, then table and figures
     experiments/report.py --baselines out/runs-baselines-*.tar.gz --speed-baselines out/speed-baselines.tar.gz
+    experiments/report.py --gist out/runs-gist-*.tar.gz
     experiments/report.py                                                     # table and figures from results/
 
 Collecting writes experiments/results/runs.csv (one row per run: setting, seed, best validation NDCG@10 and its step,
@@ -11,7 +12,7 @@ prefill / decode ms and KV bytes per setting, shape, users, prompt length). The 
 sample standard deviation over seeds, the KV per user after prefill and the speed-ups over Finetune; the figures
 (accuracy_vs_k.png, accuracy_vs_cost.png) carry one-standard-deviation error bars. The baselines (grid.sh baselines)
 go to baselines.csv (test metrics of every press on every Finetune seed) and speed_baselines.csv, and table.md gains
-their section.
+their section; Gist's runs (grid.sh gist) go to gist.csv and a section of their own.
 """
 import argparse
 import csv
@@ -106,21 +107,25 @@ BASELINES = {"finetune": "Finetune (dense, full KV)", "streaming_llm": "Streamin
              "h2o": "H2O", "pyramidkv": "PyramidKV", "truncate": "Truncation (last k/L of the items)"}
 
 
-def collect_baselines(tars):
-    rows = []
+def results(tars):
+    """(setting, seed, result.json) of every run packed in the tarballs (<setting>-s<seed>/result.json)."""
     for t in tars:
         with tarfile.open(t) as tf:
             for m in tf.getmembers():
                 parts = Path(m.name).parts
-                if len(parts) != 2 or parts[1] != "result.json":
-                    continue
-                seed = int(parts[0].rsplit("-s", 1)[1])
-                r = json.load(tf.extractfile(m))
-                match = r.get("press_match", {})
-                for method, metrics in [("finetune", r["test"])] + list(r.get("test_press", {}).items()):
-                    row = {"method": method, "seed": seed, "match_k": match.get("k"), "match_registers": match.get("registers")}
-                    row.update({m_: metrics[m_] for m_ in METRICS})
-                    rows.append(row)
+                if len(parts) == 2 and parts[1] == "result.json":
+                    name, seed = parts[0].rsplit("-s", 1)
+                    yield name, int(seed), json.load(tf.extractfile(m))
+
+
+def collect_baselines(tars):
+    rows = []
+    for _, seed, r in results(tars):
+        match = r.get("press_match", {})
+        for method, metrics in [("finetune", r["test"])] + list(r.get("test_press", {}).items()):
+            row = {"method": method, "seed": seed, "match_k": match.get("k"), "match_registers": match.get("registers")}
+            row.update({m_: metrics[m_] for m_ in METRICS})
+            rows.append(row)
     rows.sort(key=lambda r: (list(BASELINES).index(r["method"]), r["seed"]))
     write_csv(RES / "baselines.csv", rows)
 
@@ -202,6 +207,60 @@ def baselines_section(stats_earn, n_earn, speed, ref):
             f"EARN's row from the grid's speed table. N@10 vs EARN: difference of means ± its standard error.", ""] + out + [""]
 
 
+GIST = {"gist-r1+1": ("Gist, 1 + 1 registers", 1, 1), "gist-r0+20": ("Gist, 0 + 20 (gist tokens after the prompt)", 0, 20)}
+
+
+def collect_gist(tars):
+    """gist.csv: test metrics of every Gist run (grid.sh gist)."""
+    rows = []
+    for name, seed, r in results(tars):
+        row = {"setting": name, "seed": seed, "r_p": r["registers"][0], "r_s": r["registers"][1], "steps": r["steps"],
+               "best_step": r["best_step"], "valid_ndcg@10": r["best_valid_ndcg@10"]}
+        row.update({m_: r["test"][m_] for m_ in METRICS})
+        rows.append(row)
+    rows.sort(key=lambda r: (list(GIST).index(r["setting"]), r["seed"]))
+    write_csv(RES / "gist.csv", rows)
+
+
+def gist_section(stats, by):
+    """table.md's section on Gist against Finetune and EARN k = 2, from gist.csv, with the KV rows each caches."""
+    rows = read_csv(RES / "gist.csv")
+    g_by = {}
+    for r in rows:
+        g_by.setdefault(r["setting"], []).append(r)
+    cols = ["recall@10", "ndcg@10", "recall@20", "ndcg@20"]
+    P = 80  # a full 20-item history in the code template
+    out = ["| method | seeds | " + " | ".join(c.replace("recall", "R").replace("ndcg", "N") for c in cols) +
+           f" | N@10 vs EARN | KV rows / user at P = {P} |", "|---" * (2 + len(cols) + 2) + "|"]
+    e = stats.get("earn-k2")
+    ne = len(by.get("earn-k2", []))
+
+    def line(label, st, n, kv, vs_earn=True):
+        cells = [label, str(n)] + [f"{st[m][0]:.4f} ± {st[m][1]:.4f}" for m in cols]
+        if e and vs_earn:
+            (mu, sd), (emu, esd) = st["ndcg@10"], e["ndcg@10"]
+            cells.append(f"{mu - emu:+.4f} ± {math.sqrt(sd * sd / n + esd * esd / ne):.4f}")
+        else:
+            cells.append("0" if e else "-")
+        cells.append(str(kv))
+        return "| " + " | ".join(cells) + " |"
+
+    if "finetune" in stats:
+        out.append(line("Finetune", stats["finetune"], len(by["finetune"]), L * P))
+    for n, (label, rp, rs) in GIST.items():
+        if n in g_by:
+            st = {m: mean_sd([r[m] for r in g_by[n]]) for m in METRICS}
+            out.append(line(label, st, len(g_by[n]), L * (rp + rs)))
+    if e:
+        out.append(line("EARN k = 2, 1 + 1", e, ne, 2 * (P + 2) + (L - 2) * 2, vs_earn=False))
+    return ["## Gist: trained prompt compression from layer 0", "",
+            "Gist models (attention/gist.hpp: every layer computes the prompt; the generated rows, in training and in "
+            "decoding, see only the registers, whose rows alone are cached) trained with the grid's recipe and seeds "
+            "(`grid.sh gist`), tested like every grid run. KV rows per user over the 8 layers after prefill of a "
+            f"{P}-token prompt (each row 2 x 512 bf16 values: 2 KiB): Finetune L P, Gist L r, EARN k (P + r) + (L - k) r. "
+            "N@10 vs EARN: difference of means ± its standard error.", ""] + out + [""]
+
+
 def write_csv(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -249,7 +308,10 @@ def main():
     ap.add_argument("--speed")
     ap.add_argument("--baselines", nargs="*", default=[])
     ap.add_argument("--speed-baselines")
+    ap.add_argument("--gist", nargs="*", default=[])
     a = ap.parse_args()
+    if a.gist:
+        collect_gist(a.gist)
     if a.runs:
         collect_runs(a.runs)
     if a.speed:
@@ -340,6 +402,8 @@ def main():
     text += [f"| {c} | {v} | {m} |" for c, v, m in claims]
     if (RES / "baselines.csv").exists():
         text += [""] + baselines_section(stats.get("earn-k2"), len(by.get("earn-k2", [])), speed, ref)
+    if (RES / "gist.csv").exists():
+        text += [""] + gist_section(stats, by)
     (RES / "table.md").write_text("\n".join(text) + "\n")
     print(f"wrote experiments/results/table.md")
     figures(by, stats, speed, ref)

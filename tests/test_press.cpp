@@ -1,7 +1,8 @@
 // KV presses (the paper's inference-time baselines): the engine's prefill and decode under StreamingLLM, SnapKV,
 // H2O and PyramidKV against the naive double-precision reference, whose per-head masks come from a selection
 // written here independently (probabilities of the reference's own prefill rows, iterative arg-max); kept rows per
-// head, KV bytes, per-layer schedules and refusals.
+// head, KV bytes, per-layer schedules and refusals; Gist (kind rule + register-only cache) and a kind rule among
+// prefill rows against explicit masks.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -257,4 +258,83 @@ TEST_CASE("Presses refuse rules the pipeline does not take with ConfigError") {
   refuses(kv::press::H2O{.budget = {.rows = 9}, .recent_share = 1.5});
   refuses(kv::press::SnapKV{.budget = {.ratio = 2.0}});
   refuses(kv::press::SnapKV{.budget = {.rows = -3}});
+}
+
+TEST_CASE("Gist: registers read the prompt, decode rows only the registers, the cache holds only the registers") {
+  const ModelConfig c = small_config(RopeStyle::kInterleaved, true);
+  for (auto [rp, rs] : {std::pair{1, 1}, std::pair{2, 0}, std::pair{0, 3}}) {
+    CAPTURE(rp); CAPTURE(rs);
+    const ModelWeights w = random_weights(c, {.seed = std::uint64_t(50 + rp * 3 + rs), .scale = 2.0f,
+                                              .prefix_registers = rp, .suffix_registers = rs});
+    const auto prompt = random_tokens(23, c.vocab_size, 7);
+    const auto gen = random_tokens(3, c.vocab_size, 8);
+    std::vector<RefKind> kinds;
+    const auto input = earn::test::reference_input(w, prompt, gen, kinds);
+    // Gist's semantics as an explicit mask over [R_p; prompt; R_s; generated], every layer.
+    const auto ref = earn::test::reference_logits(w, input, [&](int, int q, int k) {
+      return k <= q && !(kinds[q] == RefKind::kGenerated && kinds[k] == RefKind::kPrompt);
+    });
+    const int n = rp + 23 + rs, L = c.n_layers;
+    Engine<GistSchedule> engine(w);
+    auto st = engine.make_state({.max_users = 1, .max_rows = 1, .max_prompt = 64, .max_new_tokens = 4});
+    check_close(engine.prefill(st, 0, prompt), ref[n - 1], 1e-5, "prefill");
+    std::vector<int> regs;
+    for (int j = 0; j < rp; ++j) regs.push_back(j);
+    for (int j = n - rs; j < n; ++j) regs.push_back(j);
+    for (int l = 0; l < L; ++l) {
+      CAPTURE(l);
+      const auto& cache = st.layer_cache(l);
+      REQUIRE(cache.prefix_len(0) == rp + rs);
+      CHECK(cache.prefix_capacity() == rp + rs);
+      const auto& hp = cache.prefix_head_positions(0);
+      for (int g = 0; g < c.n_kv_heads; ++g)
+        for (int j = 0; j < rp + rs; ++j) CHECK(hp[std::size_t(j) * c.n_kv_heads + g] == regs[j]);
+    }
+    const Index row_bytes = 2 * Index{c.kv_dim()} * Index{sizeof(float)};
+    CHECK(st.kv_bytes() == Index{L} * (rp + rs) * row_bytes);
+    const int rows[1] = {0};
+    st.set_rows(rows);
+    for (int g = 0; g < static_cast<int>(gen.size()); ++g) {
+      const int tok[1] = {gen[g]};
+      check_close(engine.decode(st, tok).row(0).transpose(), ref[n + g], 1e-5, "decode");
+    }
+    CHECK(st.kv_bytes() == Index{L} * (rp + rs + static_cast<Index>(gen.size())) * row_bytes);
+  }
+  // No registers: nothing would carry the prompt to the answer.
+  const ModelWeights bare = random_weights(c, {.seed = 2, .prefix_registers = 0, .suffix_registers = 0});
+  CHECK_THROWS_AS(Engine<GistSchedule>{bare}, ConfigError);
+}
+
+namespace {
+// A kind rule among prefill rows (the CPU engine takes it; the CUDA engine refuses it at compile time).
+struct PromptIgnoresPrefix {
+  static constexpr const char* name = "prompt_ignores_prefix";
+  static constexpr bool keeps_prompt = true;
+  static constexpr bool keeps(RowKind) { return true; }
+  static constexpr bool visible(int q, int k) { return k <= q; }
+  static constexpr bool sees(RowKind q, RowKind k) { return !(q == RowKind::kPrompt && k == RowKind::kPrefixRegister); }
+};
+}  // namespace
+
+TEST_CASE("A kind rule among prefill rows: the CPU engine's prefill and decode equal the explicit mask") {
+  const ModelConfig c = small_config();
+  const ModelWeights w = random_weights(c, {.seed = 61, .scale = 2.0f, .prefix_registers = 2, .suffix_registers = 1});
+  const auto prompt = random_tokens(19, c.vocab_size, 3);
+  const auto gen = random_tokens(2, c.vocab_size, 4);
+  std::vector<RefKind> kinds;
+  const auto input = earn::test::reference_input(w, prompt, gen, kinds);
+  const int rp = 2, n = 2 + 19 + 1;
+  // RefKind has one register kind: the prefix registers are rows [0, rp).
+  const auto ref = earn::test::reference_logits(w, input, [&](int, int q, int k) {
+    return k <= q && !(kinds[q] == RefKind::kPrompt && k < rp);
+  });
+  Engine<Uniform<Layer<PromptIgnoresPrefix, kv::Contiguous>>> engine(w);
+  auto st = engine.make_state({.max_prompt = 64, .max_new_tokens = 4});
+  check_close(engine.prefill(st, 0, prompt), ref[n - 1], 1e-5, "prefill");
+  const int rows[1] = {0};
+  st.set_rows(rows);
+  for (int g = 0; g < 2; ++g) {
+    const int tok[1] = {gen[g]};
+    check_close(engine.decode(st, tok).row(0).transpose(), ref[n + g], 1e-5, "decode");
+  }
 }

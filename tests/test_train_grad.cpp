@@ -238,6 +238,50 @@ TEST_CASE("whole-model gradients, every element: GQA + Qwen2 biases + interleave
   check_model(w, EarnSchedule{1}, -1, 300);
 }
 
+TEST_CASE("whole-model gradients under Gist's kind rule (fed rows see the registers, not the prompt)") {
+  for (int v = 0; v < 3; ++v) {
+    const int rp = v == 2 ? 0 : 1, rs = v == 1 ? 0 : 2;  // 1 + 2, 1 + 0, 0 + 2
+    const ModelConfig c = tiny_config(v % 2 ? 2 : 4, v == 1, v == 2 ? RopeStyle::kInterleaved : RopeStyle::kRotateHalf,
+                                      v != 1);
+    const ModelWeights w =
+        random_weights(c, {.seed = 60 + std::uint64_t(v), .scale = 1.5f, .prefix_registers = rp, .suffix_registers = rs});
+    CAPTURE(rp); CAPTURE(rs);
+    check_model(w, GistSchedule{}, 12, 400 + v);
+  }
+}
+
+TEST_CASE("training forward under Gist: answer-row logits equal the explicit Gist mask (fed rows never see the prompt)") {
+  const ModelConfig c = tiny_config(2, true, RopeStyle::kRotateHalf, false);
+  const ModelWeights wf = random_weights(c, {.seed = 21, .scale = 2.0f, .prefix_registers = 1, .suffix_registers = 2});
+  const BasicModelWeights<double> w = wf.cast<double>();
+  const Batch b = tiny_batch(c.vocab_size, 77);
+  const auto fp = plan::plan_forward(GistSchedule{}, c.n_layers, 1, 2, std::span<const plan::Sequence>(b.seqs));
+  cpu::TrainTape<double> tape;
+  MatD logits;
+  cpu::train_forward(w, GistSchedule{}, fp, b.targets, 1.0, tape, &logits);
+  int row = 0;
+  for (std::size_t s = 0; s < b.seqs.size(); ++s) {
+    std::vector<test::RefKind> kinds;
+    const std::vector<int> fed(b.seqs[s].fed.begin(), b.seqs[s].fed.end());
+    const auto input = test::reference_input(wf, b.prompts[s], fed, kinds);
+    const auto ref = test::reference_logits(wf, input, [&](int, int q, int k) {
+      return k <= q && !(kinds[q] == test::RefKind::kGenerated && kinds[k] == test::RefKind::kPrompt);
+    });
+    const int n_in = 1 + int(b.prompts[s].size()) + 2;  // the readout is the last suffix register
+    for (int r = n_in - 1; r < n_in + int(fed.size()); ++r) {
+      double err = 0;
+      for (int t = 0; t < c.vocab_size; ++t) err = std::max(err, std::abs(logits(row, t) - ref[r][t]));
+      CHECK(err < 1e-10);
+      ++row;
+    }
+    // The mask matters: the plain causal reference differs on the fed rows.
+    const auto causal = test::reference_logits(wf, input, [](int, int q, int k) { return k <= q; });
+    CHECK(std::abs(causal[n_in][0] - ref[n_in][0]) > 1e-6);
+  }
+  CHECK(row == logits.rows());
+  CHECK_THROWS_AS(GistSchedule{}.validate(c.n_layers, 0), ConfigError);  // what the trainers and engines call
+}
+
 TEST_CASE("training forward: answer-row logits equal the naive explicit-mask reference") {
   for (int k : {0, 2, 4}) {
     CAPTURE(k);

@@ -3,9 +3,10 @@
 # compute-sanitizer memcheck and racecheck over them, then the GPU benchmark and its Python peers (Hugging Face
 # generate, an eager PyTorch EARN). Logs and result files go to $OUT (default ./out/gpu).
 #
-#   tools/gpu.sh [all|test|press|micro|beam|profile|bench|peers|train-test|train-bench|train-run] [bench args...]
+#   tools/gpu.sh [all|test|press|kinds|micro|beam|profile|bench|peers|train-test|train-bench|train-run] [bench args...]
 #   press     the KV presses' and the GPU observer's tests (test_cuda_press, test_cuda_observer) under memcheck, and
 #             racecheck over the press kernels
+#   kinds     the row-kind rule's tests (Gist: test_cuda_press, test_cuda_train) and memcheck over their Gist cases
 #   micro     the attention microbenchmarks (bench_cuda_attention, Google Benchmark) and the decode GEMMs'
 #             cuBLAS bandwidth (bench_cuda_gemm)
 #   beam      the whole beam search, selection on the host vs on the device (bench_cuda_beam)
@@ -54,6 +55,15 @@ sanitize() {
     "$bin/$binary" ${filter:+"-tc=$filter"}) >"$OUT/$log" 2>&1
   echo "$tool rc=$?"; tail -3 "$OUT/$log"
 }
+# run_test BINARY: one CUDA test binary, its log's tail and exit code; a failure marks the call failed.
+run_test() {
+  echo "== CUDA tests: $1"
+  (cd "$root" && "$bin/$1") >"$OUT/$1.log" 2>&1
+  local rc=$?
+  tail -4 "$OUT/$1.log"
+  echo "$1 rc=$rc"
+  [ $rc = 0 ] || status=1
+}
 if [ "$mode" = all ] || [ "$mode" = test ]; then
   for t in test_cuda_attention test_cuda_gemm test_cuda_engine test_cuda_threads test_cuda_press test_cuda_observer; do
     echo "== CUDA tests: $t"
@@ -76,15 +86,16 @@ if [ "$mode" = all ] || [ "$mode" = test ]; then
 fi
 if [ "$mode" = press ]; then  # the KV presses and the GPU observer: their tests, memcheck and racecheck over them
   for t in test_cuda_press test_cuda_observer; do
-    echo "== CUDA tests: $t"
-    (cd "$root" && "$bin/$t") >"$OUT/$t.log" 2>&1
-    rc=$?
-    tail -4 "$OUT/$t.log"
-    echo "$t rc=$rc"
-    [ $rc = 0 ] || status=1
+    run_test "$t"
     sanitize memcheck "$t" "memcheck_$t.log"
   done
   sanitize racecheck test_cuda_press racecheck_press.log
+fi
+if [ "$mode" = kinds ]; then  # row-kind rules (Gist): the engine and training tests, memcheck over their Gist cases
+  for t in test_cuda_press test_cuda_train; do
+    run_test "$t"
+    sanitize memcheck "$t" "memcheck_gist_$t.log" '*Gist*'
+  done
 fi
 if [ "$mode" = all ] || [ "$mode" = micro ]; then
   echo "== attention microbenchmarks"

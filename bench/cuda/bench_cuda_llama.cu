@@ -8,10 +8,12 @@
 //                    [--ks -1,2,4,6,8] [--graphs 1] [--flash 1] [--stream-gemm 0] [--bulk-gemm 0] [--pdl 1] [--tune 1]
 //                    [--tune-prefill 0] [--tune-candidates 8] [--profile 0] [--registers 1,1]
 //                    [--dim 4096 --hidden 11008 --heads 32 --vocab 33024 --tied 0]
-//                    [--presses streaming_llm,snapkv,h2o,pyramidkv --press-k 8 --press-registers 2]
+//                    [--presses streaming_llm,snapkv,h2o,pyramidkv --press-k 8 --press-registers 2] [--gist 0]
 // --presses: the inference-time baselines (kv/press.hpp) over the dense model, each layer's cache pressed to the KV
 //   of EARN at split layer --press-k (default L/4) with --press-registers registers (Budget::matching_earn); their
 //   prefill is dense (plus the press), decode reads the kept rows;
+// --gist 1: also Gist (attention/gist.hpp) with the model's registers: a dense prefill, then every layer caches the
+//   registers' rows only (--ks "" leaves the EARN / dense rows out);
 // --registers rp,rs: the model's prefix and suffix registers (0,0 with --ks -1: plain Finetune, no register rows);
 // --dim/--hidden/--heads/--vocab/--tied: another model shape than Llama-7B's (a recommendation model's, say);
 // --ks: schedules (-1 dense); --graphs 0: decode steps launch kernel by kernel instead of replaying CUDA graphs;
@@ -75,7 +77,7 @@ int main(int argc, char** argv) {
   int reps = 3, layers = 32, graphs = 1, flash = 1, stream_gemm = 0, bulk_gemm = 0, pdl = 1, tune = 1, tune_prefill = 0, candidates = 8, profile = 0;
   std::vector<int> Bs = {1, 4, 32}, Ps = {256, 512}, Ks = {-1, 2, 4, 6, 8};
   std::vector<std::string> presses;  // inference-time baselines over the dense model, at EARN's KV at --press-k
-  int press_k = -1, press_regs = 2;
+  int press_k = -1, press_regs = 2, gist = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string a = argv[i];
     if (a == "--json") json = argv[i + 1];
@@ -99,6 +101,7 @@ int main(int argc, char** argv) {
       for (std::string x; std::getline(ss, x, ',');) presses.push_back(x);
     } else if (a == "--press-k") press_k = std::atoi(argv[i + 1]);
     else if (a == "--press-registers") press_regs = std::atoi(argv[i + 1]);
+    else if (a == "--gist") gist = std::atoi(argv[i + 1]);
     else if (a == "--dim") dim = std::atoi(argv[i + 1]);
     else if (a == "--hidden") hidden = std::atoi(argv[i + 1]);
     else if (a == "--heads") heads = std::atoi(argv[i + 1]);
@@ -283,6 +286,7 @@ int main(int argc, char** argv) {
               return double(std::min(press.rule(l, layers, int(rows)).keep, int(rows)));
             });
           });
+        if (gist) run_setting(B, P, -1, "gist", GistSchedule{}, layers, [&](int, double) { return double(r); });
       }
 
     if (!json.empty()) {

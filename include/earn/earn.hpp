@@ -2,6 +2,7 @@
 #pragma once
 
 #include "earn/attention/dense_causal.hpp"
+#include "earn/attention/gist.hpp"
 #include "earn/attention/observer.hpp"
 #include "earn/attention/register_only.hpp"
 #include "earn/core/config.hpp"

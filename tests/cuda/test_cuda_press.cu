@@ -2,7 +2,8 @@
 // host definition) on scores with ties, and the CUDA engine under every press against the CPU engine (itself tested
 // against the naive reference in tests/test_press.cpp): batched prefill of users with different prompt lengths,
 // kept rows and KV bytes, beams, reorder and decode. fp32 (1e-4) for every press; bf16 / fp16 (2e-2, on weights
-// rounded alike) for the position-only StreamingLLM, whose selection cannot flip on rounding.
+// rounded alike) for the position-only StreamingLLM, whose selection cannot flip on rounding; Gist (its register-only
+// cache) in fp32 and bf16.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -153,4 +154,13 @@ TEST_CASE("CUDA presses repeat bit for bit: scores summed in a fixed order, no a
     CHECK(b.first == a.first);
     CHECK(b.second == a.second);
   }
+}
+
+TEST_CASE("CUDA engine under Gist equals the CPU engine: the cache holds the registers only (fp32; bf16 rounded)") {
+  const ModelWeights w = random_weights(gqa_config(), {.seed = 14, .scale = 2.0f, .prefix_registers = 2,
+                                                       .suffix_registers = 1});
+  check_engines<dtype::F32>(w, GistSchedule{});
+  ModelWeights wb = random_weights(gqa_config(), {.seed = 15, .prefix_registers = 1, .suffix_registers = 2});
+  round_to<dtype::Bf16>(wb);
+  check_engines<dtype::Bf16>(wb, GistSchedule{});
 }

@@ -1,7 +1,8 @@
 // The CUDA training step against the CPU one: fp32 losses and every gradient within 1e-4 (dense and EARN, several
 // k, 0-2 registers a side, GQA, Qwen2 biases, both RoPE styles, tied and untied heads), the fused AdamW kernel
 // against the CPU AdamW applied to the same gradients, the tensor-core attention kernels against the CUDA-core
-// ones (bf16), bf16 training following fp32's loss curve, and NaN / Inf refused naming the tensor.
+// ones (bf16), both under Gist's kind rule too, bf16 training following fp32's loss curve, and NaN / Inf refused
+// naming the tensor.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -119,31 +120,58 @@ TEST_CASE("CUDA training step, fp32: loss and gradients equal the CPU step's (1e
   }
 }
 
+namespace {
+// The tensor-core attention kernels against the CUDA-core ones under `schedule` (bf16): every gradient within 3e-2.
+template <class Schedule>
+void compare_tensor_cores(const ModelWeights& w, const Schedule& schedule, const Batch& b) {
+  train::CudaStep<Schedule, dtype::Bf16> tc(w, schedule, {}), ref(w, schedule, {});
+  ref.use_tensor_core_attention(false);
+  tc.accumulate(b.seqs, b.targets, 20.0);
+  ref.accumulate(b.seqs, b.targets, 20.0);
+  const ModelWeights gt = tc.gradients(), gr = ref.gradients();
+  const auto a = gt.tensors(), r = gr.tensors();
+  for (std::size_t t = 0; t < a.size(); ++t) {
+    INFO("gradient of " << r[t].name);
+    CHECK(rel_err(a[t], r[t]) <= 3e-2);
+  }
+  const double la = tc.apply(0.0).loss, lr = ref.apply(0.0).loss;
+  CHECK(std::abs(la - lr) <= 1e-2 * std::abs(lr));
+}
+
+ModelConfig head_config(int hd) {
+  ModelConfig c = train_config(1);
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.dim = hd * 4;
+  c.hidden_dim = 2 * c.dim;
+  return c;
+}
+}  // namespace
+
 TEST_CASE("tensor-core training attention equals the CUDA-core kernels (bf16, head sizes 32 / 64 / 128)") {
   for (int hd : {32, 64, 128}) {
     CAPTURE(hd);
-    ModelConfig c = train_config(1);
-    c.n_heads = 4;
-    c.n_kv_heads = 2;
-    c.dim = hd * 4;
-    c.hidden_dim = 2 * c.dim;
+    const ModelConfig c = head_config(hd);
     const ModelWeights w = random_weights(c, {.seed = 5, .scale = 1.5f, .prefix_registers = 1, .suffix_registers = 1});
     const Batch b = make_batch(5, c.vocab_size, 100, 90 + hd);  // segments of up to 100 + 5 rows
     for (int k : {1, 4}) {
-      train::CudaStep<EarnSchedule, dtype::Bf16> tc(w, EarnSchedule{k}, {}), ref(w, EarnSchedule{k}, {});
-      ref.use_tensor_core_attention(false);
-      tc.accumulate(b.seqs, b.targets, 20.0);
-      ref.accumulate(b.seqs, b.targets, 20.0);
-      const ModelWeights gt = tc.gradients(), gr = ref.gradients();
-      const auto a = gt.tensors(), r = gr.tensors();
-      for (std::size_t t = 0; t < a.size(); ++t) {
-        INFO("k = " << k << ", gradient of " << r[t].name);
-        CHECK(rel_err(a[t], r[t]) <= 3e-2);
-      }
-      const double la = tc.apply(0.0).loss, lr = ref.apply(0.0).loss;
-      CHECK(std::abs(la - lr) <= 1e-2 * std::abs(lr));
+      CAPTURE(k);
+      compare_tensor_cores(w, EarnSchedule{k}, b);
     }
   }
+}
+
+TEST_CASE("CUDA training under Gist's kind rule: fp32 equal to the CPU step, tensor cores to CUDA cores") {
+  for (int v = 0; v < 3; ++v) {
+    const int rp = v == 2 ? 0 : 1 + v, rs = v == 1 ? 0 : 1;  // 1 + 1, 2 + 0, 0 + 1
+    CAPTURE(v); CAPTURE(rp); CAPTURE(rs);
+    const ModelWeights w = random_weights(train_config(v), {.seed = 80 + std::uint64_t(v), .scale = 1.5f,
+                                                            .prefix_registers = rp, .suffix_registers = rs});
+    compare_fp32(w, GistSchedule{}, 40 + v);
+  }
+  const ModelConfig c = head_config(64);
+  const ModelWeights w = random_weights(c, {.seed = 6, .scale = 1.5f, .prefix_registers = 1, .suffix_registers = 1});
+  compare_tensor_cores(w, GistSchedule{}, make_batch(5, c.vocab_size, 100, 95));
 }
 
 TEST_CASE("CUDA training step: graph replays equal launch-by-launch steps bit for bit; one graph per padded shape") {

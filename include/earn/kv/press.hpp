@@ -97,8 +97,11 @@ struct Budget {
 template <class P>
 concept Press = requires(const P& p, int l, int n) {
   { P::name } -> std::convertible_to<const char*>;
+} && (requires(const P& p, int l, int n) {
   { p.rule(l, l, n) } -> std::same_as<PressRule>;
-};
+} || requires(const P& p, int l, int n) {
+  { p.rule(l, l, n, l, l) } -> std::same_as<PressRule>;  // also given the model's register counts
+});
 
 namespace press {
 
@@ -162,7 +165,40 @@ struct PyramidKV {
   }
 };
 
+/// Gist: the registers' rows, nothing of the prompt (rows [0, r_p) and the last r_s of the user's rows). The press
+/// of Gist's layers (attention/gist.hpp), whose decode rows see no prompt row; over a model not trained that way it
+/// is StreamingLLM with a budget of the registers. Its rule takes the model's register counts (rule_of).
+struct Gist {
+  static constexpr const char* name = "gist";
+  static constexpr bool holds_prompt = false;  // what it keeps are registers
+  PressRule rule(int /*layer*/, int /*n_layers*/, int n, int prefix_registers, int suffix_registers) const {
+    if (prefix_registers + suffix_registers < 1)
+      throw ConfigError("press gist: the model has no registers, so it would keep nothing of the prompt's rows");
+    const int keep = std::min(prefix_registers + suffix_registers, n);
+    return {keep, std::min(prefix_registers, keep), keep - std::min(prefix_registers, keep), Score::kNone, 0, 1};
+  }
+};
+
 }  // namespace press
+
+/// The rule of press p for layer l of n_layers and a user's n rows, of which r_p and r_s are the prefix and suffix
+/// registers (a press whose rule takes them: press::Gist); the one way engines ask a press.
+template <class P>
+PressRule rule_of(const P& p, int l, int n_layers, int n, int prefix_registers, int suffix_registers) {
+  if constexpr (requires { p.rule(l, n_layers, n, prefix_registers, suffix_registers); })
+    return p.rule(l, n_layers, n, prefix_registers, suffix_registers);
+  else
+    return p.rule(l, n_layers, n);
+}
+
+/// Whether press P may keep prompt rows (every press but press::Gist).
+template <class P>
+constexpr bool press_holds_prompt() {
+  if constexpr (requires { P::holds_prompt; })
+    return static_cast<bool>(P::holds_prompt);
+  else
+    return true;
+}
 
 /// Query rows whose probabilities score the keys of n rows under rule r: the last `scored_rows` of them (0: the
 /// selection is by position alone, or every row is kept).

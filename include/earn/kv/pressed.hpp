@@ -14,16 +14,18 @@ namespace earn::kv {
 /// is the j-th row head g keeps, so heads may hold rows of different positions.
 template <class P>
 struct Pressed {
-  static_assert(Press<P>, "earn: kv::Pressed<P> takes a press (kv/press.hpp: a name and rule(layer, layers, rows))");
+  static_assert(Press<P>, "earn: kv::Pressed<P> takes a press (kv/press.hpp: a name and rule(layer, layers, rows [, prefix, suffix registers]))");
   static constexpr const char* name = "pressed";
-  static constexpr bool holds_prompt = true;  // some prompt rows, as many as the press keeps
+  static constexpr bool holds_prompt = press_holds_prompt<P>();  // some prompt rows, as many as the press keeps
   static constexpr bool pressed = true;
   using press_type = P;
   P press{};
   /// Rows reserved per user at layer l of n_layers: the most the press keeps of up to max_input rows.
-  std::int64_t prefix_capacity(std::int64_t max_input, std::int64_t /*registers*/, int l, int n_layers) const {
+  std::int64_t prefix_capacity(std::int64_t max_input, std::int64_t registers, int l, int n_layers) const {
     int most = 0;
-    for (int n = 1; n <= max_input; ++n) most = std::max(most, std::min(press.rule(l, n_layers, n).keep, n));
+    // A press given the register counts keeps by their sum: all of them are taken as prefix registers here.
+    const int r = static_cast<int>(registers);
+    for (int n = 1; n <= max_input; ++n) most = std::max(most, std::min(rule_of(press, l, n_layers, n, r, 0).keep, n));
     return most;
   }
 };

@@ -67,8 +67,9 @@ void check_press_rules(const Schedule& schedule, const plan::ForwardPlan& fp) {
       if constexpr (kv::is_pressed<typename L::cache>()) {
         const plan::RowSet& rows = fp.layer_rows(l);
         for (int s = 0; s < rows.segments(); ++s)
-          kv::check_rule(layer.layout.press.rule(l, fp.n_layers(), rows.seg_n[s]), rows.seg_n[s],
-                         L::cache::press_type::name);
+          kv::check_rule(kv::rule_of(layer.layout.press, l, fp.n_layers(), rows.seg_n[s], fp.prefix_registers,
+                                     fp.suffix_registers),
+                         rows.seg_n[s], L::cache::press_type::name);
       }
     });
 }
@@ -84,7 +85,7 @@ inline int begin_observing(attention::Observer& obs, const plan::ForwardPlan& fp
 /// What an observer sees of sequence s at layer l of plan fp: its rows there are both the queries and the keys
 /// (a prefill caches the rows it computes), under the layer policy's visibility.
 inline attention::ObservedSegment observed_segment(const plan::ForwardPlan& fp, int l, int s, int sample, int user,
-                                                   bool (*visible)(int, int)) {
+                                                   bool (*visible)(int, int, RowKind, RowKind)) {
   const plan::RowSet& rows = fp.layer_rows(l);
   const auto off = static_cast<std::size_t>(rows.seg_off[s]), n = static_cast<std::size_t>(rows.seg_n[s]);
   const std::span<const int> pos(rows.pos.data() + off, n);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "earn/attention/dense_causal.hpp"
+#include "earn/attention/gist.hpp"
 #include "earn/attention/register_only.hpp"
 #include "earn/kv/contiguous.hpp"
 #include "earn/kv/pressed.hpp"
@@ -36,7 +37,13 @@ PressSchedule<P> press_schedule(P press) {
   return PressSchedule<P>{PressLayer<P>{{}, {press}}};
 }
 
+/// Gist's layer: every row computed, decode (and fed) rows see only the registers, the cache holds only them.
+using GistLayer = Layer<attention::Gist, kv::Pressed<kv::press::Gist>>;
+/// Gist-style prompt compression (the paper's trained baseline) from layer 0: train with it (a Gist model), then
+/// decode with only the registers' KV at every layer.
+using GistSchedule = Uniform<GistLayer>;
+
 static_assert(Schedule<DenseSchedule> && Schedule<EarnSchedule> && Schedule<EarnScheduleK<2>> &&
-              Schedule<PressSchedule<kv::press::SnapKV>>);
+              Schedule<PressSchedule<kv::press::SnapKV>> && Schedule<GistSchedule>);
 
 }  // namespace earn

@@ -82,6 +82,9 @@ template <class L>
 void require_registers_if_dropping(int registers) {
   if (!L::policy::keeps_prompt && registers == 0)
     throw ConfigError("schedule: every layer drops the prompt and there are no registers");
+  if (!attention::sees<typename L::policy>(RowKind::kGenerated, RowKind::kPrompt) && registers == 0)
+    throw ConfigError(std::string("schedule: policy ") + L::policy::name +
+                      " hides the prompt from generated rows and there are no registers to carry it");
 }
 }  // namespace detail
 
@@ -167,6 +170,10 @@ struct RequireDeviceUsable {
   static_assert(device_usable_schedule<S>(),
                 "earn: a layer policy of this schedule has hooks the GPU cannot call (visible and keeps must be "
                 "static constexpr: attention::DeviceUsable); it runs on the CPU engine only");
+  static_assert(attention::kind_rule_spares_input<typename S::early_layer::policy>() &&
+                    attention::kind_rule_spares_input<typename S::late_layer::policy>(),
+                "earn: a layer policy of this schedule has a kind rule among prefill rows (registers, prompt); the "
+                "CUDA engine's prefill kernels compare positions only: it runs on the CPU engine and the trainers");
   static constexpr bool value = true;
 };
 

@@ -254,16 +254,17 @@ class Engine<Schedule, Cpu> {
         for (int s = 0; s < rows.segments(); ++s) {
           const int u = users[s], off = rows.seg_off[s], n = rows.seg_n[s];
           const std::span<const int> pos(rows.pos.data() + off, static_cast<std::size_t>(n));
-          const attention::ObservedSegment seg = detail::observed_segment(fp, l, s, sample0 + s, u, &P::visible);
+          const attention::ObservedSegment seg = detail::observed_segment(fp, l, s, sample0 + s, u, &attention::visible_row<P>);
           const bool watch = obs && obs->wants_layer(l);
           // The keys are the user's rows of this layer; the cache then keeps them all, or what a press chooses.
           const auto ks = k.middleRows(off, n), vs = v.middleRows(off, n);
           constexpr bool pressed = kv::is_pressed<typename L::cache>();
           kv::PressRule rule;
-          if constexpr (pressed) rule = layer.layout.press.rule(l, c.n_layers, n);  // checked before the pass
+          if constexpr (pressed) rule = kv::rule_of(layer.layout.press, l, c.n_layers, n, rp, rs);  // checked before
           std::optional<cpu::PressScores> scores;
           if (pressed) scores.emplace(rule, n, c.n_heads, c.n_kv_heads);
-          cpu::attention_prefill<P>(q.middleRows(off, n), pos, ks, vs, pos, c.n_heads, c.n_kv_heads, c.head_dim(),
+          const cpu::AttnRows ar{pos, {rows.kind.data() + off, static_cast<std::size_t>(n)}};
+          cpu::attention_prefill<P>(q.middleRows(off, n), ar, ks, vs, ar, c.n_heads, c.n_kv_heads, c.head_dim(),
                                     att.middleRows(off, n), [&](int head, const auto& probs) {
                                       if (watch) obs->observe(seg, head, probs);
                                       if (scores) scores->add(head, probs);

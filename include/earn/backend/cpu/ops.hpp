@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <span>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -17,7 +18,9 @@
 #include <omp.h>
 #endif
 
+#include "earn/attention/policy.hpp"
 #include "earn/core/config.hpp"
+#include "earn/core/error.hpp"
 #include "earn/core/tensor.hpp"
 
 namespace earn::cpu {
@@ -162,23 +165,36 @@ struct NoProbs {
   void operator()(int /*head*/, const M& /*probs*/) const {}
 };
 
-/// Prefill attention for one user: queries q [T, n_heads*hd] at q_pos over keys/values k, v [S, kv_dim] at k_pos,
-/// visibility from Policy. Writes out [T, n_heads*hd] (a matrix or a block of one, already that size). Heads run in
-/// parallel; each is two GEMMs over its [T, S] scores. `observe(h, probs)` sees every head's probabilities [T, S]
-/// after the softmax (the one observation point of scores: the trainer keeps them for its backward pass), called
-/// from the head's thread.
+/// Rows of one user as attention sees them: positions and kinds (kinds matter to policies with a kind rule).
+struct AttnRows {
+  std::span<const int> pos;
+  std::span<const RowKind> kind;
+};
+
+/// Prefill attention for one user: queries q [T, n_heads*hd] of rows `qr` over keys/values k, v [S, kv_dim] of rows
+/// `kr`, visibility from Policy (attention::visible_row: positions, and kinds when the policy has a kind rule).
+/// Writes out [T, n_heads*hd] (a matrix or a block of one, already that size). Heads run in parallel; each is two
+/// GEMMs over its [T, S] scores. `observe(h, probs)` sees every head's probabilities [T, S] after the softmax (the
+/// one observation point of scores: the trainer keeps them for its backward pass), called from the head's thread.
 template <class Policy, class QM, class KM, class OM, class Observe = NoProbs>
-inline void attention_prefill(const QM& q, std::span<const int> q_pos, const KM& k, const KM& v,
-                              std::span<const int> k_pos, int n_heads, int n_kv_heads, int hd, OM&& out,
-                              Observe&& observe = {}) {
+inline void attention_prefill(const QM& q, AttnRows qr, const KM& k, const KM& v, AttnRows kr, int n_heads,
+                              int n_kv_heads, int hd, OM&& out, Observe&& observe = {}) {
   using S = typename std::decay_t<QM>::Scalar;
   const Index T = q.rows(), S_ = k.rows();
   const int group = n_heads / n_kv_heads;
   const S scale = S(1) / std::sqrt(static_cast<S>(hd));
-  // The mask depends only on positions: build it once for all heads.
+  // The mask depends only on the rows: build it once for all heads.
   Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> visible(T, S_);
-  for (Index i = 0; i < T; ++i)
-    for (Index j = 0; j < S_; ++j) visible(i, j) = Policy::visible(q_pos[i], k_pos[j]);
+  if constexpr (attention::has_kind_rule<Policy>()) {
+    if (Index(qr.kind.size()) != T || Index(kr.kind.size()) != S_)
+      throw ConfigError("attention: policy " + std::string(Policy::name) + " has a kind rule; pass the rows' kinds");
+    for (Index i = 0; i < T; ++i)
+      for (Index j = 0; j < S_; ++j)
+        visible(i, j) = attention::visible_row<Policy>(qr.pos[i], kr.pos[j], qr.kind[i], kr.kind[j]);
+  } else {
+    for (Index i = 0; i < T; ++i)
+      for (Index j = 0; j < S_; ++j) visible(i, j) = Policy::visible(qr.pos[i], kr.pos[j]);
+  }
   [[maybe_unused]] const bool big = T * S_ * Index{n_heads} * hd >= (Index{1} << 18);
 #pragma omp parallel for schedule(dynamic) if (big)
   for (int h = 0; h < n_heads; ++h) {
@@ -192,6 +208,16 @@ inline void attention_prefill(const QM& q, std::span<const int> q_pos, const KM&
     out.middleCols(Index{h} * hd, hd).noalias() = s * v.middleCols(Index{kvh} * hd, hd);
     observe(h, s);
   }
+}
+
+/// The same over positions alone, for a policy without a kind rule.
+template <class Policy, class QM, class KM, class OM, class Observe = NoProbs>
+inline void attention_prefill(const QM& q, std::span<const int> q_pos, const KM& k, const KM& v,
+                              std::span<const int> k_pos, int n_heads, int n_kv_heads, int hd, OM&& out,
+                              Observe&& observe = {}) {
+  static_assert(!attention::has_kind_rule<Policy>(), "earn: this policy has a kind rule; pass cpu::AttnRows with kinds");
+  attention_prefill<Policy>(q, AttnRows{q_pos, {}}, k, v, AttnRows{k_pos, {}}, n_heads, n_kv_heads, hd,
+                            std::forward<OM>(out), std::forward<Observe>(observe));
 }
 
 /// Decode attention for one query row q [n_heads*hd] at q_pos over two key segments (a user's shared prefix

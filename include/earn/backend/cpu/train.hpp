@@ -2,8 +2,8 @@
 //
 // Runs exactly what a plan::ForwardPlan says, the same plan the engines run: input rows [R_p; prompt; R_s; fed],
 // each layer over its phase's rows (EARN's late layers over registers and fed rows only, so they cost less here
-// too), attention per sequence under the layer policy's visible(q_pos, k_pos), the classifier on the answer rows
-// only. Teacher forcing: the answer's first F tokens are fed, and its F + 1 tokens are the targets of the readout
+// too), attention per sequence under the layer policy's visibility (attention::visible_row: positions and kinds), the
+// classifier on the answer rows only. Teacher forcing: the answer's first F tokens are fed, and its F + 1 tokens are the targets of the readout
 // row and the F fed rows. Loss: next-token cross-entropy over the answer tokens, summed and divided by `norm`
 // (the effective batch's answer tokens, so micro-batches accumulate to the batch mean).
 // Scalar T: float to train, double for finite-difference gradient checks (tests/test_train_grad.cpp).
@@ -117,7 +117,8 @@ double train_forward(const BasicModelWeights<T>& w, const Schedule& schedule, co
         const int off = rows.seg_off[s], n = rows.seg_n[s];
         const std::span<const int> pos(rows.pos.data() + off, static_cast<std::size_t>(n));
         MatrixT<T>* keep = L.probs.data() + std::size_t(s) * H;
-        attention_prefill<P>(L.q.middleRows(off, n), pos, L.k.middleRows(off, n), L.v.middleRows(off, n), pos, H,
+        const AttnRows ar{pos, {rows.kind.data() + off, static_cast<std::size_t>(n)}};
+        attention_prefill<P>(L.q.middleRows(off, n), ar, L.k.middleRows(off, n), L.v.middleRows(off, n), ar, H,
                              c.n_kv_heads, hd, L.att.middleRows(off, n),
                              [keep](int h, const MatrixT<T>& p) { keep[h] = p; });
       }

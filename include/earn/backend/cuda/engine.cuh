@@ -832,7 +832,7 @@ class Engine<Schedule, CudaT<DType>> {
     int max_s = 0;
     for (int s = 0; s < rw.segments(); ++s) {
       const attention::ObservedSegment seg =
-          detail::observed_segment(fp, l, s, sample0 + s, users[s], &Policy::visible);
+          detail::observed_segment(fp, l, s, sample0 + s, users[s], &attention::visible_row<Policy>);
       for (int i : attention::Observer::select(obs.options().reduce, seg)) rows.push_back(make_int2(s, i));
       seg_rows[s] = static_cast<int>(rows.size());
       max_s = std::max(max_s, rw.seg_n[s]);
@@ -1038,7 +1038,7 @@ class Engine<Schedule, CudaT<DType>> {
           long long part_off = 0;
           for (int si = 0; si < rw.segments(); ++si) {
             const int n = rw.seg_n[si];
-            const kv::PressRule r = layer.layout.press.rule(l, c.n_layers, n);
+            const kv::PressRule r = kv::rule_of(layer.layout.press, l, c.n_layers, n, fp.prefix_registers, fp.suffix_registers);
             cuda::PressSeg ps;
             ps.row0 = rw.seg_off[si];
             ps.n = n;

@@ -1,8 +1,9 @@
 // earn/backend/cuda/train_attention.cuh - attention of a training step on the GPU, forward (saving each row's
 // log-sum-exp) and backward (recomputing the probabilities from it, as FlashAttention-2), over the packed rows of
 // one layer: every sequence is a segment of consecutive rows whose queries see its own keys where the layer
-// policy's visible(q_pos, k_pos) holds. q, k, v live in the fused [rows, qd + 2 kvd] rows of the QKV GEMM (after
-// bias and RoPE); the backward pass writes dq, dk, dv into the same layout, so one GEMM takes them back.
+// policy's visible(q_pos, k_pos) holds (and its kind rule, for a policy that has one: Gist). q, k, v live in the
+// fused [rows, qd + 2 kvd] rows of the QKV GEMM (after bias and RoPE); the backward pass writes dq, dk, dv into the
+// same layout, so one GEMM takes them back.
 //
 // Two implementations of the same arithmetic:
 //   tensor cores   (bf16 / fp16, segments of at most 128 rows, head size 32 / 64 / 128 where shared memory holds
@@ -36,7 +37,8 @@ struct TrainSegment {
 template <class T>
 struct TrainAttentionArgs {
   const T* qkv = nullptr;            ///< [rows, width] q | k | v after bias and RoPE
-  const int* pos = nullptr;          ///< [rows] positions
+  /// [rows] positions; for a policy with a kind rule, attention::pack_row(position, kind) (train_visible)
+  const int* pos = nullptr;
   const TrainSegment* segs = nullptr;  ///< [nseg]
   int nseg = 0, max_n = 0;           ///< segments, the longest one's rows
   /// Optional: launch over a subset, bucket[0] segments with indices bucket[1..] (blocks past the count exit); the
@@ -52,6 +54,15 @@ struct TrainAttentionArgs {
 };
 
 namespace kernel {
+
+// Whether query row q sees key row k, given as TrainAttentionArgs::pos values.
+template <class Policy>
+__device__ __forceinline__ bool train_visible(int q, int k) {
+  if constexpr (attention::has_kind_rule<Policy>())
+    return attention::visible_packed<Policy>(q, k);
+  else
+    return Policy::visible(q, k);
+}
 
 constexpr int kTrainAttnWarps = 8;
 constexpr int kTrainAttnMaxRows = 128;  // tensor-core path: a segment fits shared memory whole
@@ -76,7 +87,7 @@ __global__ void train_attn_fwd_simple(TrainAttentionArgs<T> a) {
     for (int j = lane; j < sg.n; j += 32) {
       const long long kj = static_cast<long long>(sg.off + j);
       float v = -INFINITY;
-      if (Policy::visible(pq, a.pos[kj])) {
+      if (train_visible<Policy>(pq, a.pos[kj])) {
         const T* k = a.qkv + kj * W + qd + kvh * hd;
         float d = 0.0f;
         for (int e = 0; e < hd; ++e) d += to_float(q[e]) * to_float(k[e]);
@@ -127,7 +138,7 @@ __global__ void train_attn_bwd_q_simple(TrainAttentionArgs<T> a) {
     for (int j = lane; j < sg.n; j += 32) {
       const long long kj = static_cast<long long>(sg.off + j);
       float pj = 0.0f, dpj = 0.0f;
-      if (lse != -INFINITY && Policy::visible(pq, a.pos[kj])) {
+      if (lse != -INFINITY && train_visible<Policy>(pq, a.pos[kj])) {
         const T* k = a.qkv + kj * W + qd + kvh * hd;
         const T* v = a.qkv + kj * W + qd + kvd + kvh * hd;
         float d = 0.0f, e2 = 0.0f;
@@ -177,7 +188,7 @@ __global__ void train_attn_bwd_kv_simple(TrainAttentionArgs<T> a) {
       for (int i = 0; i < sg.n; ++i) {
         const long long qi = static_cast<long long>(sg.off + i);
         const float lse = a.lse[qi * a.nh + h];
-        if (lse == -INFINITY || !Policy::visible(a.pos[qi], pk)) continue;
+        if (lse == -INFINITY || !train_visible<Policy>(a.pos[qi], pk)) continue;
         const T* q = a.qkv + qi * W + h * hd;
         const T* dO = a.dout + qi * qd + h * hd;
         float d = 0.0f, e2 = 0.0f;
@@ -307,15 +318,15 @@ __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_fwd_tc(TrainA
   for (int i = warp; i < N; i += kTrainAttnWarps) {  // masked softmax, a warp per row
     float m = -INFINITY;
     for (int j = lane; j < n; j += 32)
-      if (i < n && Policy::visible(pos[i], pos[j])) m = fmaxf(m, S[i * lds + j] * scale);
+      if (i < n && train_visible<Policy>(pos[i], pos[j])) m = fmaxf(m, S[i * lds + j] * scale);
     m = warp_max(m);
     float sum = 0.0f;
     for (int j = lane; j < n; j += 32)
-      if (m != -INFINITY && Policy::visible(pos[i], pos[j])) sum += expf(S[i * lds + j] * scale - m);
+      if (m != -INFINITY && train_visible<Policy>(pos[i], pos[j])) sum += expf(S[i * lds + j] * scale - m);
     sum = warp_sum(sum);
     const float lse = m == -INFINITY ? -INFINITY : m + logf(sum);
     for (int j = lane; j < N; j += 32) {
-      const bool vis = i < n && j < n && lse != -INFINITY && Policy::visible(pos[i], pos[j]);
+      const bool vis = i < n && j < n && lse != -INFINITY && train_visible<Policy>(pos[i], pos[j]);
       P[i * ldp + j] = from_float<T>(vis ? expf(S[i * lds + j] * scale - lse) : 0.0f);
     }
     if (lane == 0 && i < n) a.lse[static_cast<long long>(sg.off + i) * a.nh + h] = lse;
@@ -376,7 +387,7 @@ __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_bwd_tc(TrainA
     __syncthreads();
     for (int t = threadIdx.x; t < N * N; t += blockDim.x) {  // P from the saved log-sum-exp
       const int i = t / N, j = t % N;
-      const bool vis = i < n && j < n && lse[i] != -INFINITY && Policy::visible(pos[i], pos[j]);
+      const bool vis = i < n && j < n && lse[i] != -INFINITY && train_visible<Policy>(pos[i], pos[j]);
       P[i * ldp + j] = from_float<T>(vis ? expf(A[i * lda + j] * scale - lse[i]) : 0.0f);
     }
     __syncthreads();

@@ -375,7 +375,8 @@ class CudaStep {
   }
 
   // The micro-batch's integers, padded to `lay`, in one upload (offsets depend on `lay` alone, so a graph captured for
-  // one micro-batch reads the next one's values): input codes, per phase positions, keeps and segments, answer rows
+  // one micro-batch reads the next one's values): input codes, per phase positions (plain and packed with the rows'
+  // kinds), keeps and segments, answer rows
   // and targets, the embedding CSR and its id count, 1 / norm.
   void upload_plan(const plan::ForwardPlan& fp, const Layout& lay, const std::vector<int>& answers,
                    std::span<const int> targets, double norm) {
@@ -394,6 +395,10 @@ class CudaStep {
       ph_[p].rows = lay.rows[p];
       ph_[p].real = r.size();
       ph_[p].pos = add(r.pos, lay.rows[p], 0);
+      // The same rows as pack_row(pos, kind), for the attention of a policy with a kind rule (Gist).
+      std::vector<int> packed(r.pos.size());
+      for (std::size_t i = 0; i < packed.size(); ++i) packed[i] = attention::pack_row(r.pos[i], r.kind[i]);
+      ph_[p].packed = add(packed, lay.rows[p], 0);
       // Padding rows of a gathered phase come from the zero row of the phase below.
       ph_[p].keep = p == 0 ? -1 : add(fp.phases[p].keep, lay.rows[p], fp.phases[p - 1].rows.size());
       std::vector<int> segs;
@@ -568,6 +573,7 @@ class CudaStep {
   template <class Policy>
   void attention(int ph, const Layout& lay, Saved& S, bool backward) {
     cuda::TrainAttentionArgs<T> a = attn_args(ph, lay, S);
+    if constexpr (attention::has_kind_rule<Policy>()) a.pos = ints(ph_[ph].packed);  // see TrainAttentionArgs::pos
     const int longest = lay.max_n[ph];
     if (tc_on_ && cuda::train_attention_tc<T>(c_.head_dim(), longest, smem_limit_)) {
       for (int b = 0; b * kBucket < longest; ++b) {
@@ -727,7 +733,7 @@ class CudaStep {
   };
   std::optional<Pending> pending_;  // prepared, not yet launched
   struct PhaseInts {
-    int pos = 0, keep = -1, segs = 0, buckets = 0;  // offsets into the uploaded integers
+    int pos = 0, packed = 0, keep = -1, segs = 0, buckets = 0;  // offsets into the uploaded integers
     int rows = 0, real = 0;            // padded and real rows
   };
   struct LayerOffsets {
