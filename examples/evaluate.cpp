@@ -105,6 +105,10 @@ int main(int argc, char** argv) {
     open_output(json_file, json_out);
     const ModelWeights w = src.load(rp, rs);
     const ModelConfig& c = w.config;
+    // A Gist model (train --schedule gist records it) is served as it was trained; no other schedule applies.
+    const bool gist = w.trained_schedule == "gist";
+    if (gist && (k >= 0 || !press.empty()))
+      throw ConfigError("this model was trained as Gist (its answer rows never saw the prompt): drop --k / --press");
     // The default, -1 (a negative --k is refused by its check): the split layer the model was trained with.
     if (k < 0) k = w.split_layer >= 0 ? w.split_layer : c.n_layers;
     const ItemVocab vocab(c.vocab_size - kCodeLevels * kCodesPerLevel);  // throws when the model is too small
@@ -131,7 +135,10 @@ int main(int argc, char** argv) {
               << counts.test_interactions << " test target items\n";
     std::cout << "split:   " << split << ", " << cases.size() << " users with targets"
               << (limit ? " (limited)" : "") << "\n";
-    std::cout << "EARN:    k = " << k << " of " << c.n_layers << (k == c.n_layers ? " (dense)" : "") << ", registers "
+    std::cout << (gist ? "Gist:    every layer dense over the prompt, the answer sees the registers only"
+                       : "EARN:    k = " + std::to_string(k) + " of " + std::to_string(c.n_layers) +
+                             (k == c.n_layers ? " (dense)" : ""))
+              << ", registers "
               << w.registers.prefix.rows() << " + " << w.registers.suffix.rows() << ", beam " << beam << ", prompt "
               << (tok ? "LC-Rec text" : "code template") << " (" << pb.length(ds.history_len()) << " tokens at most)\n";
 
@@ -152,7 +159,9 @@ int main(int argc, char** argv) {
       return std::pair<EvalResult, BeamStats>{std::move(r), search.stats()};
     };
     std::pair<EvalResult, BeamStats> ran;
-    if (press.empty()) {
+    if (gist) {
+      ran = search_under(GistSchedule{}, 1.0);
+    } else if (press.empty()) {
       ran = search_under(EarnSchedule{k}, 1.0);
     } else {
       const int mk = press_k >= 0 ? press_k : c.n_layers / 4;
@@ -195,8 +204,9 @@ int main(int argc, char** argv) {
       j["random_model"] = src.path.empty();
       j["data"] = data;
       j["split"] = split;
-      j["split_layer"] = k;
+      if (!gist) j["split_layer"] = k;
       if (!press.empty()) j["press"] = press;
+      if (gist) j["schedule"] = "gist";
       j["layers"] = c.n_layers;
       j["registers"] = {w.registers.prefix.rows(), w.registers.suffix.rows()};
       j["beam"] = beam;

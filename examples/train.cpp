@@ -72,7 +72,11 @@ ModelConfig preset(const std::string& name) {
 
 struct Args {
   std::string data = std::string(EARN_SHARED_DATA_DIR) + "/amazon-beauty", codes, init, preset = "tiny", schedule = "earn";
+#ifdef EARN_TRAIN_CUDA
+  std::string out = "runs/train", device = "cuda", dtype = "bf16", tokenizer;  // train_cuda runs on the GPU only
+#else
   std::string out = "runs/train", device = "cpu", dtype = "bf16", tokenizer;
+#endif
   int k = -1, rp = 1, rs = 1, batch = 128, micro_batch = 0, eval_every = 0, patience = 0, eval_users = 0, beam = 20;
   int eval_batch = 32, dim = 0, layers = 0, heads = 0, hidden = 0;
   double epochs = 1, lr = 1e-3, warmup = 0.02, weight_decay = 0.01, grad_clip = 1.0;
@@ -184,6 +188,7 @@ int run(const Args& a) {
   const int k = gist ? 0 : dense ? c.n_layers : (a.k < 0 ? c.n_layers / 4 : a.k);
   const Schedule schedule = make_schedule<Schedule>(k);
   w.split_layer = gist ? -1 : k;
+  w.trained_schedule = gist ? "gist" : "";  // saved with every checkpoint: evaluate then serves it as Gist
   const rec::ItemVocab vocab(c.vocab_size - rec::kCodeLevels * rec::kCodesPerLevel);
   const rec::PromptBuilder pb = tok ? rec::PromptBuilder::text(*tok, vocab) : rec::PromptBuilder::code_tokens(vocab);
   const rec::CodeTrie trie(ds.catalogue(), vocab);
@@ -341,25 +346,29 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--press-registers", a.press_registers, "... with this many registers (default 2: 1 + 1)")
       ->check(CLI::Range(0, 64));
-  app.add_option("--device", a.device, "cpu, or cuda (the train_cuda build)")->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--device", a.device, "cpu (the train build), or cuda (the train_cuda build)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--dtype", a.dtype, "CUDA GEMM operands: bf16 or f32")->check(CLI::IsMember({"bf16", "f32"}));
   CLI11_PARSE(app, argc, argv);
   try {
-    if (a.device == "cuda") {
 #ifdef EARN_TRAIN_CUDA
-      // Gist trains with bf16 operands on the GPU (one more instantiation of the step per dtype is not worth its
-      // build time; --dtype f32 is the check of the bf16 step, tests/cuda/test_cuda_train.cu covers Gist in fp32).
-      if (a.schedule == "gist") {
-        if (a.dtype == "f32") throw earn::ConfigError("--schedule gist trains with --dtype bf16 on the GPU");
-        return run<CudaBackend<earn::dtype::Bf16>, GistSchedule>(a);
-      }
-      return a.dtype == "f32" ? run<CudaBackend<earn::dtype::F32>, EarnSchedule>(a)
-                              : run<CudaBackend<earn::dtype::Bf16>, EarnSchedule>(a);
-#else
-      throw earn::ConfigError("--device cuda needs the train_cuda program (built where nvcc is found)");
-#endif
+    // The GPU build runs the GPU trainer only: its host side would otherwise compile the whole CPU trainer (every
+    // schedule's step and engine) a second time, for what the train program already does.
+    if (a.device != "cuda")
+      throw earn::ConfigError("train_cuda trains on the GPU (--device cuda); the CPU trainer is the train program");
+    // Gist trains with bf16 operands on the GPU (one more instantiation of the step per dtype is not worth its
+    // build time; --dtype f32 is the check of the bf16 step, tests/cuda/test_cuda_train.cu covers Gist in fp32).
+    if (a.schedule == "gist") {
+      if (a.dtype == "f32") throw earn::ConfigError("--schedule gist trains with --dtype bf16 on the GPU");
+      return run<CudaBackend<earn::dtype::Bf16>, GistSchedule>(a);
     }
+    return a.dtype == "f32" ? run<CudaBackend<earn::dtype::F32>, EarnSchedule>(a)
+                            : run<CudaBackend<earn::dtype::Bf16>, EarnSchedule>(a);
+#else
+    if (a.device == "cuda")
+      throw earn::ConfigError("--device cuda needs the train_cuda program (built where nvcc is found)");
     return a.schedule == "gist" ? run<CpuBackend, GistSchedule>(a) : run<CpuBackend, EarnSchedule>(a);
+#endif
   } catch (const earn::Error& e) {
     std::cerr << "\ntrain: " << e.what() << "\n";
     return 1;

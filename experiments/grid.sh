@@ -15,6 +15,7 @@
 #   experiments/grid.sh gist [--seeds 0,1,2,3,4]   the trained prompt-compression baseline (attention/gist.hpp:
 #                  answer rows see only the registers, from layer 0) with the grid's recipe and seeds: 1 + 1 registers
 #                  (EARN's count) and 0 + 20 (gist tokens after the prompt, about EARN k = 2's KV at a full history)
+#   experiments/grid.sh speed-gist   Gist's speed beside Finetune's and EARN's at both shapes
 #
 #   EARN_GPU_BIN   folder with train_cuda and bench_cuda_llama (default: build them in build-gpu)
 #   EARN_DATA      Beauty in AtSpeed's layout (default ../shared/data/amazon-beauty)
@@ -151,6 +152,22 @@ if [ "$mode" = speed ]; then
   run r2+2 2,2 2 8
   run r3+3 3,3 2 8
   (cd "$OUT" && tar czf speed.tar.gz speed-*.json && rm speed-*.json)
+fi
+
+if [ "$mode" = speed-gist ]; then
+  # Gist beside Finetune and EARN at the grid model's shape (256 users, prompt 80; EARN k = 2 of 8) and at Llama-7B
+  # dims (32 users, prompt 512; k = 8 of 32): one invocation per register count (the weights differ), one call.
+  for shape in small llama7b; do
+    if [ $shape = small ]; then
+      dims=(--layers 8 --dim 512 --hidden 1408 --heads 8 --vocab 1028 --users 256 --prompts 80) k=2
+    else
+      dims=(--layers 32 --users 32 --prompts 512) k=8
+    fi
+    timeout 300 "$bin/bench_cuda_llama" --reps 5 "${dims[@]}" --registers 0,0 --ks -1 --json "$OUT/speed-$shape-gist_finetune.json" || exit 1
+    timeout 300 "$bin/bench_cuda_llama" --reps 5 "${dims[@]}" --registers 1,1 --ks $k --gist 1 --json "$OUT/speed-$shape-gist_r1+1.json" || exit 1
+    timeout 300 "$bin/bench_cuda_llama" --reps 5 "${dims[@]}" --registers 0,20 --ks "" --gist 1 --json "$OUT/speed-$shape-gist_r0+20.json" || exit 1
+  done
+  (cd "$OUT" && tar czf speed-gist.tar.gz speed-*-gist_*.json && rm speed-*-gist_*.json)
 fi
 
 if [ "$mode" = speed-baselines ]; then

@@ -3,7 +3,7 @@
 
     experiments/report.py --runs out/runs-*.tar.gz --speed out/speed.tar.gz   # collect, then table and figures
     experiments/report.py --baselines out/runs-baselines-*.tar.gz --speed-baselines out/speed-baselines.tar.gz
-    experiments/report.py --gist out/runs-gist-*.tar.gz
+    experiments/report.py --gist out/runs-gist-*.tar.gz --speed-gist out/speed-gist.tar.gz
     experiments/report.py                                                     # table and figures from results/
 
 Collecting writes experiments/results/runs.csv (one row per run: setting, seed, best validation NDCG@10 and its step,
@@ -222,6 +222,23 @@ def collect_gist(tars):
     write_csv(RES / "gist.csv", rows)
 
 
+def collect_speed_gist(tar):
+    """gist_speed.csv: Gist, EARN and Finetune on the CUDA engine (grid.sh speed-gist), one row per schedule."""
+    rows = []
+    with tarfile.open(tar) as tf:
+        for m in tf.getmembers():
+            shape, regs = Path(m.name).stem.split("-", 2)[1:]  # speed-<shape>-gist_<finetune|rA+B>
+            j = json.load(tf.extractfile(m))
+            for x in j["results"]:
+                rows.append({"shape": shape, "registers": regs.split("_", 1)[1], "schedule": x["schedule"],
+                             "k": x["k"], "B": x["B"], "P": x["P"], "prefill_ms": x["prefill_ms"],
+                             "decode_ms": x["decode_ms"], "kv_prefill_bytes": x["kv_prefill_bytes"],
+                             "prefill_floor_ms": x["prefill_floor_ms"], "decode_floor_ms": x["decode_floor_ms"],
+                             "card": j["card"]})
+    rows.sort(key=lambda r: (r["shape"], r["registers"], r["schedule"]))
+    write_csv(RES / "gist_speed.csv", rows)
+
+
 def gist_section(stats, by):
     """table.md's section on Gist against Finetune and EARN k = 2, from gist.csv, with the KV rows each caches."""
     rows = read_csv(RES / "gist.csv")
@@ -230,12 +247,30 @@ def gist_section(stats, by):
         g_by.setdefault(r["setting"], []).append(r)
     cols = ["recall@10", "ndcg@10", "recall@20", "ndcg@20"]
     P = 80  # a full 20-item history in the code template
+    sp = read_csv(RES / "gist_speed.csv") if (RES / "gist_speed.csv").exists() else []
+
+    def speed_cells(regs, sched):
+        """prefill x, decode x, total x over the Finetune row of the same call, at both shapes."""
+        c = []
+        for shape in ("small", "llama7b"):
+            s = [r for r in sp if (r["shape"], r["registers"], r["schedule"]) == (shape, regs, sched)]
+            f = [r for r in sp if (r["shape"], r["registers"], r["schedule"]) == (shape, "finetune", "dense")]
+            if s and f:
+                s, f = s[0], f[0]
+                ps, ds, pf, df = (float(s["prefill_ms"]), float(s["decode_ms"]), float(f["prefill_ms"]),
+                                  float(f["decode_ms"]))
+                c += [f"{pf / ps:.2f}", f"{df / ds:.2f}", f"{(pf + df) / (ps + ds):.2f}"]
+            else:
+                c += ["-"] * 3
+        return c
+
     out = ["| method | seeds | " + " | ".join(c.replace("recall", "R").replace("ndcg", "N") for c in cols) +
-           f" | N@10 vs EARN | KV rows / user at P = {P} |", "|---" * (2 + len(cols) + 2) + "|"]
+           f" | N@10 vs EARN | KV rows / user at P = {P} | prefill x | decode x | total x | prefill x 7B | "
+           "decode x 7B | total x 7B |", "|---" * (2 + len(cols) + 8) + "|"]
     e = stats.get("earn-k2")
     ne = len(by.get("earn-k2", []))
 
-    def line(label, st, n, kv, vs_earn=True):
+    def line(label, st, n, kv, speed, vs_earn=True):
         cells = [label, str(n)] + [f"{st[m][0]:.4f} ± {st[m][1]:.4f}" for m in cols]
         if e and vs_earn:
             (mu, sd), (emu, esd) = st["ndcg@10"], e["ndcg@10"]
@@ -243,22 +278,26 @@ def gist_section(stats, by):
         else:
             cells.append("0" if e else "-")
         cells.append(str(kv))
-        return "| " + " | ".join(cells) + " |"
+        return "| " + " | ".join(cells + speed) + " |"
 
     if "finetune" in stats:
-        out.append(line("Finetune", stats["finetune"], len(by["finetune"]), L * P))
+        out.append(line("Finetune", stats["finetune"], len(by["finetune"]), L * P, speed_cells("finetune", "dense")))
     for n, (label, rp, rs) in GIST.items():
         if n in g_by:
             st = {m: mean_sd([r[m] for r in g_by[n]]) for m in METRICS}
-            out.append(line(label, st, len(g_by[n]), L * (rp + rs)))
+            out.append(line(label, st, len(g_by[n]), L * (rp + rs), speed_cells(f"r{rp}+{rs}", "gist")))
     if e:
-        out.append(line("EARN k = 2, 1 + 1", e, ne, 2 * (P + 2) + (L - 2) * 2, vs_earn=False))
+        out.append(line("EARN k = 2, 1 + 1 (7B: k = 8 of 32)", e, ne, 2 * (P + 2) + (L - 2) * 2,
+                        speed_cells("r1+1", "earn"), vs_earn=False))
     return ["## Gist: trained prompt compression from layer 0", "",
             "Gist models (attention/gist.hpp: every layer computes the prompt; the generated rows, in training and in "
             "decoding, see only the registers, whose rows alone are cached) trained with the grid's recipe and seeds "
             "(`grid.sh gist`), tested like every grid run. KV rows per user over the 8 layers after prefill of a "
             f"{P}-token prompt (each row 2 x 512 bf16 values: 2 KiB): Finetune L P, Gist L r, EARN k (P + r) + (L - k) r. "
-            "N@10 vs EARN: difference of means ± its standard error.", ""] + out + [""]
+            "N@10 vs EARN: difference of means ± its standard error. Speed-ups over Finetune on the CUDA engine "
+            "(bench_cuda_llama, random weights, beam 20, 4 new tokens, medians of 5; `grid.sh speed-gist`): the grid's "
+            "model at 256 users, prompt 80, and Llama-7B dims at 32 users, prompt 512; each Finetune row from the same "
+            "call.", ""] + out + [""]
 
 
 def write_csv(path, rows):
@@ -309,9 +348,12 @@ def main():
     ap.add_argument("--baselines", nargs="*", default=[])
     ap.add_argument("--speed-baselines")
     ap.add_argument("--gist", nargs="*", default=[])
+    ap.add_argument("--speed-gist")
     a = ap.parse_args()
     if a.gist:
         collect_gist(a.gist)
+    if a.speed_gist:
+        collect_speed_gist(a.speed_gist)
     if a.runs:
         collect_runs(a.runs)
     if a.speed:
@@ -449,6 +491,21 @@ def figures(by, stats, speed, ref):
         mu, sd = stats[n]["ndcg@10"]
         axes[0].errorbar([(r0[0] + r0[1]) / (s[0] + s[1])], [mu], yerr=[sd], marker="o", capsize=3, label=SETTINGS[n][0])
         axes[1].errorbar([100 * (1 - s[2] / r0[2])], [mu], yerr=[sd], marker="o", capsize=3, label=SETTINGS[n][0])
+    # Gist (gist.csv, gist_speed.csv): its speed-up over the Finetune row of its own speed call.
+    g_rows = read_csv(RES / "gist.csv") if (RES / "gist.csv").exists() else []
+    g_speed = read_csv(RES / "gist_speed.csv") if (RES / "gist_speed.csv").exists() else []
+    for n, (label, rp, rs) in GIST.items():
+        mine = [float(r["ndcg@10"]) for r in g_rows if r["setting"] == n]
+        sp = {(r["registers"], r["schedule"]): r for r in g_speed if r["shape"] == "small"}
+        s, f = sp.get((f"r{rp}+{rs}", "gist")), sp.get(("finetune", "dense"))
+        if len(mine) < 2 or not (s and f):
+            continue
+        mu, sd = mean_sd(mine)
+        x = (float(f["prefill_ms"]) + float(f["decode_ms"])) / (float(s["prefill_ms"]) + float(s["decode_ms"]))
+        cut = 100 * (1 - float(s["kv_prefill_bytes"]) / float(f["kv_prefill_bytes"]))
+        color = "k" if rs > 1 else "#17becf"  # colours no grid setting uses (it takes the cycle up to olive)
+        axes[0].errorbar([x], [mu], yerr=[sd], marker="x", capsize=3, color=color, label=label)
+        axes[1].errorbar([cut], [mu], yerr=[sd], marker="x", capsize=3, color=color, label=label)
     B, P = SPEED_AT["small"]
     axes[0].set_xlabel(f"speed-up over Finetune (prefill + 3 decode steps, {B} users, prompt {P})")
     axes[1].set_xlabel("KV cache cut after prefill (%)")

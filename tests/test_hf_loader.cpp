@@ -166,6 +166,7 @@ void check_same_weights(const earn::ModelWeights& a, const earn::ModelWeights& b
     CHECK(std::equal(ta[i].data.begin(), ta[i].data.end(), tb[i].data.begin(), tb[i].data.end()));
   }
   CHECK(a.split_layer == b.split_layer);
+  CHECK(a.trained_schedule == b.trained_schedule);
 }
 
 // Expects load_hf(dir) to throw E with a message containing every piece of `parts`.
@@ -537,6 +538,16 @@ TEST_CASE("weights: missing, misshapen and unexpected tensors name the file and 
     write_json(d.path / "config.json", j);
     expect_error<earn::FormatError>(d.path, {"config.json", "earn.split_layer", "disagrees"});
   }
+  SUBCASE("recorded schedule: only gist, and config.json agreeing with the metadata") {
+    write(hf_tensors(w), {{"earn.schedule", "earn"}});
+    expect_error<earn::FormatError>(d.path, {file, "earn.schedule", "'earn' is not gist"});
+    write(hf_tensors(w), {{"earn.schedule", "gist"}});
+    CHECK(earn::io::load_hf(d.path).trained_schedule == "gist");
+    json j = config_5x(w.config);
+    j["earn"] = {{"schedule", "sparse"}};
+    write_json(d.path / "config.json", j);
+    expect_error<earn::FormatError>(d.path, {"config.json", "earn.schedule", "'sparse'"});
+  }
   SUBCASE("split layer metadata past the layers") {
     write(hf_tensors(w), {{"earn.split_layer", "7"}});
     expect_error<earn::ConfigError>(d.path, {d.path.string(), "split layer 7"});
@@ -556,6 +567,12 @@ TEST_CASE("save_hf writes what load_hf reads back exactly (Qwen2, registers, spl
   w.split_layer = 1;
   earn::io::save_hf(d.path, w);
   check_same_weights(w, earn::io::load_hf(d.path));
+  w.trained_schedule = "gist";  // a Gist model's record travels with it
+  earn::io::save_hf(d.path, w);
+  check_same_weights(w, earn::io::load_hf(d.path));
+  CHECK(earn::io::SafetensorsFile::open(d.path / "model.safetensors").metadata().at("earn.schedule") == "gist");
+  w.trained_schedule.clear();
+  earn::io::save_hf(d.path, w);
   std::ifstream in(d.path / "config.json");
   const json j = json::parse(in);
   CHECK(j["architectures"] == json::array({"Qwen2ForCausalLM"}));

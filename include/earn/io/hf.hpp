@@ -27,6 +27,7 @@
 //   tensors   earn.prefix_registers [r_p, dim], earn.suffix_registers [r_s, dim]   -> weights.registers
 //   metadata  "earn.split_layer": "<k>" in a safetensors __metadata__, or config.json "earn": {"split_layer": k}
 //             -> weights.split_layer (both places, when present, must agree; absent: -1)
+//             "earn.schedule": "gist" likewise -> weights.trained_schedule (a Gist model; absent: empty)
 //
 // Errors: malformed or missing fields and tensors throw FormatError "file: field: what"; unsupported features
 // throw ConfigError naming the file and field; unreadable files throw IoError.
@@ -70,6 +71,7 @@ struct HfConfig {
   ModelConfig model;
   HfArchitecture architecture = HfArchitecture::kLlama;
   int split_layer = -1;  ///< config.json "earn": {"split_layer": k}; -1 when absent
+  std::string schedule;  ///< config.json "earn": {"schedule": "gist"}; empty when absent
 };
 
 namespace detail {
@@ -215,6 +217,21 @@ class HfTensors {
       if (name.ends_with(".rotary_emb.inv_freq")) continue;  // derived buffer, recomputed
       earn::detail::throw_format(files_[idx].name(), name, "unexpected tensor for this config");
     }
+  }
+  /// "earn.schedule" from the shards' metadata (all that carry it must agree; only "gist" is defined), or "".
+  std::string schedule() const {
+    std::string s, from;
+    for (const auto& f : files_) {
+      auto it = f.metadata().find("earn.schedule");
+      if (it == f.metadata().end()) continue;
+      if (it->second != "gist")
+        earn::detail::throw_format(f.name(), "__metadata__.earn.schedule", "'" + it->second + "' is not gist");
+      if (!s.empty() && it->second != s)
+        earn::detail::throw_format(f.name(), "__metadata__.earn.schedule", it->second + " disagrees with " + from);
+      s = it->second;
+      from = f.name();
+    }
+    return s;
   }
   /// "earn.split_layer" from the shards' metadata (all that carry it must agree), or -1.
   int split_layer() const {
@@ -410,6 +427,10 @@ inline HfConfig parse_hf_config(const nlohmann::json& j, const std::string& file
         f.bad("earn.split_layer", std::to_string(*k) + " is outside 0.." + std::to_string(c.n_layers));
       out.split_layer = static_cast<int>(*k);
     }
+    if (auto sch = e->opt_string("schedule")) {
+      if (*sch != "gist") f.bad("earn.schedule", "'" + *sch + "' is not gist");
+      out.schedule = *sch;
+    }
   }
 
   try {
@@ -481,6 +502,11 @@ inline ModelWeights load_hf(const std::filesystem::path& dir) {
                                std::to_string(hc.split_layer) + " disagrees with the weights' metadata " +
                                    std::to_string(meta_k));
   w.split_layer = meta_k >= 0 ? meta_k : hc.split_layer;
+  const std::string meta_s = t.schedule();
+  if (!meta_s.empty() && !hc.schedule.empty() && meta_s != hc.schedule)
+    earn::detail::throw_format((dir / "config.json").string(), "earn.schedule",
+                               hc.schedule + " disagrees with the weights' metadata " + meta_s);
+  w.trained_schedule = meta_s.empty() ? hc.schedule : meta_s;
   try {
     w.validate();
   } catch (const ConfigError& e) {
@@ -548,6 +574,7 @@ inline void save_hf(const std::filesystem::path& dir, const ModelWeights& w) {
   if (w.registers.suffix.rows() > 0) out.push_back(tensor_to_write("earn.suffix_registers", w.registers.suffix));
   std::map<std::string, std::string> meta = {{"format", "pt"}};
   if (w.split_layer >= 0) meta["earn.split_layer"] = std::to_string(w.split_layer);
+  if (!w.trained_schedule.empty()) meta["earn.schedule"] = w.trained_schedule;
   write_safetensors(dir / "model.safetensors", out, meta);
 
   nlohmann::ordered_json j;

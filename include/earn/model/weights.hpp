@@ -75,6 +75,9 @@ struct BasicModelWeights {
   MatrixT<T> lm_head;     ///< [vocab, dim]; empty when config.tied_embeddings
   BasicRegisterWeights<T> registers;
   int split_layer = -1;  ///< EARN split layer k recorded with the checkpoint; -1 when none was recorded
+  /// The schedule the model was trained under, as recorded with it: "gist" for a Gist model (served only by
+  /// GistSchedule: its answer rows never saw the prompt); empty otherwise (EARN at split_layer, or dense).
+  std::string trained_schedule;
 
   /// The classifier matrix [vocab, dim]: the LM head, or the embedding when tied.
   const MatrixT<T>& classifier() const { return config.tied_embeddings ? tok_embeddings : lm_head; }
@@ -100,6 +103,7 @@ struct BasicModelWeights {
     BasicModelWeights<U> w;
     w.config = config;
     w.split_layer = split_layer;
+    w.trained_schedule = trained_schedule;
     w.tok_embeddings = tok_embeddings.template cast<U>();
     w.final_norm = final_norm.template cast<U>();
     w.lm_head = lm_head.template cast<U>();
@@ -178,6 +182,8 @@ struct BasicModelWeights {
     if (split_layer > c.n_layers)
       throw ConfigError("weights: recorded split layer " + std::to_string(split_layer) + " exceeds " +
                         std::to_string(c.n_layers) + " layers");
+    if (!trained_schedule.empty() && trained_schedule != "gist")
+      throw ConfigError("weights: recorded schedule '" + trained_schedule + "' is not gist (the only one recorded)");
   }
 
  private:
