@@ -262,7 +262,8 @@ TEST_CASE("Presses refuse rules the pipeline does not take with ConfigError") {
 
 TEST_CASE("Gist: registers read the prompt, decode rows only the registers, the cache holds only the registers") {
   const ModelConfig c = small_config(RopeStyle::kInterleaved, true);
-  for (auto [rp, rs] : {std::pair{1, 1}, std::pair{2, 0}, std::pair{0, 3}}) {
+  for (const auto& split : {std::pair{1, 1}, std::pair{2, 0}, std::pair{0, 3}}) {
+    const int rp = split.first, rs = split.second;  // not a structured binding: clang's CAPTURE cannot take one
     CAPTURE(rp); CAPTURE(rs);
     const ModelWeights w = random_weights(c, {.seed = std::uint64_t(50 + rp * 3 + rs), .scale = 2.0f,
                                               .prefix_registers = rp, .suffix_registers = rs});
