@@ -14,7 +14,8 @@ namespace earn::kv {
 /// is the j-th row head g keeps, so heads may hold rows of different positions.
 template <class P>
 struct Pressed {
-  static_assert(Press<P>, "earn: kv::Pressed<P> takes a press (kv/press.hpp: a name and rule(layer, layers, rows [, prefix, suffix registers]))");
+  static_assert(Press<P>, "earn: kv::Pressed<P> takes a press (kv/press.hpp: a name and rule(layer, layers, rows), or "
+                          "rule(layer, layers, rows, prefix registers, suffix registers))");
   static constexpr const char* name = "pressed";
   static constexpr bool holds_prompt = press_holds_prompt<P>();  // some prompt rows, as many as the press keeps
   static constexpr bool pressed = true;
@@ -25,7 +26,8 @@ struct Pressed {
     int most = 0;
     // A press given the register counts keeps by their sum: all of them are taken as prefix registers here.
     const int r = static_cast<int>(registers);
-    for (int n = 1; n <= max_input; ++n) most = std::max(most, std::min(rule_of(press, l, n_layers, n, r, 0).keep, n));
+    for (int n = 1; n <= max_input; ++n)
+      most = std::max(most, std::min(rule_of(press, l, n_layers, n, r, 0).keep, n));
     return most;
   }
 };
