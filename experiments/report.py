@@ -85,20 +85,24 @@ def collect_runs(tars):
     write_csv(RES / "valid_curves.csv", curves)
 
 
-def collect_speed(tar):
-    rows = []
+def speed_results(tar):
+    """(the name's parts after "speed-", its JSON, one result) for every result of every bench_cuda_llama JSON in tar."""
     with tarfile.open(tar) as tf:
         for m in tf.getmembers():
-            if not m.name.endswith(".json"):
-                continue
-            shape, regs = Path(m.name).stem.split("-", 2)[1:]  # speed-<shape>-<finetune|rA+B>
-            j = json.load(tf.extractfile(m))
-            for x in j["results"]:
-                rows.append({"shape": shape, "layers": j["layers"], "dim": j["dim"], "r_p": j["prefix_registers"],
-                             "r_s": j["suffix_registers"], "B": x["B"], "P": x["P"], "k": x["k"],
-                             "prefill_ms": x["prefill_ms"], "decode_ms": x["decode_ms"],
-                             "kv_prefill_bytes": x["kv_prefill_bytes"], "prefill_floor_ms": x["prefill_floor_ms"],
-                             "decode_floor_ms": x["decode_floor_ms"], "card": j["card"]})
+            if m.name.endswith(".json"):
+                j = json.load(tf.extractfile(m))
+                for x in j["results"]:
+                    yield Path(m.name).stem.split("-", 2)[1:], j, x
+
+
+def collect_speed(tar):
+    rows = []
+    for (shape, regs), j, x in speed_results(tar):  # speed-<shape>-<finetune|rA+B>
+        rows.append({"shape": shape, "layers": j["layers"], "dim": j["dim"], "r_p": j["prefix_registers"],
+                     "r_s": j["suffix_registers"], "B": x["B"], "P": x["P"], "k": x["k"],
+                     "prefill_ms": x["prefill_ms"], "decode_ms": x["decode_ms"],
+                     "kv_prefill_bytes": x["kv_prefill_bytes"], "prefill_floor_ms": x["prefill_floor_ms"],
+                     "decode_floor_ms": x["decode_floor_ms"], "card": j["card"]})
     rows.sort(key=lambda r: (r["shape"], r["B"], r["P"], r["r_p"], r["r_s"], r["k"]))
     write_csv(RES / "speed.csv", rows)
 
@@ -132,17 +136,11 @@ def collect_baselines(tars):
 
 def collect_speed_baselines(tar):
     rows = []
-    with tarfile.open(tar) as tf:
-        for m in tf.getmembers():
-            if not m.name.endswith(".json"):
-                continue
-            shape = Path(m.name).stem.split("-")[1]  # speed-<shape>-baselines
-            j = json.load(tf.extractfile(m))
-            for x in j["results"]:
-                rows.append({"shape": shape, "layers": j["layers"], "schedule": x["schedule"], "B": x["B"], "P": x["P"],
-                             "prefill_ms": x["prefill_ms"], "decode_ms": x["decode_ms"],
-                             "kv_prefill_bytes": x["kv_prefill_bytes"], "prefill_floor_ms": x["prefill_floor_ms"],
-                             "decode_floor_ms": x["decode_floor_ms"], "card": j["card"]})
+    for (shape, _), j, x in speed_results(tar):  # speed-<shape>-baselines
+        rows.append({"shape": shape, "layers": j["layers"], "schedule": x["schedule"], "B": x["B"], "P": x["P"],
+                     "prefill_ms": x["prefill_ms"], "decode_ms": x["decode_ms"],
+                     "kv_prefill_bytes": x["kv_prefill_bytes"], "prefill_floor_ms": x["prefill_floor_ms"],
+                     "decode_floor_ms": x["decode_floor_ms"], "card": j["card"]})
     write_csv(RES / "speed_baselines.csv", rows)
 
 
@@ -225,16 +223,11 @@ def collect_gist(tars):
 def collect_speed_gist(tar):
     """gist_speed.csv: Gist, EARN and Finetune on the CUDA engine (grid.sh speed-gist), one row per schedule."""
     rows = []
-    with tarfile.open(tar) as tf:
-        for m in tf.getmembers():
-            shape, regs = Path(m.name).stem.split("-", 2)[1:]  # speed-<shape>-gist_<finetune|rA+B>
-            j = json.load(tf.extractfile(m))
-            for x in j["results"]:
-                rows.append({"shape": shape, "registers": regs.split("_", 1)[1], "schedule": x["schedule"],
-                             "k": x["k"], "B": x["B"], "P": x["P"], "prefill_ms": x["prefill_ms"],
-                             "decode_ms": x["decode_ms"], "kv_prefill_bytes": x["kv_prefill_bytes"],
-                             "prefill_floor_ms": x["prefill_floor_ms"], "decode_floor_ms": x["decode_floor_ms"],
-                             "card": j["card"]})
+    for (shape, regs), j, x in speed_results(tar):  # speed-<shape>-gist_<finetune|rA+B>
+        rows.append({"shape": shape, "registers": regs.split("_", 1)[1], "schedule": x["schedule"], "k": x["k"],
+                     "B": x["B"], "P": x["P"], "prefill_ms": x["prefill_ms"], "decode_ms": x["decode_ms"],
+                     "kv_prefill_bytes": x["kv_prefill_bytes"], "prefill_floor_ms": x["prefill_floor_ms"],
+                     "decode_floor_ms": x["decode_floor_ms"], "card": j["card"]})
     rows.sort(key=lambda r: (r["shape"], r["registers"], r["schedule"]))
     write_csv(RES / "gist_speed.csv", rows)
 
