@@ -1,10 +1,18 @@
 // bench_model: prefill and decode throughput of the dense CPU engine (earn::Engine<DenseSchedule, Cpu>) for
 // stories260K's shape and a ~110M-parameter Llama, next to this machine's measured memory bandwidth (memcpy) and
-// GEMM rate (Eigen sgemm), the two hardware ceilings bench/README.md compares against.
+// arithmetic peak (register-only FMAs), the two hardware ceilings bench/README.md compares against; and the linear
+// layer (cpu::linear) beside Eigen's GEMM at the recommendation model's shapes.
 #include <benchmark/benchmark.h>
 
 #include <cstring>
 #include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "common.hpp"
 
@@ -35,19 +43,67 @@ static void BM_Gemv_Stream(benchmark::State& state) {
 }
 BENCHMARK(BM_Gemv_Stream)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-// GEMM rate: [512, 768] x [768, 2048] as one prefill projection of the 110M model.
-static void BM_Gemm_Eigen(benchmark::State& state) {
+// Arithmetic ceiling: every thread runs 12 independent chains of 8-lane fp32 FMAs on registers (no memory).
+static void BM_Fma_Peak(benchmark::State& state) {
+#if defined(__AVX2__) && defined(__FMA__)
+  constexpr long kSteps = 1 << 22;
+  int threads = 1;
+  for (auto _ : state) {
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+#pragma omp single
+      threads = omp_get_num_threads();
+#endif
+      volatile float seed = 1.0f;
+      __m256 a[12];
+      for (int i = 0; i < 12; ++i) a[i] = _mm256_set1_ps(seed + float(i));
+      const __m256 b = _mm256_set1_ps(0.9999999f), c = _mm256_set1_ps(1e-7f);
+      for (long s = 0; s < kSteps; ++s) {
+#define EARN_FMA(i) a[i] = _mm256_fmadd_ps(a[i], b, c);
+        EARN_FMA(0) EARN_FMA(1) EARN_FMA(2) EARN_FMA(3) EARN_FMA(4) EARN_FMA(5)
+        EARN_FMA(6) EARN_FMA(7) EARN_FMA(8) EARN_FMA(9) EARN_FMA(10) EARN_FMA(11)
+#undef EARN_FMA
+      }
+      __m256 sum = a[0];
+      for (int i = 1; i < 12; ++i) sum = _mm256_add_ps(sum, a[i]);
+      benchmark::DoNotOptimize(sum);
+    }
+  }
+  state.counters["FLOP/s"] = benchmark::Counter(double(threads) * kSteps * 12 * 16, benchmark::Counter::kIsIterationInvariantRate);
+#else
+  state.SkipWithError("needs AVX2 + FMA");
+#endif
+}
+BENCHMARK(BM_Fma_Peak)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// One linear layer y = x w^T at the shapes of the recommendation loop's ~30M model (d 512, FFN 1408, vocab 8192):
+// rows (range 0) x in (range 1) x out (range 2). cpu::linear (earn's tiled kernel, gemm.hpp) and, beside it, the
+// same product as one Eigen expression (Eigen's GEMM / GEMV, what cpu::linear was before).
+static void linear_body(benchmark::State& state, bool eigen) {
   Rng rng(1);
-  Matrix x(512, 768), w(2048, 768), y;
+  const Index m = state.range(0), k = state.range(1), n = state.range(2);
+  Matrix x(m, k), w(n, k), y;
   for (Index i = 0; i < x.size(); ++i) x.data()[i] = rng.symmetric(1);
   for (Index i = 0; i < w.size(); ++i) w.data()[i] = rng.symmetric(1);
   for (auto _ : state) {
-    cpu::linear(x, w, y);
+    if (eigen)
+      y.noalias() = x * w.transpose();
+    else
+      cpu::linear(x, w, y);
     benchmark::DoNotOptimize(y.data());
   }
-  state.counters["FLOP/s"] = benchmark::Counter(2.0 * 512 * 768 * 2048, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["FLOP/s"] = benchmark::Counter(2.0 * double(m * k * n), benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_Gemm_Eigen)->Unit(benchmark::kMillisecond)->UseRealTime();
+static void BM_Linear(benchmark::State& state) { linear_body(state, false); }
+static void BM_Gemm_Eigen(benchmark::State& state) { linear_body(state, true); }
+static void linear_shapes(benchmark::internal::Benchmark* b) {
+  b->Args({1, 512, 1536})->Args({20, 512, 1536})->Args({160, 512, 1536})->Args({160, 1408, 512})
+      ->Args({160, 512, 8192})->Args({432, 512, 2816})->Args({512, 768, 2048});
+  b->Unit(benchmark::kMicrosecond)->UseRealTime();
+}
+BENCHMARK(BM_Linear)->Apply(linear_shapes);
+BENCHMARK(BM_Gemm_Eigen)->Apply(linear_shapes);
 
 template <ModelConfig (*Cfg)()>
 static const ModelWeights& model() {

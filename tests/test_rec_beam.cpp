@@ -158,8 +158,8 @@ void check_exhaustive(const E& engine, const ModelWeights& w, int k) {
       CHECK(recs[0][j].identifier == order[j]);
 }
 
-// Pruning (beam < items), several users per call: equal to the per-beam-prompt naive search and to one user
-// per call.
+// Pruning (beam < items), several users per call (prefilled in one batch, and one by one): equal to the
+// per-beam-prompt naive search and to one user per call.
 template <class E>
 void check_against_naive(const E& engine) {
   const Catalogue cat = tiny_catalogue(40);
@@ -173,9 +173,17 @@ void check_against_naive(const E& engine) {
     BeamSearch batched(engine, trie, {.beam = beam}, 3, max_prompt);
     const auto all = batched.run(prompts);
     REQUIRE(all.size() == 3u);
+    // The searcher prefills its users in one batch by default; one prefill per user finds the same.
+    BeamSearch per_user(engine, trie, {.beam = beam}, 3, max_prompt, /*batched_prefill=*/false);
+    const auto separate = per_user.run(prompts);
     for (std::size_t u = 0; u < prompts.size(); ++u) {
       CAPTURE(u);
       const auto want = naive_beam(engine, cat, prompts[u], beam);
+      REQUIRE(separate[u].size() == want.size());
+      for (std::size_t j = 0; j < want.size(); ++j) {
+        CHECK(separate[u][j].identifier == want[j].first);
+        CHECK(std::abs(separate[u][j].score - want[j].second) < 1e-4);
+      }
       REQUIRE(all[u].size() == want.size());
       for (std::size_t j = 0; j < want.size(); ++j) {
         CHECK(all[u][j].identifier == want[j].first);

@@ -6,7 +6,7 @@
     python3 tools/bench_table.py earn.json model.json     # prints the markdown table of bench/README.md
 
 Every bench_earn run carries its cost model: pred_flop and pred_bytes for its split layer k. The roofline time is
-max(pred_flop / F, pred_bytes / B), with F the Eigen GEMM rate (BM_Gemm_Eigen) and B the streaming bandwidth
+max(pred_flop / F, pred_bytes / B), with F the arithmetic peak (BM_Fma_Peak) and B the streaming bandwidth
 (BM_Gemv_Stream) measured on the same machine. Predicted speedup = roofline(dense) / roofline(k); measured speedup =
 median time(dense) / median time(k); measured/floor = median time / roofline time.
 """
@@ -27,9 +27,9 @@ def medians(path):
 
 def main(earn_path, model_path):
     model = medians(model_path)
-    F = model["BM_Gemm_Eigen"]["FLOP/s"]
+    F = model["BM_Fma_Peak"]["FLOP/s"]
     B = model["BM_Gemv_Stream"]["bytes/s"]
-    print(f"Ceilings measured in the same session: GEMM {F / 1e9:.0f} GFLOP/s, streaming read {B / 1e9:.1f} GB/s.\n")
+    print(f"Ceilings measured in the same session: FMA peak {F / 1e9:.0f} GFLOP/s, streaming read {B / 1e9:.1f} GB/s.\n")
     runs = defaultdict(dict)
     for name, b in medians(earn_path).items():
         kind, p, k = name.split("/")[:3]

@@ -183,8 +183,9 @@ class HostSelect {
   using State = typename EngineT::State;
   using Logits = Matrix;
 
-  /// batched_prefill: all prompts in one engine pass (rows share every GEMM); off: one prefill per user.
-  HostSelect(const EngineT& engine, const CodeTrie& trie, bool batched_prefill = false)
+  /// batched_prefill (the default): all prompts in one engine pass (rows share every GEMM; on the CPU a row's
+  /// result does not depend on its batch, earn/backend/cpu/gemm.hpp); off: one prefill per user.
+  HostSelect(const EngineT& engine, const CodeTrie& trie, bool batched_prefill = true)
       : engine_(engine), trie_(trie), batched_(batched_prefill) {}
 
   Logits prefill(State& st, std::span<const std::vector<int>> prompts) {

@@ -19,6 +19,7 @@
 #endif
 
 #include "earn/attention/policy.hpp"
+#include "earn/backend/cpu/gemm.hpp"
 #include "earn/core/config.hpp"
 #include "earn/core/error.hpp"
 #include "earn/core/tensor.hpp"
@@ -27,8 +28,10 @@ namespace earn::cpu {
 
 /// ys[m] [T, out_m] = x [T, in] * ws[m]^T for every m, with each w [out, in] as checkpoints store it: products that
 /// share their input (q, k, v; the gate and up projections) in one pass.
-/// Many rows (prefill): one Eigen GEMM per product (Eigen threads it). Few rows (decode): Eigen does not thread its
-/// GEMV, so the output features of all the products, taken as one list, are split into one contiguous range per
+/// fp32 with AVX2 + FMA (gemm::kAvailable) and x in row-major memory: earn's tiled kernel (earn/backend/cpu/gemm.hpp)
+/// at every row count. Otherwise many rows (prefill): one Eigen GEMM per product (Eigen threads it); few rows
+/// (decode): Eigen's GEMV over each thread's share (Eigen does not thread its GEMV).
+/// Shares: the output features of all the products, taken as one list, are split into one contiguous range per
 /// thread inside a single parallel region: each thread streams its own rows of the weights once, the threads get
 /// equal shares however the products' sizes fall, and one fork / join serves every product of the list.
 template <class X, class T, std::size_t N>
@@ -39,28 +42,45 @@ inline void linear_multi(const X& x, const std::array<const MatrixT<T>*, N>& ws,
     total_rows += ws[m]->rows();
     total_size += ws[m]->size();
   }
-  if (x.rows() > 16) {
+  constexpr bool kTiled = gemm::kAvailable && std::is_same_v<T, float> &&
+                          std::is_same_v<typename X::Scalar, float> && bool(X::IsRowMajor) &&
+                          bool(X::Flags & Eigen::DirectAccessBit);
+  if (!kTiled && x.rows() > 16) {
     for (std::size_t m = 0; m < N; ++m) ys[m]->noalias() = x * ws[m]->transpose();
     return;
   }
   // Rows [r0, r1) of the concatenated outputs: the pieces of each product that fall in the range.
   const auto run = [&](Index r0, Index r1) {
+    if (r0 >= r1) return;
+    [[maybe_unused]] gemm::Panels* panels = nullptr;
+    if constexpr (kTiled) {  // x packed once per thread for all its products
+      panels = &gemm::thread_panels();
+      panels->pack(x.data(), x.outerStride(), x.rows(), x.cols());
+    }
     Index base = 0;
     for (std::size_t m = 0; m < N; ++m) {
       const Index n = ws[m]->rows(), a = std::max(r0 - base, Index{0}), b = std::min(r1 - base, n);
-      if (a < b) ys[m]->middleCols(a, b - a).noalias() = x * ws[m]->middleRows(a, b - a).transpose();
+      if (a < b) {
+        if constexpr (kTiled)
+          gemm::product_columns({.x = x.data(), .ldx = x.outerStride(), .w = ws[m]->data(), .ldw = ws[m]->cols(),
+                                 .y = ys[m]->data(), .ldy = ys[m]->cols(), .m = x.rows(), .k = x.cols()},
+                                *panels, a, b);
+        else
+          ys[m]->middleCols(a, b - a).noalias() = x * ws[m]->middleRows(a, b - a).transpose();
+      }
       base += n;
     }
   };
-  // Threads pay from ~128 KB of weights on: below that one fork / join costs more than the products.
-  [[maybe_unused]] const bool big = total_size >= (Index{1} << 15);
+  // Threads pay from ~128 K multiply-adds on: below that one fork / join costs more than the products.
+  [[maybe_unused]] const bool big = total_size * x.rows() >= (Index{1} << 15);
 #ifdef _OPENMP
   if (big && omp_get_max_threads() > 1 && !omp_in_parallel()) {
+    // Ranges rounded to whole tiles of the packed kernel (whole vector lanes of Eigen's dot products).
+    constexpr Index g = kTiled ? gemm::kTileCols * 4 : 8;
 #pragma omp parallel
     {
       const Index nt = omp_get_num_threads(), t = omp_get_thread_num();
-      // Ranges rounded to multiples of 8 rows (whole vector lanes of the dot products), the last takes the rest.
-      const auto edge = [&](Index i) { return i >= nt ? total_rows : std::min(total_rows, (total_rows * i / nt) / 8 * 8); };
+      const auto edge = [&](Index i) { return i >= nt ? total_rows : std::min(total_rows, (total_rows * i / nt) / g * g); };
       run(edge(t), edge(t + 1));
     }
     return;

@@ -1,0 +1,233 @@
+// earn/backend/cpu/gemm.hpp - the CPU's fp32 product y = x w^T with x [M, K] and w [N, K] both row-major, the
+// layout of every linear layer (checkpoints store w [out, in]), without copying the weights.
+//
+// Why not Eigen's GEMM: it packs w (the larger operand) on every call, a full read and write of the weights that
+// costs as much as the arithmetic at the row counts of the recommendation loop (20-160 decode rows, 40-800 prefill
+// rows; gemm_pack_lhs was 20 % of `evaluate`'s time), and it does not thread below ~20 rows. Here only x, the
+// small operand, is ever copied:
+//  - M > kDotRows: x is packed once per call and thread into panels of 16 rows stored k-major (two 8-lane vectors
+//    per k; a last panel of at most 8 rows is 8 wide). A 16 x 6 tile keeps 12 accumulators along M: per k it loads
+//    two panel vectors and broadcasts one weight of each of 6 rows of w straight from the weights, 12 FMAs (the
+//    BLIS / OpenBLAS Haswell shape). Blocks: kColBlock outputs of w stay in L2 while every panel passes over them,
+//    kDepth values of K per pass keep a panel in L1 (longer rows add their passes into y).
+//  - M <= kDotRows (one decode row of `generate`): nothing to amortise a copy over, and w comes from memory, so
+//    each row of w is one sequential stream of dot products against the few rows of x (4 accumulators of 8 lanes
+//    along K per row of x): 1.3-1.6x the bandwidth of three interleaved row streams or Eigen's GEMV on a
+//    32000 x 288 classifier (2-core AMD EPYC).
+// Determinism: a row's result depends on K and the kernel its row count selects, never on its neighbours, the
+// tile it fell in or the thread count; every M above kDotRows gives the same bits for the same row (batched and
+// one-by-one prefills of longer prompts agree exactly). Available with AVX2 + FMA (kAvailable); other builds use
+// Eigen (earn/backend/cpu/ops.hpp decides). The naive reference is tests/test_ops.cpp.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <utility>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "earn/core/tensor.hpp"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define EARN_CPU_GEMM_AVX2 1
+#endif
+
+namespace earn::cpu::gemm {
+
+#ifdef EARN_CPU_GEMM_AVX2
+inline constexpr bool kAvailable = true;
+#else
+inline constexpr bool kAvailable = false;
+#endif
+
+inline constexpr Index kDotRows = 3;     ///< up to this many rows of x: dot products along K, no packing
+inline constexpr Index kPanelRows = 16;  ///< rows of x per packed panel (two vectors of 8)
+inline constexpr int kTileCols = 6;      ///< outputs per tile of the packed kernel
+inline constexpr Index kColBlock = 192;  ///< outputs whose weights every panel passes over (L2)
+inline constexpr Index kDepth = 256;     ///< values of K per pass (a panel of 16 rows: 16 KB, L1)
+
+/// Operands of one product: x [M, K] with row stride ldx, w [N, K] with row stride ldw, y [M, N] with row stride ldy.
+struct Operands {
+  const float* x;
+  Index ldx;
+  const float* w;
+  Index ldw;
+  float* y;
+  Index ldy;
+  Index m, k;
+};
+
+/// x packed in panels for the products of one thread (reused across calls: the buffer only grows).
+class Panels {
+ public:
+  /// Packs x [m, k] (row stride ldx) when m > kDotRows; otherwise leaves the panels empty (the dot tiles read x).
+  void pack(const float* x, Index ldx, Index m, Index k) {
+    rows_ = m;
+    if (m <= kDotRows) return;
+    buf_.resize(static_cast<std::size_t>(((m + kPanelRows - 1) / kPanelRows) * kPanelRows * k));
+    for (Index r = 0; r < m; r += kPanelRows) {
+      const Index width = width_at(r), rm = std::min(width, m - r);
+      float* p = buf_.data() + r * k;
+      for (Index kk = 0; kk < k; ++kk) {
+        for (Index i = 0; i < rm; ++i) p[kk * width + i] = x[(r + i) * ldx + kk];
+        for (Index i = rm; i < width; ++i) p[kk * width + i] = 0.0f;
+      }
+    }
+  }
+  bool packed() const { return rows_ > kDotRows; }
+  /// Panel width at row r: 16, or 8 for a last panel of at most 8 rows.
+  Index width_at(Index r) const { return rows_ - r > kPanelRows / 2 ? kPanelRows : kPanelRows / 2; }
+  const float* panel(Index r, Index k) const { return buf_.data() + r * k; }
+
+ private:
+  std::vector<float, Eigen::aligned_allocator<float>> buf_;
+  Index rows_ = 0;
+};
+
+/// The calling thread's panels (one buffer per thread, kept for its lifetime).
+inline Panels& thread_panels() {
+  thread_local Panels panels;
+  return panels;
+}
+
+#ifdef EARN_CPU_GEMM_AVX2
+namespace detail {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The tiles keep their accumulators in one flat array with every loop unrolled, so that GCC holds them in
+// registers (a 2-D array of vectors was stored back to the stack on every k).
+
+// Dot rows: y[i, n] (=, or += when Accumulate) sum_k x[i, k] w[n, k] for i < RM and every n in [0, N): one row of
+// w at a time (one sequential stream, which the prefetcher serves best when w comes from memory), U = 4
+// accumulators per row of x along K for the FMA latency.
+template <int RM, bool Accumulate>
+inline void dot_rows(const float* x, Index ldx, const float* w, Index ldw, float* y, Index ldy, Index N, Index K) {
+  constexpr int U = 4;
+  for (Index n = 0; n < N; ++n) {
+    const float* wr = w + n * ldw;
+    __m256 acc[RM * U];
+#pragma GCC unroll 16
+    for (int t = 0; t < RM * U; ++t) acc[t] = _mm256_setzero_ps();
+    Index k = 0;
+    for (; k + 8 * U <= K; k += 8 * U) {
+#pragma GCC unroll 4
+      for (int u = 0; u < U; ++u) {
+        const __m256 b = _mm256_loadu_ps(wr + k + 8 * u);
+#pragma GCC unroll 4
+        for (int i = 0; i < RM; ++i) acc[i * U + u] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * ldx + k + 8 * u), b, acc[i * U + u]);
+      }
+    }
+    for (; k + 8 <= K; k += 8) {
+      const __m256 b = _mm256_loadu_ps(wr + k);
+#pragma GCC unroll 4
+      for (int i = 0; i < RM; ++i) acc[i * U] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * ldx + k), b, acc[i * U]);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < RM; ++i) {
+      float s = hsum(_mm256_add_ps(_mm256_add_ps(acc[i * U], acc[i * U + 1]), _mm256_add_ps(acc[i * U + 2], acc[i * U + 3])));
+      for (Index t = k; t < K; ++t) s += x[i * ldx + t] * wr[t];
+      float& out = y[i * ldy + n];
+      out = Accumulate ? out + s : s;
+    }
+  }
+}
+
+// Panel tiles: V vectors of 8 rows (panel p, k-major, 8V wide) times NR rows of w, the first rm rows stored.
+template <int V, int NR, bool Accumulate>
+inline void panel_tile(const float* p, const float* w, Index ldw, float* y, Index ldy, int rm, Index K) {
+  __m256 acc[V * NR];
+#pragma GCC unroll 16
+  for (int t = 0; t < V * NR; ++t) acc[t] = _mm256_setzero_ps();
+  for (Index k = 0; k < K; ++k) {
+    __m256 a[V];
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) a[v] = _mm256_load_ps(p + k * 8 * V + 8 * v);
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; ++j) {
+      const __m256 b = _mm256_broadcast_ss(w + j * ldw + k);
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) acc[j * V + v] = _mm256_fmadd_ps(a[v], b, acc[j * V + v]);
+    }
+  }
+  alignas(32) float lanes[NR][8 * V];
+#pragma GCC unroll 16
+  for (int j = 0; j < NR; ++j)
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) _mm256_store_ps(&lanes[j][8 * v], acc[j * V + v]);
+  for (int i = 0; i < rm; ++i)
+    for (int j = 0; j < NR; ++j) {
+      float& out = y[i * ldy + j];
+      out = Accumulate ? out + lanes[j][i] : lanes[j][i];
+    }
+}
+
+template <bool Accumulate>
+using PanelFn = void (*)(const float*, const float*, Index, float*, Index, int, Index);
+
+template <bool A, int V, int... NR>
+constexpr std::array<PanelFn<A>, sizeof...(NR)> panel_row(std::integer_sequence<int, NR...>) {
+  return {panel_tile<V, NR + 1, A>...};
+}
+
+// Dot rows for rm <= kDotRows rows of x.
+template <bool A>
+inline void dot_rows_for(Index rm, const float* x, Index ldx, const float* w, Index ldw, float* y, Index ldy, Index N,
+                         Index K) {
+  static_assert(kDotRows == 3, "one case per row count");
+  if (rm == 1) dot_rows<1, A>(x, ldx, w, ldw, y, ldy, N, K);
+  else if (rm == 2) dot_rows<2, A>(x, ldx, w, ldw, y, ldy, N, K);
+  else dot_rows<3, A>(x, ldx, w, ldw, y, ldy, N, K);
+}
+// The panel tile for a panel of `width` rows and nr <= kTileCols outputs.
+template <bool A>
+inline PanelFn<A> panel_for(Index width, Index nr) {
+  using Cols = std::make_integer_sequence<int, kTileCols>;
+  static constexpr std::array<std::array<PanelFn<A>, kTileCols>, 2> table = {panel_row<A, 1>(Cols{}),
+                                                                             panel_row<A, 2>(Cols{})};
+  return table[width / 8 - 1][nr - 1];
+}
+
+}  // namespace detail
+#endif
+
+/// Outputs [n0, n1) of y = x w^T (all M rows): one thread's share of a product. `panels` holds x packed by
+/// Panels::pack (or nothing, for M <= kDotRows). Callers check kAvailable.
+inline void product_columns([[maybe_unused]] const Operands& p, [[maybe_unused]] const Panels& panels,
+                            [[maybe_unused]] Index n0, [[maybe_unused]] Index n1) {
+#ifdef EARN_CPU_GEMM_AVX2
+  if (!panels.packed()) {  // x's few rows (at most 3 x 16 KB of K = 4096) stay in L1 while w streams by
+    detail::dot_rows_for<false>(p.m, p.x, p.ldx, p.w + n0 * p.ldw, p.ldw, p.y + n0, p.ldy, n1 - n0, p.k);
+    return;
+  }
+  for (Index nb = n0; nb < n1; nb += kColBlock) {
+    const Index ne = std::min(nb + kColBlock, n1);
+    for (Index kb = 0; kb < p.k; kb += kDepth) {
+      const Index kl = std::min(kDepth, p.k - kb);
+      for (Index r = 0; r < p.m; r += kPanelRows) {
+        const Index width = panels.width_at(r);
+        const int rm = static_cast<int>(std::min(width, p.m - r));
+        const float* pp = panels.panel(r, p.k) + kb * width;
+        for (Index n = nb; n < ne; n += kTileCols) {
+          const Index nr = std::min<Index>(kTileCols, ne - n);
+          const float* wp = p.w + n * p.ldw + kb;
+          float* yp = p.y + r * p.ldy + n;
+          if (kb == 0)
+            detail::panel_for<false>(width, nr)(pp, wp, p.ldw, yp, p.ldy, rm, kl);
+          else
+            detail::panel_for<true>(width, nr)(pp, wp, p.ldw, yp, p.ldy, rm, kl);
+        }
+      }
+    }
+  }
+#endif
+}
+
+}  // namespace earn::cpu::gemm
