@@ -63,7 +63,7 @@ struct Operands {
 /// x packed in panels for the products of one thread (reused across calls: the buffer only grows).
 class Panels {
  public:
-  /// Packs x [m, k] (row stride ldx) when m > kDotRows; otherwise leaves the panels empty (the dot tiles read x).
+  /// Packs x [m, k] (row stride ldx) when m > kDotRows; otherwise leaves the panels empty (the dot rows read x).
   void pack(const float* x, Index ldx, Index m, Index k) {
     rows_ = m;
     if (m <= kDotRows) return;
@@ -150,7 +150,7 @@ inline void panel_tile(const float* p, const float* w, Index ldw, float* y, Inde
   for (Index k = 0; k < K; ++k) {
     __m256 a[V];
 #pragma GCC unroll 2
-    for (int v = 0; v < V; ++v) a[v] = _mm256_load_ps(p + k * 8 * V + 8 * v);
+    for (int v = 0; v < V; ++v) a[v] = _mm256_loadu_ps(p + k * 8 * V + 8 * v);  // aligned unless Eigen's alignment is lowered
 #pragma GCC unroll 8
     for (int j = 0; j < NR; ++j) {
       const __m256 b = _mm256_broadcast_ss(w + j * ldw + k);
