@@ -55,9 +55,9 @@ void set_threads([[maybe_unused]] int n) {
 }  // namespace
 
 TEST_CASE("cpu::linear = the naive product at every tile, block and thread edge") {
-  // M: below, at and past the row tile (4) and the old GEMV / GEMM switch (16); K: under one vector, not a
-  // multiple of 8, more than one depth pass (512) with a tail; N: below, at and past the column tile (3) and
-  // block (24).
+  // M: the dot rows (1-3), then packed panels: one 8-wide panel (4-8), 16-wide ones with an 8-wide last (9, 17, 21,
+  // 24, 33, 67); K: under one vector, not a multiple of 8, one and several depth passes (512) with a tail;
+  // N: below, at and past the column tile (6) and the column block (96), uneven thread shares.
   const std::vector<Index> ms = {1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 21, 24, 33, 67};
   const std::vector<Index> ks = {1, 5, 8, 13, 64, 512, 515, 1100};
   const std::vector<Index> ns = {1, 2, 3, 4, 23, 24, 25, 50, 97};
@@ -109,7 +109,7 @@ TEST_CASE("cpu::linear: a row's result does not depend on the rows beside it or 
   cpu::linear(x, w, serial);
   set_threads(2);
   CHECK(all == serial);
-  // Any batch above the dot tiles' rows (packed panels of 16 or 8, at any offset) gives the same bits per row.
+  // Any batch above the dot rows' count (packed panels of 16 or 8, at any offset) gives the same bits per row.
   for (Index n : {cpu::gemm::kDotRows + 1, Index{9}, Index{17}, Index{30}})
     for (Index i = 0; i + n <= x.rows(); i += 7) {
       const MatrixT<float> rows = x.middleRows(i, n);
@@ -118,7 +118,7 @@ TEST_CASE("cpu::linear: a row's result does not depend on the rows beside it or 
       CAPTURE(i);
       CHECK(part == all.middleRows(i, n));
     }
-  // Batches of up to kDotRows rows (the dot tiles) agree with each other.
+  // Batches of up to kDotRows rows (the dot rows) agree with each other.
   MatrixT<float> one;
   for (Index n = 2; n <= cpu::gemm::kDotRows; ++n) {
     const MatrixT<float> rows = x.topRows(n);
