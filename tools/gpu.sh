@@ -3,10 +3,12 @@
 # compute-sanitizer memcheck and racecheck over them, then the GPU benchmark and its Python peers (Hugging Face
 # generate, an eager PyTorch EARN). Logs and result files go to $OUT (default ./out/gpu).
 #
-#   tools/gpu.sh [all|test|press|kinds|micro|beam|profile|bench|peers|train-test|train-bench|train-run] [bench args...]
+#   tools/gpu.sh [all|test|press|kinds|where|micro|beam|profile|bench|peers|train-test|train-bench|train-run] [bench args...]
 #   press     the KV presses' and the GPU observer's tests (test_cuda_press, test_cuda_observer) under memcheck, and
 #             racecheck over the press kernels
 #   kinds     the row-kind rule's tests (Gist: test_cuda_press, test_cuda_train) and memcheck over their Gist cases
+#   where     every CUDA test binary, then memcheck / racecheck over the cases of policies with run-time values and
+#             per-head rules (SinkWindow, HeadWise: engine, observer, trainer)
 #   micro     the attention microbenchmarks (bench_cuda_attention, Google Benchmark) and the decode GEMMs'
 #             cuBLAS bandwidth (bench_cuda_gemm)
 #   beam      the whole beam search, selection on the host vs on the device (bench_cuda_beam)
@@ -96,6 +98,15 @@ if [ "$mode" = kinds ]; then  # row-kind rules (Gist): the engine and training t
     run_test "$t"
     sanitize memcheck "$t" "memcheck_gist_$t.log" '*Gist*'
   done
+fi
+if [ "$mode" = where ]; then  # visibility with run-time values and per-head rules (attention/windowed.hpp)
+  for t in test_cuda_attention test_cuda_gemm test_cuda_engine test_cuda_threads test_cuda_press test_cuda_observer test_cuda_train; do
+    run_test "$t"
+  done
+  sanitize memcheck test_cuda_press memcheck_where_press.log '*run-time*'
+  sanitize memcheck test_cuda_train memcheck_where_train.log '*run-time*'
+  sanitize memcheck test_cuda_observer memcheck_where_observer.log
+  sanitize racecheck test_cuda_press racecheck_where_press.log '*run-time*'
 fi
 if [ "$mode" = all ] || [ "$mode" = micro ]; then
   echo "== attention microbenchmarks"

@@ -5,6 +5,7 @@
 #include "earn/attention/gist.hpp"
 #include "earn/attention/observer.hpp"
 #include "earn/attention/register_only.hpp"
+#include "earn/attention/windowed.hpp"
 #include "earn/core/config.hpp"
 #include "earn/core/error.hpp"
 #include "earn/generate/generate.hpp"

@@ -1,7 +1,7 @@
 // The attention observer on the GPU (backend/cuda/observe.cuh): statistics reduced on the device equal those the
 // CPU engine's observer gets (itself tested against the naive reference in tests/test_observer.cpp), for dense,
-// EARN and a pressed schedule, two users of different lengths in one batch, GQA, both density rules; an observer
-// that asks for whole rows is refused.
+// EARN, a pressed schedule and per-head visibility (attention::HeadWise), two users of different lengths in one
+// batch, GQA, both density rules; an observer that asks for whole rows is refused.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -73,6 +73,9 @@ TEST_CASE_TEMPLATE("CUDA observer statistics equal the CPU observer's (dense, EA
                     tol);
   check_observer<D>(w, press_schedule(kv::press::SnapKV{.budget = {.ratio = 0.25, .rows = 2}}),
                     {.reduce = {.readout = true, .layers = {0, 3}}, .head_keys = 4, .tail_keys = 4}, tol);
+  // Per-head visibility: the streaming heads' rows see 2 sinks and 6 recent keys, the others everything.
+  using Duo = Layer<attention::HeadWise, kv::Contiguous>;
+  check_observer<D>(w, Uniform<Duo>{Duo{{.streaming = 0b1010, .sinks = 2, .window = 6}}}, all, tol);
 }
 
 TEST_CASE("CUDA observer refuses to record whole probability rows") {

@@ -3,11 +3,12 @@
 // against the naive reference in tests/test_press.cpp): batched prefill of users with different prompt lengths,
 // kept rows and KV bytes, beams, reorder and decode. fp32 (1e-4) for every press; bf16 / fp16 (2e-2, on weights
 // rounded alike) for the position-only StreamingLLM, whose selection cannot flip on rounding; Gist (its register-only
-// cache) in fp32 and bf16.
+// cache) in fp32 and bf16; the visibility policies with run-time values and per-head rules (attention/windowed.hpp).
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <random>
 #include <vector>
 
@@ -163,4 +164,25 @@ TEST_CASE("CUDA engine under Gist equals the CPU engine: the cache holds the reg
   ModelWeights wb = random_weights(gqa_config(), {.seed = 15, .prefix_registers = 1, .suffix_registers = 2});
   round_to<dtype::Bf16>(wb);
   check_engines<dtype::Bf16>(wb, GistSchedule{});
+}
+
+TEST_CASE("CUDA engine under policies with run-time values and per-head rules equals the CPU engine (fp32; bf16 flash)") {
+  // SinkWindow, HeadWise and a per-layer HeadWise list (attention/windowed.hpp) ask the where hook in every kernel:
+  // the cuBLAS path's softmax (fp32), flash prefill and flash-decoding's partial and combine passes (bf16), with
+  // windows narrower than a 64-key tile, so tiles are partly visible and differ between heads.
+  using Stream = Layer<attention::SinkWindow, kv::Contiguous>;
+  using Duo = Layer<attention::HeadWise, kv::Contiguous>;
+  const ModelWeights w = random_weights(gqa_config(), {.seed = 16, .scale = 2.0f});
+  check_engines<dtype::F32>(w, Uniform<Stream>{Stream{{.sinks = 2, .window = 9}}});
+  check_engines<dtype::F32>(w, Uniform<Duo>{Duo{{.streaming = 0b0101, .sinks = 1, .window = 7}}});
+  std::vector<Duo> layers;
+  for (int l = 0; l < w.config.n_layers; ++l)
+    layers.push_back(Duo{{.streaming = std::uint64_t(l + 1), .sinks = l % 2, .window = 3 + 5 * l}});
+  check_engines<dtype::F32>(w, PerLayer<Duo>{layers});
+  ModelWeights wb = random_weights(gqa_config(), {.seed = 17, .prefix_registers = 1, .suffix_registers = 1});
+  round_to<dtype::Bf16>(wb);
+  check_engines<dtype::Bf16>(wb, Uniform<Duo>{Duo{{.streaming = 0b0110, .sinks = 2, .window = 11}}});
+  check_engines<dtype::Bf16>(wb, PerLayer<Duo>{layers});
+  using S = Split<Dynamic, Duo, Layer<attention::RegisterOnly, kv::Register>>;
+  check_engines<dtype::Bf16>(wb, S{2, Duo{{.streaming = 0b1001, .sinks = 1, .window = 5}}});
 }

@@ -174,6 +174,20 @@ TEST_CASE("CUDA training under Gist's kind rule: fp32 equal to the CPU step, ten
   compare_tensor_cores(w, GistSchedule{}, make_batch(5, c.vocab_size, 100, 95));
 }
 
+TEST_CASE("CUDA training under per-head run-time visibility (HeadWise): fp32 equal to the CPU step, tensor cores too") {
+  using Duo = Layer<attention::HeadWise, kv::Contiguous>;
+  for (int v = 0; v < 2; ++v) {
+    CAPTURE(v);
+    const ModelWeights w = random_weights(train_config(v), {.seed = 90 + std::uint64_t(v), .scale = 1.5f,
+                                                            .prefix_registers = 1, .suffix_registers = 1});
+    compare_fp32(w, Uniform<Duo>{Duo{{.streaming = 0b01ull << v, .sinks = 1, .window = 4 + v}}}, 50 + v);
+  }
+  const ModelConfig c = head_config(64);
+  const ModelWeights w = random_weights(c, {.seed = 7, .scale = 1.5f, .prefix_registers = 1, .suffix_registers = 1});
+  compare_tensor_cores(w, Uniform<Duo>{Duo{{.streaming = 0b0110, .sinks = 2, .window = 9}}},
+                       make_batch(5, c.vocab_size, 100, 97));
+}
+
 TEST_CASE("CUDA training step: graph replays equal launch-by-launch steps bit for bit; one graph per padded shape") {
   const ModelConfig c = train_config(3);
   const ModelWeights w = random_weights(c, {.seed = 31, .scale = 1.5f, .prefix_registers = 1, .suffix_registers = 2});

@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <tuple>
@@ -120,10 +121,12 @@ struct ObservedSegment {
   std::span<const RowKind> q_kind;  ///< [T]
   std::span<const int> k_pos;       ///< [S] positions of the keys
   std::span<const RowKind> k_kind;  ///< [S]
-  /// The layer policy's visibility of a row pair (attention::visible_row<Policy>).
-  bool (*visible)(int q_pos, int k_pos, RowKind q_kind, RowKind k_kind) = nullptr;
-  /// Whether query row i sees key j.
-  bool sees(std::size_t i, std::size_t j) const { return visible(q_pos[i], k_pos[j], q_kind[i], k_kind[j]); }
+  /// The layer policy's visibility of a row pair at a query head (its attention::LayerMask).
+  std::function<bool(int head, int q_pos, int k_pos, RowKind q_kind, RowKind k_kind)> visible;
+  /// Whether query row i sees key j at query head `head`.
+  bool sees(int head, std::size_t i, std::size_t j) const {
+    return visible(head, q_pos[i], k_pos[j], q_kind[i], k_kind[j]);
+  }
 };
 
 /// Records attention probabilities and reduces them; see the file comment for the definitions.
@@ -217,7 +220,7 @@ class Observer {
     const std::vector<int> reduce = select(o_.reduce, seg);
     if (!reduce.empty()) {
       RowStats s;
-      for (int i : reduce) s += row_stats(seg, i, p);
+      for (int i : reduce) s += row_stats(seg, head, i, p);
       const RowStats mean = s.scaled(1.0 / double(reduce.size()));
       accumulate(seg.layer, head, mean, static_cast<int>(reduce.size()));
     }
@@ -225,7 +228,7 @@ class Observer {
     for (int i : select(o_.record, seg)) {
       RecordedRow r{seg.sample, seg.user, seg.layer, head, seg.q_pos[i], seg.q_kind[i], {}, {}, {}};
       for (std::size_t j = 0; j < seg.k_pos.size(); ++j)
-        if (seg.sees(std::size_t(i), j)) {
+        if (seg.sees(head, std::size_t(i), j)) {
           r.k_pos.push_back(seg.k_pos[j]);
           r.k_kind.push_back(seg.k_kind[j]);
           r.p.push_back(double(p(Index(i), Index(j))));
@@ -270,14 +273,14 @@ class Observer {
 
   // The statistics of query row i over the keys it sees (the keys arrive in ascending position, as caches hold them).
   template <class M>
-  RowStats row_stats(const ObservedSegment& seg, int i, const M& p) const {
+  RowStats row_stats(const ObservedSegment& seg, int head, int i, const M& p) const {
     int n = 0;
-    for (std::size_t j = 0; j < seg.k_pos.size(); ++j) n += seg.sees(std::size_t(i), j);
+    for (std::size_t j = 0; j < seg.k_pos.size(); ++j) n += seg.sees(head, std::size_t(i), j);
     RowStats r;
     const double eps = o_.density == DensityRule::kAbsolute ? o_.threshold : 1.0 / double(n);
     int seen = 0;
     for (std::size_t j = 0; j < seg.k_pos.size(); ++j) {
-      if (!seg.sees(std::size_t(i), j)) continue;
+      if (!seg.sees(head, std::size_t(i), j)) continue;
       const double pj = double(p(Index(i), Index(j)));
       if (seen < o_.head_keys) r.head_mass += pj;
       if (seen >= n - o_.tail_keys) r.tail_mass += pj;

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "earn/attention/observer.hpp"
+#include "earn/attention/policy.hpp"
 #include "earn/backend/cpu/tag.hpp"
 #include "earn/core/config.hpp"
 #include "earn/core/error.hpp"
@@ -83,14 +84,16 @@ inline int begin_observing(attention::Observer& obs, const plan::ForwardPlan& fp
 }
 
 /// What an observer sees of sequence s at layer l of plan fp: its rows there are both the queries and the keys
-/// (a prefill caches the rows it computes), under the layer policy's visibility.
-inline attention::ObservedSegment observed_segment(const plan::ForwardPlan& fp, int l, int s, int sample, int user,
-                                                   bool (*visible)(int, int, RowKind, RowKind)) {
+/// (a prefill caches the rows it computes), under the layer policy's visibility `mask`.
+template <class P>
+attention::ObservedSegment observed_segment(const plan::ForwardPlan& fp, int l, int s, int sample, int user,
+                                            const attention::LayerMask<P>& mask) {
   const plan::RowSet& rows = fp.layer_rows(l);
   const auto off = static_cast<std::size_t>(rows.seg_off[s]), n = static_cast<std::size_t>(rows.seg_n[s]);
   const std::span<const int> pos(rows.pos.data() + off, n);
   const std::span<const RowKind> kind(rows.kind.data() + off, n);
-  return {l, sample, user, fp.top().pos[fp.readout[s]], pos, kind, pos, kind, visible};
+  return {l, sample, user, fp.top().pos[fp.readout[s]], pos, kind, pos, kind,
+          [mask](int head, int q, int k, RowKind qk, RowKind kk) { return mask(head, q, k, qk, kk); }};
 }
 
 /// Row bookkeeping every backend's decoding state shares: which users are prefilled (and how long their input

@@ -20,6 +20,15 @@ namespace earn {
 /// Marks a split layer chosen at run time (one binary sweeps k = 0..L).
 inline constexpr int Dynamic = -1;
 
+namespace detail {
+// A layer value's own check of its run-time parameters: the policy's and the layout's validate(), where they have one.
+template <class L>
+void validate_values(const L& layer) {
+  if constexpr (requires { layer.rule.validate(); }) layer.rule.validate();
+  if constexpr (requires { layer.layout.validate(); }) layer.layout.validate();
+}
+}  // namespace detail
+
 /// Layers [0, k) use `Early`, layers [k, n_layers) use `Late`.
 /// \code
 ///   using Earn = earn::Split<earn::Dynamic, earn::Layer<DenseCausal, kv::Contiguous>,
@@ -68,6 +77,8 @@ class Split {
     if (k_ < n_layers && !Late::policy::keeps_prompt && registers == 0)
       throw ConfigError("schedule: split layer k = " + std::to_string(k_) + " < " + std::to_string(n_layers) +
                         " layers with no registers: nothing would carry the prompt past layer k");
+    if (k_ > 0) detail::validate_values(early_);
+    if (k_ < n_layers) detail::validate_values(late_);
   }
 
  private:
@@ -103,7 +114,10 @@ class Uniform {
   constexpr bool is_late(int) const { return false; }
   template <class F>
   constexpr decltype(auto) visit(int, F&& f) const { return std::forward<F>(f)(layer_); }
-  void validate(int, int registers) const { detail::require_registers_if_dropping<L>(registers); }
+  void validate(int, int registers) const {
+    detail::require_registers_if_dropping<L>(registers);
+    detail::validate_values(layer_);
+  }
 
  private:
   [[no_unique_address]] L layer_{};
@@ -142,6 +156,7 @@ class PerLayer {
       throw ConfigError("schedule: PerLayer lists " + std::to_string(layers_.size()) + " layers, the model has " +
                         std::to_string(n_layers));
     detail::require_registers_if_dropping<L>(registers);
+    for (const L& layer : layers_) detail::validate_values(layer);
   }
   const std::vector<L>& layers() const { return layers_; }
 
@@ -168,8 +183,9 @@ constexpr bool device_usable_schedule() {
 template <class S>
 struct RequireDeviceUsable {
   static_assert(device_usable_schedule<S>(),
-                "earn: a layer policy of this schedule has hooks the GPU cannot call (visible and keeps must be "
-                "static constexpr: attention::DeviceUsable); it runs on the CPU engine only");
+                "earn: a layer policy of this schedule has hooks the GPU cannot call (keeps static constexpr, and "
+                "visible static constexpr or a constexpr member of a trivially copyable policy: "
+                "attention::DeviceUsable); it runs on the CPU engine only");
   static_assert(attention::kind_rule_spares_input<typename S::early_layer::policy>() &&
                     attention::kind_rule_spares_input<typename S::late_layer::policy>(),
                 "earn: a layer policy of this schedule has a kind rule among prefill rows (registers, prompt); the "

@@ -152,8 +152,9 @@ class Engine<Schedule, Cpu> {
     for (int i = 0; i < rows; ++i) x.row(i) = w_.tok_embeddings.row(tokens[i]);
     Matrix h, q, k, v, att(rows, Index{c.n_heads} * c.head_dim()), tmp;
     for (int l = 0; l < c.n_layers; ++l) {
-      schedule_.visit(l, [&]<class L>(L) {
+      schedule_.visit(l, [&]<class L>(const L& layer) {
         using P = typename L::policy;
+        const attention::LayerMask<P> mask{layer.rule, l};
         const LayerWeights& lw = w_.layers[l];
         kv::Store<Cpu>& store = st.layers_[l];
         qkv(lw, x, rope, h, q, k, v);
@@ -170,7 +171,7 @@ class Engine<Schedule, Cpu> {
           Vector qi = q.row(i).transpose(), out;
           cpu::attention_decode<P>(qi, pos[i], store.prefix_k(u), store.prefix_v(u), store.prefix_positions(u),
                                    store.gen_k(i, g + 1), store.gen_v(i, g + 1), st.input_len_[u], c.n_heads,
-                                   c.n_kv_heads, c.head_dim(), out);
+                                   c.n_kv_heads, c.head_dim(), out, mask);
           att.row(i) = out.transpose();
         }
         residual_and_mlp(lw, att, x, h, tmp);
@@ -247,6 +248,7 @@ class Engine<Schedule, Cpu> {
       const plan::RowSet& rows = fp.layer_rows(l);
       schedule_.visit(l, [&]<class L>(const L& layer) {
         using P = typename L::policy;
+        const attention::LayerMask<P> mask{layer.rule, l};
         const LayerWeights& lw = w_.layers[l];
         kv::Store<Cpu>& store = st.layers_[l];
         qkv(lw, x, *rope, h, q, k, v);
@@ -254,7 +256,7 @@ class Engine<Schedule, Cpu> {
         for (int s = 0; s < rows.segments(); ++s) {
           const int u = users[s], off = rows.seg_off[s], n = rows.seg_n[s];
           const std::span<const int> pos(rows.pos.data() + off, static_cast<std::size_t>(n));
-          const attention::ObservedSegment seg = detail::observed_segment(fp, l, s, sample0 + s, u, &attention::visible_row<P>);
+          const attention::ObservedSegment seg = detail::observed_segment(fp, l, s, sample0 + s, u, mask);
           const bool watch = obs && obs->wants_layer(l);
           // The keys are the user's rows of this layer; the cache then keeps them all, or what a press chooses.
           const auto ks = k.middleRows(off, n), vs = v.middleRows(off, n);
@@ -268,7 +270,7 @@ class Engine<Schedule, Cpu> {
                                     att.middleRows(off, n), [&](int head, const auto& probs) {
                                       if (watch) obs->observe(seg, head, probs);
                                       if (scores) scores->add(head, probs);
-                                    });
+                                    }, mask);
           if (scores) {
             const cpu::PressedRows kept = cpu::press_rows(rule, *scores, ks, vs, pos, c.n_kv_heads, c.head_dim());
             store.write_prefix(u, kept.k, kept.v, kept.pos, kept.head_pos);

@@ -192,33 +192,46 @@ struct AttnRows {
 };
 
 /// Prefill attention for one user: queries q [T, n_heads*hd] of rows `qr` over keys/values k, v [S, kv_dim] of rows
-/// `kr`, visibility from Policy (attention::visible_row: positions, and kinds when the policy has a kind rule).
-/// Writes out [T, n_heads*hd] (a matrix or a block of one, already that size). Heads run in parallel; each is two
-/// GEMMs over its [T, S] scores. `observe(h, probs)` sees every head's probabilities [T, S] after the softmax (the
-/// one observation point of scores: the trainer keeps them for its backward pass), called from the head's thread.
+/// `kr`, visibility from the layer's mask (attention::LayerMask: the policy's value and the layer; positions, and
+/// kinds when the policy has a kind rule). Writes out [T, n_heads*hd] (a matrix or a block of one, already that
+/// size). Heads run in parallel; each is two GEMMs over its [T, S] scores. `observe(h, probs)` sees every head's
+/// probabilities [T, S] after the softmax (the one observation point of scores: the trainer keeps them for its
+/// backward pass), called from the head's thread. The mask is built once for all heads unless the policy's answer
+/// can depend on the head (a where rule), then once per head.
 template <class Policy, class QM, class KM, class OM, class Observe = NoProbs>
 inline void attention_prefill(const QM& q, AttnRows qr, const KM& k, const KM& v, AttnRows kr, int n_heads,
-                              int n_kv_heads, int hd, OM&& out, Observe&& observe = {}) {
+                              int n_kv_heads, int hd, OM&& out, Observe&& observe = {},
+                              const attention::LayerMask<Policy>& mask = {}) {
   using S = typename std::decay_t<QM>::Scalar;
+  using BoolMatrix = Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const Index T = q.rows(), S_ = k.rows();
   const int group = n_heads / n_kv_heads;
   const S scale = S(1) / std::sqrt(static_cast<S>(hd));
-  // The mask depends only on the rows: build it once for all heads.
-  Eigen::Matrix<bool, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> visible(T, S_);
-  if constexpr (attention::has_kind_rule<Policy>()) {
+  constexpr bool kinds = attention::has_kind_rule<Policy>();
+  if constexpr (kinds) {
     if (Index(qr.kind.size()) != T || Index(kr.kind.size()) != S_)
       throw ConfigError("attention: policy " + std::string(Policy::name) + " has a kind rule; pass the rows' kinds");
-    for (Index i = 0; i < T; ++i)
-      for (Index j = 0; j < S_; ++j)
-        visible(i, j) = attention::visible_row<Policy>(qr.pos[i], kr.pos[j], qr.kind[i], kr.kind[j]);
-  } else {
-    for (Index i = 0; i < T; ++i)
-      for (Index j = 0; j < S_; ++j) visible(i, j) = Policy::visible(qr.pos[i], kr.pos[j]);
   }
+  auto fill = [&](int h, BoolMatrix& visible) {
+    visible.resize(T, S_);
+    for (Index i = 0; i < T; ++i)
+      for (Index j = 0; j < S_; ++j) {
+        if constexpr (kinds)
+          visible(i, j) = mask(h, qr.pos[i], kr.pos[j], qr.kind[i], kr.kind[j]);
+        else
+          visible(i, j) = mask(h, qr.pos[i], kr.pos[j]);
+      }
+  };
+  constexpr bool per_head = attention::LayerMask<Policy>::per_head;
+  BoolMatrix shared;
+  if constexpr (!per_head) fill(0, shared);
   [[maybe_unused]] const bool big = T * S_ * Index{n_heads} * hd >= (Index{1} << 18);
 #pragma omp parallel for schedule(dynamic) if (big)
   for (int h = 0; h < n_heads; ++h) {
     const int kvh = h / group;
+    BoolMatrix own;
+    if constexpr (per_head) fill(h, own);
+    const BoolMatrix& visible = per_head ? own : shared;
     MatrixT<S> s = q.middleCols(Index{h} * hd, hd) * k.middleCols(Index{kvh} * hd, hd).transpose();
     for (Index i = 0; i < T; ++i) {
       auto row = s.row(i);
@@ -234,18 +247,18 @@ inline void attention_prefill(const QM& q, AttnRows qr, const KM& k, const KM& v
 template <class Policy, class QM, class KM, class OM, class Observe = NoProbs>
 inline void attention_prefill(const QM& q, std::span<const int> q_pos, const KM& k, const KM& v,
                               std::span<const int> k_pos, int n_heads, int n_kv_heads, int hd, OM&& out,
-                              Observe&& observe = {}) {
+                              Observe&& observe = {}, const attention::LayerMask<Policy>& mask = {}) {
   static_assert(!attention::has_kind_rule<Policy>(), "earn: this policy has a kind rule; pass cpu::AttnRows with kinds");
   attention_prefill<Policy>(q, AttnRows{q_pos, {}}, k, v, AttnRows{k_pos, {}}, n_heads, n_kv_heads, hd,
-                            std::forward<OM>(out), std::forward<Observe>(observe));
+                            std::forward<OM>(out), std::forward<Observe>(observe), mask);
 }
 
 /// Decode attention for one query row q [n_heads*hd] at q_pos over two key segments (a user's shared prefix
-/// and this row's own generated keys), as if they were concatenated. out [n_heads*hd].
+/// and this row's own generated keys), as if they were concatenated, masked by the layer's `mask`. out [n_heads*hd].
 template <class Policy, class KA, class KB>
 inline void attention_decode(const Vector& q, int q_pos, const KA& ka, const KA& va, std::span<const int> ka_pos,
                              const KB& kb, const KB& vb, int kb_pos0, int n_heads, int n_kv_heads, int hd,
-                             Vector& out) {
+                             Vector& out, const attention::LayerMask<Policy>& mask = {}) {
   const Index A = ka.rows(), B = kb.rows();
   const int group = n_heads / n_kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
@@ -257,8 +270,8 @@ inline void attention_decode(const Vector& q, int q_pos, const KA& ka, const KA&
     const auto qh = q.segment(Index{h} * hd, hd);
     s.head(A).noalias() = ka.middleCols(Index{kvh} * hd, hd) * qh;
     s.tail(B).noalias() = kb.middleCols(Index{kvh} * hd, hd) * qh;
-    for (Index j = 0; j < A; ++j) s[j] = Policy::visible(q_pos, ka_pos[j]) ? s[j] * scale : kNegInf;
-    for (Index j = 0; j < B; ++j) s[A + j] = Policy::visible(q_pos, kb_pos0 + int(j)) ? s[A + j] * scale : kNegInf;
+    for (Index j = 0; j < A; ++j) s[j] = mask(h, q_pos, ka_pos[j]) ? s[j] * scale : kNegInf;
+    for (Index j = 0; j < B; ++j) s[A + j] = mask(h, q_pos, kb_pos0 + int(j)) ? s[A + j] * scale : kNegInf;
     masked_softmax(s);
     out.segment(Index{h} * hd, hd).noalias() = va.middleCols(Index{kvh} * hd, hd).transpose() * s.head(A);
     out.segment(Index{h} * hd, hd).noalias() += vb.middleCols(Index{kvh} * hd, hd).transpose() * s.tail(B);

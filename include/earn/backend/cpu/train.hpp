@@ -2,9 +2,9 @@
 //
 // Runs exactly what a plan::ForwardPlan says, the same plan the engines run: input rows [R_p; prompt; R_s; fed],
 // each layer over its phase's rows (EARN's late layers over registers and fed rows only, so they cost less here
-// too), attention per sequence under the layer policy's visibility (attention::visible_row: positions and kinds), the
-// classifier on the answer rows only. Teacher forcing: the answer's first F tokens are fed, and its F + 1 tokens are the targets of the readout
-// row and the F fed rows. Loss: next-token cross-entropy over the answer tokens, summed and divided by `norm`
+// too), attention per sequence under the layer policy's visibility (its attention::LayerMask: positions, kinds,
+// layer and head), the classifier on the answer rows only. Teacher forcing: the answer's first F tokens are fed, and
+// its F + 1 tokens are the targets of the readout row and the F fed rows. Loss: next-token cross-entropy over the answer tokens, summed and divided by `norm`
 // (the effective batch's answer tokens, so micro-batches accumulate to the batch mean).
 // Scalar T: float to train, double for finite-difference gradient checks (tests/test_train_grad.cpp).
 #pragma once
@@ -111,8 +111,9 @@ double train_forward(const BasicModelWeights<T>& w, const Schedule& schedule, co
     apply_rope(L.k, c.n_kv_heads, hd, *rope, c.rope_style);
     L.att.resize(x.rows(), Index{H} * hd);
     L.probs.assign(static_cast<std::size_t>(rows.segments()) * H, MatrixT<T>());
-    schedule.visit(l, [&]<class Ly>(Ly) {
+    schedule.visit(l, [&]<class Ly>(const Ly& layer) {
       using P = typename Ly::policy;
+      const attention::LayerMask<P> mask{layer.rule, l};
       for (int s = 0; s < rows.segments(); ++s) {
         const int off = rows.seg_off[s], n = rows.seg_n[s];
         const std::span<const int> pos(rows.pos.data() + off, static_cast<std::size_t>(n));
@@ -120,7 +121,7 @@ double train_forward(const BasicModelWeights<T>& w, const Schedule& schedule, co
         const AttnRows ar{pos, {rows.kind.data() + off, static_cast<std::size_t>(n)}};
         attention_prefill<P>(L.q.middleRows(off, n), ar, L.k.middleRows(off, n), L.v.middleRows(off, n), ar, H,
                              c.n_kv_heads, hd, L.att.middleRows(off, n),
-                             [keep](int h, const MatrixT<T>& p) { keep[h] = p; });
+                             [keep](int h, const MatrixT<T>& p) { keep[h] = p; }, mask);
       }
     });
     linear(L.att, lw.wo, tmp);

@@ -65,10 +65,11 @@ void attention_ptrs(void** ptrs, int entries, int e, const Segment& sg, const T*
   }
 }
 
-/// Runs one attention call on `stream` (the cuBLAS handle must already be bound to it). Policy::visible masks
-/// keys by position; rows that see no key get 0.
+/// Runs one attention call on `stream` (the cuBLAS handle must already be bound to it). The layer's `mask` masks
+/// keys by position (and head); rows that see no key get 0.
 template <class Policy, class T>
-void attention(cublasHandle_t h, cudaStream_t s, const AttentionArgs<T>& a) {
+void attention(cublasHandle_t h, cudaStream_t s, const AttentionArgs<T>& a,
+               const attention::LayerMask<Policy>& mask = {}) {
   namespace k = kernel;
   const int qd = a.nh * a.hd, kvd = a.nkv * a.hd, G = a.G;
   const float scale = 1.0f / std::sqrt(static_cast<float>(a.hd));
@@ -85,7 +86,7 @@ void attention(cublasHandle_t h, cudaStream_t s, const AttentionArgs<T>& a) {
         a.q, a.gen_k, a.row_src, a.row_seg, a.segs, a.rows, a.nh, a.nkv, a.hd, G, a.max_new, scale, a.scores);
     EARN_CUDA_CHECK_LAUNCH();
   }
-  k::softmax_rows<Policy, T><<<dim3(a.rows, a.nh), 128, 0, s>>>(a.scores, a.probs, a.pos, a.row_seg, a.segs);
+  k::softmax_rows<Policy, T><<<dim3(a.rows, a.nh), 128, 0, s>>>(a.scores, a.probs, a.pos, a.row_seg, a.segs, mask);
   EARN_CUDA_CHECK_LAUNCH();
   for (int i = 0; i < a.n_groups; ++i) {
     const AttentionGroup& g = a.groups[i];

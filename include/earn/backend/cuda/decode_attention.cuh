@@ -2,7 +2,7 @@
 // user read its prompt K/V once per step, through tensor cores, with no score matrix in device memory.
 //
 // Pass 1: flash_attention in partial mode (flash_attention.cuh): one block per (key chunk of a user's prefix,
-// head, user segment) takes all of the segment's query rows (the user's beams), masks by Policy::visible and
+// head, user segment) takes all of the segment's query rows (the user's beams), masks by the layer's mask and
 // writes per (row, head, chunk) the unnormalised output and (max, sum) to a float workspace. Pass 2
 // (decode_combine): one warp per (row, head) scores the row's own generated keys, merges them with every chunk by
 // the usual rescaling (out = sum_i e^{m_i - M} O_i / sum_i e^{m_i - M} l_i) and writes the attention output in T.
@@ -57,7 +57,8 @@ __global__ void __launch_bounds__(256) decode_combine(const T* q, const T* gen_k
                                                       const int* row_seg, const Segment* segs, const int* pos,
                                                       int rows, int nh, int nkv, int G, int max_new, float scale,
                                                       int chunks, int chunk_keys, const float* ws_o,
-                                                      const float* ws_ml, T* out) {
+                                                      const float* ws_ml, T* out,
+                                                      const attention::LayerMask<Policy> mask) {
   static_assert(sizeof(T) == 2 && (HD == 16 || HD == 32 || HD == 64 || HD == 128), "16-bit T, HD in 16..128");
   static_assert(kP >= 0 && kP <= kDecDirectKeys);
   static_assert(kGen == 4 || kGen == 8, "generated keys per row: G <= max_new <= kGen (chosen by the launch)");
@@ -129,12 +130,12 @@ __global__ void __launch_bounds__(256) decode_combine(const T* q, const T* gen_k
 #pragma unroll
     for (int i = 0; i < kP; ++i) {
       const int kp_i = __shfl_sync(0xffffffffu, my_kpos, i);
-      ps[i] = i < np && Policy::visible(qpos, kp_i) ? ps[i] * scale : -INFINITY;
+      ps[i] = i < np && mask(h, qpos, kp_i) ? ps[i] * scale : -INFINITY;
       M = fmaxf(M, ps[i]);
     }
 #pragma unroll
     for (int j = 0; j < kGen; ++j) {
-      gs[j] = j < G && Policy::visible(qpos, sg.gen_pos0 + j) ? gs[j] * scale : -INFINITY;
+      gs[j] = j < G && mask(h, qpos, sg.gen_pos0 + j) ? gs[j] * scale : -INFINITY;
       M = fmaxf(M, gs[j]);
     }
     // The chunks' (max, sum): lane c holds chunk c of each group of 32 (a chunk with no visible key has sum 0
@@ -215,7 +216,8 @@ inline FlashSplit decode_split(int max_prefix, int heads, int segments, int sms)
 template <class Policy, class T>
 void decode_attention(cudaStream_t s, const T* q, const T* gen_k, const T* gen_v, const int* row_src,
                       const int* row_seg, const Segment* segs, int nseg, int max_nq, const int* pos, int rows, int nh,
-                      int nkv, int hd, int G, int max_new, FlashSplit split, float* ws, T* out, bool pdl = false) {
+                      int nkv, int hd, int G, int max_new, FlashSplit split, float* ws, T* out, bool pdl = false,
+                      const attention::LayerMask<Policy>& mask = {}) {
   if (!decode_fused_supported<T>(hd, max_new))
     throw ConfigError("decode_attention: head size " + std::to_string(hd) + " / " + std::to_string(max_new) +
                       " new tokens not taken by the fused kernels");
@@ -236,12 +238,12 @@ void decode_attention(cudaStream_t s, const T* q, const T* gen_k, const T* gen_v
   fa.chunks = split.chunks;
   fa.chunk_keys = split.chunk_keys;
   fa.pdl = pdl;
-  if (split.chunks > 0) flash_attention<Policy, true>(s, fa);
+  if (split.chunks > 0) flash_attention<Policy, true>(s, fa, mask);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   auto combine = [&](auto kern) {
     launch(pdl, kern, kernel::grid_for(Index{rows} * nh * 32), kernel::kThreads, 0, s, q, gen_k, gen_v, row_src,
            row_seg, segs, pos, rows, nh, nkv, G, max_new, scale, split.chunks, split.chunk_keys,
-           static_cast<const float*>(fa.ws_o), static_cast<const float*>(fa.ws_ml), out);
+           static_cast<const float*>(fa.ws_o), static_cast<const float*>(fa.ws_ml), out, mask);
   };
   // (kP, kGen): chunked with <= 4 or 8 generated keys; direct over <= 4 prefix keys (EARN's 1 + 1 registers)
   // and <= 4 generated keys; anything else direct: <= 16 and 8.

@@ -465,8 +465,9 @@ class Engine<Schedule, CudaT<DType>> {
     auto record = [&] {
       embed(st, ints + i_codes, rows);
       for (int l = 0; l < c.n_layers; ++l) {
-        schedule_.visit(l, [&]<class L>(L) {
-          layer<typename L::policy>(st, l, plan, l, rows, ints + i_pos, ints + i_seg, ints + i_perm, G);
+        schedule_.visit(l, [&]<class L>(const L& ly) {
+          layer(attention::LayerMask<typename L::policy>{ly.rule, l}, st, l, plan, l, rows, ints + i_pos,
+                ints + i_seg, ints + i_perm, G);
         });
       }
       logits(st, ints + i_inv, rows);
@@ -718,8 +719,8 @@ class Engine<Schedule, CudaT<DType>> {
   };
 
   template <class Policy>
-  void layer(State& st, int l, const Plan& plan, int pl, int rows, const int* pos, const int* row_seg,
-             const int* row_src, int G, const PressCall* press = nullptr) const {
+  void layer(const attention::LayerMask<Policy>& mask, State& st, int l, const Plan& plan, int pl, int rows,
+             const int* pos, const int* row_seg, const int* row_src, int G, const PressCall* press = nullptr) const {
     const ModelConfig& c = w_.config;
     const cuda::DeviceLayer<DType>& lw = w_.layers[l];
     kv::Store<CudaT<DType>>& store = st.layers_[l];
@@ -757,11 +758,12 @@ class Engine<Schedule, CudaT<DType>> {
     EARN_CUDA_CHECK_LAUNCH();
 
     if (!flash(st, decode)) {
-      attention<Policy>(st, store, lp, segs, pos, row_seg, row_src, rows, G);
+      attention(mask, st, store, lp, segs, pos, row_seg, row_src, rows, G);
     } else if (decode) {  // flash-decoding: prefix chunks in partial mode, then the rows' own generated keys
       cuda::decode_attention<Policy, T>(s, st.q_.data(), store.gen_k(), store.gen_v(), row_src, row_seg, segs,
                                         lp.nseg, lp.max_nq, pos, rows, c.n_heads, c.n_kv_heads, hd, G,
-                                        store.max_new(), lp.split, st.scores_.data(), st.att_.data(), st.pdl_on_);
+                                        store.max_new(), lp.split, st.scores_.data(), st.att_.data(), st.pdl_on_,
+                                        mask);
     } else {
       cuda::FlashArgs<T> fa;
       fa.q = st.q_.data();
@@ -774,9 +776,9 @@ class Engine<Schedule, CudaT<DType>> {
       fa.hd = hd;
       fa.max_nq = lp.max_nq;
       fa.pdl = st.pdl_on_;
-      cuda::flash_attention<Policy, false>(s, fa);
+      cuda::flash_attention<Policy, false>(s, fa, mask);
     }
-    if (press) run_press<Policy>(st, store, *press, pos);
+    if (press) run_press(mask, st, store, *press, pos);
 
     // x += att Wo^T; x += W2 (silu(W1 n(x)) * W3 n(x)), the residual adds fused into the GEMMs (beta = 1).
     gemm<float>(st, kWo, st.att_.data(), lw.wo.data(), st.x_.data(), rows, 1.0f);
@@ -794,7 +796,8 @@ class Engine<Schedule, CudaT<DType>> {
 
   // The press of a pressed layer after its prefill attention (press.cuh): scores, selection, gather into the store.
   template <class Policy>
-  void run_press(State& st, kv::Store<CudaT<DType>>& store, const PressCall& pc, const int* pos) const {
+  void run_press(const attention::LayerMask<Policy>& mask, State& st, kv::Store<CudaT<DType>>& store,
+                 const PressCall& pc, const int* pos) const {
     const ModelConfig& c = w_.config;
     const cudaStream_t s = st.stream();
     namespace k = cuda::kernel;
@@ -805,7 +808,7 @@ class Engine<Schedule, CudaT<DType>> {
       const std::size_t smem = k::press_scores_smem(c.head_dim());
       k::press_scores<Policy, T><<<dim3(pc.scored, c.n_heads), 256, smem, s>>>(
           st.q_.data(), st.press_k_.data(), pos, pc.segs, pc.qrows, st.press_partial_.data(), c.n_heads,
-          c.n_kv_heads, c.head_dim());
+          c.n_kv_heads, c.head_dim(), mask);
       EARN_CUDA_CHECK_LAUNCH();
       k::press_reduce<<<dim3(pc.nseg, c.n_kv_heads), 128, 0, s>>>(pc.segs, st.press_partial_.data(), c.n_heads,
                                                                   c.n_kv_heads, st.press_scores_.data());
@@ -823,8 +826,9 @@ class Engine<Schedule, CudaT<DType>> {
   // The observer's statistics of layer l (observe.cuh): the rows its reduce query selects in every segment, reduced
   // on the device; each sample's mean over its rows goes to the observer per head. Synchronises the stream.
   template <class Policy>
-  void observe_layer(State& st, attention::Observer& obs, const plan::ForwardPlan& fp, int l, const Plan& plan,
-                     std::span<const int> users, int sample0, const int* pos) const {
+  void observe_layer(const attention::LayerMask<Policy>& mask, State& st, attention::Observer& obs,
+                     const plan::ForwardPlan& fp, int l, const Plan& plan, std::span<const int> users, int sample0,
+                     const int* pos) const {
     const ModelConfig& c = w_.config;
     const plan::RowSet& rw = fp.layer_rows(l);
     std::vector<int2> rows;
@@ -832,7 +836,7 @@ class Engine<Schedule, CudaT<DType>> {
     int max_s = 0;
     for (int s = 0; s < rw.segments(); ++s) {
       const attention::ObservedSegment seg =
-          detail::observed_segment(fp, l, s, sample0 + s, users[s], &attention::visible_row<Policy>);
+          detail::observed_segment(fp, l, s, sample0 + s, users[s], mask);
       for (int i : attention::Observer::select(obs.options().reduce, seg)) rows.push_back(make_int2(s, i));
       seg_rows[s] = static_cast<int>(rows.size());
       max_s = std::max(max_s, rw.seg_n[s]);
@@ -851,7 +855,7 @@ class Engine<Schedule, CudaT<DType>> {
     cuda::kernel::observe_stats<Policy, T>
         <<<dim3(static_cast<unsigned>(rows.size()), c.n_heads), 128, (c.head_dim() + max_s) * sizeof(float),
            st.stream()>>>(st.q_.data(), pos, st.segs_.data() + plan.layers[l].seg_off, st.obs_rows_.data(),
-                          c.n_heads, c.n_kv_heads, c.head_dim(), params, st.obs_out_.data());
+                          c.n_heads, c.n_kv_heads, c.head_dim(), params, st.obs_out_.data(), mask);
     EARN_CUDA_CHECK_LAUNCH();
     std::vector<float4> out(rows.size() * c.n_heads);
     EARN_CUDA_CHECK(cudaMemcpyAsync(out.data(), st.obs_out_.data(), out.size() * sizeof(float4),
@@ -873,9 +877,9 @@ class Engine<Schedule, CudaT<DType>> {
 
   // The cuBLAS attention path (prefill, fp32, shapes the fused decode kernel does not take).
   template <class Policy>
-  void attention(State& st, kv::Store<CudaT<DType>>& store, const typename Plan::LayerPlan& lp,
-                 const cuda::Segment* segs, const int* pos, const int* row_seg, const int* row_src, int rows,
-                 int G) const {
+  void attention(const attention::LayerMask<Policy>& mask, State& st, kv::Store<CudaT<DType>>& store,
+                 const typename Plan::LayerPlan& lp, const cuda::Segment* segs, const int* pos, const int* row_seg,
+                 const int* row_src, int rows, int G) const {
     const ModelConfig& c = w_.config;
     cuda::AttentionArgs<T> att;
     att.q = st.q_.data();
@@ -898,7 +902,7 @@ class Engine<Schedule, CudaT<DType>> {
     att.hd = c.head_dim();
     att.G = G;
     att.max_new = store.max_new();
-    cuda::attention<Policy, T>(st.blas_->get(), st.stream(), att);
+    cuda::attention<Policy, T>(st.blas_->get(), st.stream(), att, mask);
   }
 
   // Attention through the flash kernels unless switched off: in prefill wherever they take the storage type and
@@ -1006,11 +1010,11 @@ class Engine<Schedule, CudaT<DType>> {
         gather(st, ints + p.i_gather, p.rows);
         std::swap(st.x_, st.x2_);
       }
-      schedule_.visit(l, [&]<class L>(L) {
-        layer<typename L::policy>(st, l, plan, l, p.rows, ints + p.i_pos, ints + p.i_seg, nullptr, 0,
-                                  press[l].nseg > 0 ? &press[l] : nullptr);
-        if (obs && obs->wants_layer(l))
-          observe_layer<typename L::policy>(st, *obs, fp, l, plan, users, sample0, ints + p.i_pos);
+      schedule_.visit(l, [&]<class L>(const L& ly) {
+        const attention::LayerMask<typename L::policy> mask{ly.rule, l};
+        layer(mask, st, l, plan, l, p.rows, ints + p.i_pos, ints + p.i_seg, nullptr, 0,
+              press[l].nseg > 0 ? &press[l] : nullptr);
+        if (obs && obs->wants_layer(l)) observe_layer(mask, st, *obs, fp, l, plan, users, sample0, ints + p.i_pos);
       });
     }
     return logits(st, ints + i_out, static_cast<int>(out.size()));

@@ -3,8 +3,8 @@
 //
 // One block of 4 warps takes 64 query rows of one segment and one head (16 rows per warp) and walks the segment's
 // prefix keys in tiles of 64: S = Q K^T on mma.sync m16n8k16 (fp32 accumulation, operands through ldmatrix),
-// Policy::visible masks by position, the online softmax keeps a running max and sum per row in registers, and
-// O += P V reuses the score registers as the A operand. K and V tiles stream through shared memory by cp.async,
+// the layer's attention::LayerMask masks by position (and head), the online softmax keeps a running max and sum per
+// row in registers, and O += P V reuses the score registers as the A operand. K and V tiles stream through shared memory by cp.async,
 // double-buffered: the next visible tile's K and V load while this tile is multiplied. A tile no row of the block can
 // see (the upper triangle of a causal prefill) is never loaded: visibility is asked of the policy per (query
 // position, key position), so any policy works, and the block decides together (__syncthreads_or); a policy
@@ -83,7 +83,8 @@ __device__ inline void flash_load_tile(T* dst, const T* src, long long ld_src, i
 
 /// See the file comment. Grid (q_tiles * chunks, nh, nseg); kPartial selects the output.
 template <class Policy, class T, int HD, bool kPartial>
-__global__ void __launch_bounds__(kFlashThreads) flash_attention(const FlashArgs<T> a, float scale_log2) {
+__global__ void __launch_bounds__(kFlashThreads) flash_attention(const FlashArgs<T> a, float scale_log2,
+                                                                  const attention::LayerMask<Policy> mask) {
   static_assert(HD % 16 == 0 && HD <= 128, "head size: a multiple of 16 up to 128");
   constexpr int LD = flash_ld<HD>(), KS = HD / 16, NT = kFlashN / 8, DT = HD / 8;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -145,7 +146,7 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention(const FlashArgs
       if (key < sg.S) {
         const int kp = sg.kpos[key];
         for (int r = threadIdx.x / kFlashN; r < qn; r += kFlashThreads / kFlashN) {
-          const bool v = Policy::visible(qpos[r], kp);
+          const bool v = mask(h, qpos[r], kp);
           any_t |= v;
           all_t &= v;
         }
@@ -215,7 +216,7 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention(const FlashArgs
         float v = s[n][e] * scale_log2;
         if (!full) {
           const int j = n * 8 + tig * 2 + (e & 1), r = e < 2 ? r_lo : r_hi;
-          if (!(j < kn && r < qn && Policy::visible(qpos[r], sg.kpos[k0 + j]))) v = -INFINITY;
+          if (!(j < kn && r < qn && mask(h, qpos[r], sg.kpos[k0 + j]))) v = -INFINITY;
         }
         s[n][e] = v;
         mx[e / 2] = fmaxf(mx[e / 2], v);
@@ -281,13 +282,14 @@ __global__ void __launch_bounds__(kFlashThreads) flash_attention(const FlashArgs
 }
 
 template <class Policy, class T, int HD, bool kPartial>
-void launch_flash(cudaStream_t s, const FlashArgs<T>& a) {
+void launch_flash(cudaStream_t s, const FlashArgs<T>& a, const attention::LayerMask<Policy>& mask) {
   constexpr std::size_t smem = flash_smem<T, HD>();
   auto* fn = flash_attention<Policy, T, HD, kPartial>;
   allow_dynamic_smem<flash_attention<Policy, T, HD, kPartial>>(smem);
   const int q_tiles = (a.max_nq + kFlashM - 1) / kFlashM;
   const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(a.hd));
-  launch(a.pdl, fn, dim3(q_tiles * (kPartial ? a.chunks : 1), a.nh, a.nseg), kFlashThreads, smem, s, a, scale_log2);
+  launch(a.pdl, fn, dim3(q_tiles * (kPartial ? a.chunks : 1), a.nh, a.nseg), kFlashThreads, smem, s, a, scale_log2,
+         mask);
 }
 
 }  // namespace kernel
@@ -298,9 +300,10 @@ constexpr bool flash_supported(int hd) {
   return !std::is_same_v<T, float> && (hd == 16 || hd == 32 || hd == 64 || hd == 128);
 }
 
-/// Runs flash attention on `stream`; kPartial: the split-key partials for decode_combine, else the final output.
+/// Runs flash attention on `stream` under the layer's `mask`; kPartial: the split-key partials for decode_combine,
+/// else the final output.
 template <class Policy, bool kPartial, class T>
-void flash_attention(cudaStream_t s, const FlashArgs<T>& a) {
+void flash_attention(cudaStream_t s, const FlashArgs<T>& a, const attention::LayerMask<Policy>& mask = {}) {
   if constexpr (std::is_same_v<T, float>) {
     throw ConfigError("flash attention: 16-bit storage only (fp32 takes the cuBLAS path)");
   } else {
@@ -309,10 +312,10 @@ void flash_attention(cudaStream_t s, const FlashArgs<T>& a) {
     if (kPartial && (a.chunk_keys <= 0 || a.chunk_keys % kernel::kFlashN != 0 || a.chunks <= 0))
       throw ConfigError("flash attention: chunk_keys must be a positive multiple of 64");
     switch (a.hd) {
-      case 16: return kernel::launch_flash<Policy, T, 16, kPartial>(s, a);
-      case 32: return kernel::launch_flash<Policy, T, 32, kPartial>(s, a);
-      case 64: return kernel::launch_flash<Policy, T, 64, kPartial>(s, a);
-      case 128: return kernel::launch_flash<Policy, T, 128, kPartial>(s, a);
+      case 16: return kernel::launch_flash<Policy, T, 16, kPartial>(s, a, mask);
+      case 32: return kernel::launch_flash<Policy, T, 32, kPartial>(s, a, mask);
+      case 64: return kernel::launch_flash<Policy, T, 64, kPartial>(s, a, mask);
+      case 128: return kernel::launch_flash<Policy, T, 128, kPartial>(s, a, mask);
       default: throw ConfigError("flash attention: head size " + std::to_string(a.hd) + " not in {16, 32, 64, 128}");
     }
   }

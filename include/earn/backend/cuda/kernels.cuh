@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "earn/attention/policy.hpp"
 #include "earn/backend/cuda/common.cuh"
 
 namespace earn::cuda {
@@ -61,20 +62,20 @@ __device__ inline float block_reduce(float v, float* red) {
 }
 
 /// Block-wide, fp32: the attention probabilities of one query row (its rotated query qrow [hd], head of KV head g) over
-/// n keys (rows of k, stride kvd; positions kpos), scaled by 1 / sqrt(hd) and masked by Policy::visible: p[j] the
+/// n keys (rows of k, stride kvd; positions kpos), scaled by 1 / sqrt(hd) and masked by `mask` at query head h: p[j] the
 /// probability, or -1 for a key the row does not see. qv [hd] and p [n] are shared memory, red the reductions'.
 /// Returns the number of visible keys (every thread gets it). The press and the observer kernels recompute rows
 /// with it where the flash kernels never form them.
 template <class Policy, class T>
-__device__ inline int row_probs(const T* qrow, int qpos, const T* k, long long kvd, int g, int hd, const int* kpos,
-                                int n, float* qv, float* p, float* red) {
+__device__ inline int row_probs(const attention::LayerMask<Policy>& mask, int h, const T* qrow, int qpos, const T* k,
+                                long long kvd, int g, int hd, const int* kpos, int n, float* qv, float* p, float* red) {
   for (int d = threadIdx.x; d < hd; d += blockDim.x) qv[d] = to_float(qrow[d]);
   __syncthreads();
   const float scale = rsqrtf(static_cast<float>(hd));
   float m = -INFINITY;
   for (int j = threadIdx.x; j < n; j += blockDim.x) {
     float v = -INFINITY;
-    if (Policy::visible(qpos, kpos[j])) {
+    if (mask(h, qpos, kpos[j])) {
       const T* kr = k + j * kvd + static_cast<long long>(g) * hd;
       float dot = 0.0f;
       for (int d = 0; d < hd; ++d) dot += qv[d] * to_float(kr[d]);
@@ -395,11 +396,12 @@ __global__ void gen_scores(const T* q, const T* gen_k, const int* row_src, const
   }
 }
 
-/// Softmax of one (row, head) score row over its S + G keys, masked by Policy::visible on positions; writes the
+/// Softmax of one (row, head) score row over its S + G keys, masked by the layer's `mask` on positions; writes the
 /// probabilities in T at the same offsets (in place when T is float). A row that sees no key gets all zeros
 /// (attention output 0), as the CPU backend. Grid: (rows, heads).
 template <class Policy, class T>
-__global__ void softmax_rows(float* scores, T* probs, const int* pos, const int* row_seg, const Segment* segs) {
+__global__ void softmax_rows(float* scores, T* probs, const int* pos, const int* row_seg, const Segment* segs,
+                             const attention::LayerMask<Policy> mask) {
   __shared__ float red[32];
   const int r = blockIdx.x, h = blockIdx.y;
   const Segment sg = segs[row_seg[r]];
@@ -409,7 +411,7 @@ __global__ void softmax_rows(float* scores, T* probs, const int* pos, const int*
   T* p = probs + off;
   auto visible = [&](int j) {
     const int kp = j < sg.S ? sg.kpos[j] : sg.gen_pos0 + (j - sg.S);
-    return Policy::visible(qpos, kp);
+    return mask(h, qpos, kp);
   };
   float m = -INFINITY;
   for (int j = threadIdx.x; j < len; j += blockDim.x)

@@ -20,11 +20,11 @@ struct ObserveParams {
 namespace kernel {
 
 /// out[b * nh + h] = (head mass, tail mass, density, entropy) of query row rows[b] = (segment, row within it) at
-/// head h over the segment's S prefix keys (sg.pk, sg.kpos), masked by Policy::visible. Dynamic shared memory:
+/// head h over the segment's S prefix keys (sg.pk, sg.kpos), masked by the layer's `mask`. Dynamic shared memory:
 /// (hd + max S) floats. Block size a multiple of 32.
 template <class Policy, class T>
 __global__ void observe_stats(const T* q, const int* pos, const Segment* segs, const int2* rows, int nh, int nkv,
-                              int hd, ObserveParams o, float4* out) {
+                              int hd, ObserveParams o, float4* out, const attention::LayerMask<Policy> mask) {
   extern __shared__ float sm[];
   __shared__ float red[32];
   const int2 rr = rows[blockIdx.x];
@@ -32,8 +32,8 @@ __global__ void observe_stats(const T* q, const int* pos, const Segment* segs, c
   const int h = blockIdx.y, g = h / (nh / nkv), i = sg.q_off + rr.y, S = sg.S;
   const long long qd = static_cast<long long>(nh) * hd, kvd = static_cast<long long>(nkv) * hd;
   float* p = sm + hd;
-  const int n = row_probs<Policy, T>(q + i * qd + h * hd, pos[i], static_cast<const T*>(sg.pk), kvd, g, hd, sg.kpos,
-                                     S, sm, p, red);
+  const int n = row_probs<Policy, T>(mask, h, q + i * qd + h * hd, pos[i], static_cast<const T*>(sg.pk), kvd, g, hd,
+                                     sg.kpos, S, sm, p, red);
   const float eps = o.above_uniform ? 1.0f / static_cast<float>(n) : o.threshold;
   float dens = 0.0f, ent = 0.0f;
   for (int j = threadIdx.x; j < S; j += blockDim.x)

@@ -59,7 +59,7 @@ inline std::size_t press_scores_smem(int hd) {
 /// atomics: press_reduce adds the partial sums in a fixed order, so the scores repeat bit for bit. Block: 256 threads.
 template <class Policy, class T>
 __global__ void press_scores(const T* q, const T* k, const int* pos, const PressSeg* segs, const int2* tiles,
-                             float* partial, int nh, int nkv, int hd) {
+                             float* partial, int nh, int nkv, int hd, const attention::LayerMask<Policy> mask) {
   constexpr int QT = kPressQueryTile, KT = kPressKeyTile;
   extern __shared__ float sm[];
   const int2 tile = tiles[blockIdx.x];
@@ -92,7 +92,7 @@ __global__ void press_scores(const T* q, const T* k, const int* pos, const Press
       for (int e = threadIdx.x; e < QT * KT; e += blockDim.x) {
         const int r = e / KT, j = e % KT;
         float v = -INFINITY;
-        if (r < nq && j < kn && Policy::visible(kp[r0 + r], kp[c0 + j])) {
+        if (r < nq && j < kn && mask(h, kp[r0 + r], kp[c0 + j])) {
           float dot = 0.0f;
           for (int d = 0; d < hd; ++d) dot += qs[r * hd + d] * ks[j * (hd + 1) + d];
           v = dot * scale;

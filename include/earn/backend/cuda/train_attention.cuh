@@ -1,7 +1,7 @@
 // earn/backend/cuda/train_attention.cuh - attention of a training step on the GPU, forward (saving each row's
 // log-sum-exp) and backward (recomputing the probabilities from it, as FlashAttention-2), over the packed rows of
-// one layer: every sequence is a segment of consecutive rows whose queries see its own keys where the layer
-// policy's visible(q_pos, k_pos) holds (and its kind rule, for a policy that has one: Gist). q, k, v live in the
+// one layer: every sequence is a segment of consecutive rows whose queries see its own keys where the layer's
+// attention::LayerMask holds at the query's head (positions, and kinds for a policy with a kind rule: Gist). q, k, v live in the
 // fused [rows, qd + 2 kvd] rows of the QKV GEMM (after bias and RoPE); the backward pass writes dq, dk, dv into the
 // same layout, so one GEMM takes them back.
 //
@@ -55,13 +55,13 @@ struct TrainAttentionArgs {
 
 namespace kernel {
 
-// Whether query row q sees key row k, given as TrainAttentionArgs::pos values.
+// Whether query row q sees key row k at query head h, given as TrainAttentionArgs::pos values.
 template <class Policy>
-__device__ __forceinline__ bool train_visible(int q, int k) {
+__device__ __forceinline__ bool train_visible(const attention::LayerMask<Policy>& m, int h, int q, int k) {
   if constexpr (attention::has_kind_rule<Policy>())
-    return attention::visible_packed<Policy>(q, k);
+    return m.packed(h, q, k);
   else
-    return Policy::visible(q, k);
+    return m(h, q, k);
 }
 
 constexpr int kTrainAttnWarps = 8;
@@ -71,7 +71,7 @@ constexpr int kTrainAttnMaxRows = 128;  // tensor-core path: a segment fits shar
 
 // Forward: block (segment, head), a warp per query row; scores of the row in shared memory [warps][max_n].
 template <class Policy, class T>
-__global__ void train_attn_fwd_simple(TrainAttentionArgs<T> a) {
+__global__ void train_attn_fwd_simple(TrainAttentionArgs<T> a, const attention::LayerMask<Policy> m) {
   extern __shared__ float sm[];
   if (a.bucket && static_cast<int>(blockIdx.x) >= a.bucket[0]) return;
   const TrainSegment sg = a.segs[a.bucket ? a.bucket[1 + blockIdx.x] : static_cast<int>(blockIdx.x)];
@@ -87,7 +87,7 @@ __global__ void train_attn_fwd_simple(TrainAttentionArgs<T> a) {
     for (int j = lane; j < sg.n; j += 32) {
       const long long kj = static_cast<long long>(sg.off + j);
       float v = -INFINITY;
-      if (train_visible<Policy>(pq, a.pos[kj])) {
+      if (train_visible(m, h, pq, a.pos[kj])) {
         const T* k = a.qkv + kj * W + qd + kvh * hd;
         float d = 0.0f;
         for (int e = 0; e < hd; ++e) d += to_float(q[e]) * to_float(k[e]);
@@ -119,7 +119,7 @@ __global__ void train_attn_fwd_simple(TrainAttentionArgs<T> a) {
 // Backward, queries: block (segment, head), a warp per query row: P and dP of the row, D = sum P dP (kept for the
 // key pass), dQ = sum_j dS_j k_j. Shared memory: [warps][2][max_n].
 template <class Policy, class T>
-__global__ void train_attn_bwd_q_simple(TrainAttentionArgs<T> a) {
+__global__ void train_attn_bwd_q_simple(TrainAttentionArgs<T> a, const attention::LayerMask<Policy> m) {
   extern __shared__ float sm[];
   if (a.bucket && static_cast<int>(blockIdx.x) >= a.bucket[0]) return;
   const TrainSegment sg = a.segs[a.bucket ? a.bucket[1 + blockIdx.x] : static_cast<int>(blockIdx.x)];
@@ -138,7 +138,7 @@ __global__ void train_attn_bwd_q_simple(TrainAttentionArgs<T> a) {
     for (int j = lane; j < sg.n; j += 32) {
       const long long kj = static_cast<long long>(sg.off + j);
       float pj = 0.0f, dpj = 0.0f;
-      if (lse != -INFINITY && train_visible<Policy>(pq, a.pos[kj])) {
+      if (lse != -INFINITY && train_visible(m, h, pq, a.pos[kj])) {
         const T* k = a.qkv + kj * W + qd + kvh * hd;
         const T* v = a.qkv + kj * W + qd + kvd + kvh * hd;
         float d = 0.0f, e2 = 0.0f;
@@ -170,7 +170,7 @@ __global__ void train_attn_bwd_q_simple(TrainAttentionArgs<T> a) {
 // Backward, keys: block (segment, kv head), a warp per key row j: over the group's heads and every query row,
 // dS_ij and P_ij (recomputed) give dK_j = sum dS_ij q_i and dV_j = sum P_ij dO_i. Lanes hold pieces of the head.
 template <class Policy, class T>
-__global__ void train_attn_bwd_kv_simple(TrainAttentionArgs<T> a) {
+__global__ void train_attn_bwd_kv_simple(TrainAttentionArgs<T> a, const attention::LayerMask<Policy> m) {
   if (a.bucket && static_cast<int>(blockIdx.x) >= a.bucket[0]) return;
   const TrainSegment sg = a.segs[a.bucket ? a.bucket[1 + blockIdx.x] : static_cast<int>(blockIdx.x)];
   const int kvh = blockIdx.y, group = a.nh / a.nkv, hd = a.hd, W = a.width(), qd = a.nh * hd, kvd = a.nkv * hd;
@@ -188,7 +188,7 @@ __global__ void train_attn_bwd_kv_simple(TrainAttentionArgs<T> a) {
       for (int i = 0; i < sg.n; ++i) {
         const long long qi = static_cast<long long>(sg.off + i);
         const float lse = a.lse[qi * a.nh + h];
-        if (lse == -INFINITY || !train_visible<Policy>(a.pos[qi], pk)) continue;
+        if (lse == -INFINITY || !train_visible(m, h, a.pos[qi], pk)) continue;
         const T* q = a.qkv + qi * W + h * hd;
         const T* dO = a.dout + qi * qd + h * hd;
         float d = 0.0f, e2 = 0.0f;
@@ -291,7 +291,8 @@ __device__ inline void tc_ab(float* out, int ldo, const T* p, int ldp, const T* 
 }
 
 template <class Policy, class T, int HD>
-__global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_fwd_tc(TrainAttentionArgs<T> a) {
+__global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_fwd_tc(TrainAttentionArgs<T> a,
+                                                                   const attention::LayerMask<Policy> m) {
   using namespace nvcuda;
   extern __shared__ __align__(128) unsigned char smraw[];
   if (a.bucket && static_cast<int>(blockIdx.x) >= a.bucket[0]) return;
@@ -318,15 +319,15 @@ __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_fwd_tc(TrainA
   for (int i = warp; i < N; i += kTrainAttnWarps) {  // masked softmax, a warp per row
     float m = -INFINITY;
     for (int j = lane; j < n; j += 32)
-      if (i < n && train_visible<Policy>(pos[i], pos[j])) m = fmaxf(m, S[i * lds + j] * scale);
+      if (i < n && train_visible(m, h, pos[i], pos[j])) m = fmaxf(m, S[i * lds + j] * scale);
     m = warp_max(m);
     float sum = 0.0f;
     for (int j = lane; j < n; j += 32)
-      if (m != -INFINITY && train_visible<Policy>(pos[i], pos[j])) sum += expf(S[i * lds + j] * scale - m);
+      if (m != -INFINITY && train_visible(m, h, pos[i], pos[j])) sum += expf(S[i * lds + j] * scale - m);
     sum = warp_sum(sum);
     const float lse = m == -INFINITY ? -INFINITY : m + logf(sum);
     for (int j = lane; j < N; j += 32) {
-      const bool vis = i < n && j < n && lse != -INFINITY && train_visible<Policy>(pos[i], pos[j]);
+      const bool vis = i < n && j < n && lse != -INFINITY && train_visible(m, h, pos[i], pos[j]);
       P[i * ldp + j] = from_float<T>(vis ? expf(S[i * lds + j] * scale - lse) : 0.0f);
     }
     if (lane == 0 && i < n) a.lse[static_cast<long long>(sg.off + i) * a.nh + h] = lse;
@@ -342,7 +343,8 @@ __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_fwd_tc(TrainA
 }
 
 template <class Policy, class T, int HD>
-__global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_bwd_tc(TrainAttentionArgs<T> a) {
+__global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_bwd_tc(TrainAttentionArgs<T> a,
+                                                                   const attention::LayerMask<Policy> m) {
   using namespace nvcuda;
   extern __shared__ __align__(128) unsigned char smraw[];
   if (a.bucket && static_cast<int>(blockIdx.x) >= a.bucket[0]) return;
@@ -387,7 +389,7 @@ __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_bwd_tc(TrainA
     __syncthreads();
     for (int t = threadIdx.x; t < N * N; t += blockDim.x) {  // P from the saved log-sum-exp
       const int i = t / N, j = t % N;
-      const bool vis = i < n && j < n && lse[i] != -INFINITY && train_visible<Policy>(pos[i], pos[j]);
+      const bool vis = i < n && j < n && lse[i] != -INFINITY && train_visible(m, h, pos[i], pos[j]);
       P[i * ldp + j] = from_float<T>(vis ? expf(A[i * lda + j] * scale - lse[i]) : 0.0f);
     }
     __syncthreads();
@@ -501,14 +503,15 @@ void prepare_train_attention(int hd) {
 /// a.max_n rows long: the tensor-core kernels' shared memory follows a.max_n). `tensor_cores` = train_attention_tc(...) (or false to force
 /// the CUDA-core kernels).
 template <class Policy, class T>
-void train_attention_forward(cudaStream_t s, const TrainAttentionArgs<T>& a, bool tensor_cores) {
+void train_attention_forward(cudaStream_t s, const TrainAttentionArgs<T>& a, bool tensor_cores,
+                             const attention::LayerMask<Policy>& mask = {}) {
   if (a.nseg == 0) return;
   const dim3 grid(a.nseg, a.nh);
   if constexpr (sizeof(T) == 2) {
     if (tensor_cores) {
       const int N = (a.max_n + 15) / 16 * 16;
       auto launch = [&]<int HD>() {  // prepare_train_attention raised the kernel's shared-memory limit
-        kernel::train_attn_fwd_tc<Policy, T, HD><<<grid, kernel::kTrainAttnWarps * 32, kernel::tc_fwd_smem<T, HD>(N), s>>>(a);
+        kernel::train_attn_fwd_tc<Policy, T, HD><<<grid, kernel::kTrainAttnWarps * 32, kernel::tc_fwd_smem<T, HD>(N), s>>>(a, mask);
       };
       if (a.hd == 32) launch.template operator()<32>();
       else if (a.hd == 64) launch.template operator()<64>();
@@ -522,20 +525,21 @@ void train_attention_forward(cudaStream_t s, const TrainAttentionArgs<T>& a, boo
   auto k = kernel::train_attn_fwd_simple<Policy, T>;
   if (smem > 48 * 1024)
     EARN_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  k<<<grid, threads, smem, s>>>(a);
+  k<<<grid, threads, smem, s>>>(a, mask);
   EARN_CUDA_CHECK_LAUNCH();
 }
 
 /// Backward: dq, dk, dv of every row into a.dqkv (every element written).
 template <class Policy, class T>
-void train_attention_backward(cudaStream_t s, const TrainAttentionArgs<T>& a, bool tensor_cores) {
+void train_attention_backward(cudaStream_t s, const TrainAttentionArgs<T>& a, bool tensor_cores,
+                              const attention::LayerMask<Policy>& mask = {}) {
   if (a.nseg == 0) return;
   if constexpr (sizeof(T) == 2) {
     if (tensor_cores) {
       const int N = (a.max_n + 15) / 16 * 16;
       auto launch = [&]<int HD>() {  // prepare_train_attention raised the kernel's shared-memory limit
         kernel::train_attn_bwd_tc<Policy, T, HD><<<dim3(a.nseg, a.nkv), kernel::kTrainAttnWarps * 32,
-                                                   kernel::tc_bwd_smem<T, HD>(N), s>>>(a);
+                                                   kernel::tc_bwd_smem<T, HD>(N), s>>>(a, mask);
       };
       if (a.hd == 32) launch.template operator()<32>();
       else if (a.hd == 64) launch.template operator()<64>();
@@ -550,9 +554,9 @@ void train_attention_backward(cudaStream_t s, const TrainAttentionArgs<T>& a, bo
   auto kq = kernel::train_attn_bwd_q_simple<Policy, T>;
   if (smem > 48 * 1024)
     EARN_CUDA_CHECK(cudaFuncSetAttribute(kq, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  kq<<<dim3(a.nseg, a.nh), threads, smem, s>>>(a);
+  kq<<<dim3(a.nseg, a.nh), threads, smem, s>>>(a, mask);
   EARN_CUDA_CHECK_LAUNCH();
-  kernel::train_attn_bwd_kv_simple<Policy, T><<<dim3(a.nseg, a.nkv), threads, 0, s>>>(a);
+  kernel::train_attn_bwd_kv_simple<Policy, T><<<dim3(a.nseg, a.nkv), threads, 0, s>>>(a, mask);
   EARN_CUDA_CHECK_LAUNCH();
 }
 

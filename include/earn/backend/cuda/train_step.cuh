@@ -532,8 +532,8 @@ class CudaStep {
       mark("forward: gather, norm, qkv gemm, rope");
       // Padding rows belong to no segment: their attention output must be zero (the attention writes segments only).
       EARN_CUDA_CHECK(cudaMemsetAsync(S.att.data(), 0, std::size_t(n) * qd * sizeof(T), s));
-      schedule_.visit(l, [&]<class L>(L) {
-        attention<typename L::policy>(ph, lay, S, /*backward=*/false);
+      schedule_.visit(l, [&]<class L>(const L& layer) {
+        attention(attention::LayerMask<typename L::policy>{layer.rule, l}, ph, lay, S, /*backward=*/false);
       });
       mark("forward: attention");
       EARN_CUDA_CHECK(cudaMemcpyAsync(S.x1.data(), S.x.data(), std::size_t(n) * d * 4, cudaMemcpyDeviceToDevice, s));
@@ -571,7 +571,7 @@ class CudaStep {
   // A layer's attention over phase `ph`: the tensor-core kernels once per length bucket up to the phase's longest
   // segment, or the CUDA-core kernels once over every segment.
   template <class Policy>
-  void attention(int ph, const Layout& lay, Saved& S, bool backward) {
+  void attention(const attention::LayerMask<Policy>& mask, int ph, const Layout& lay, Saved& S, bool backward) {
     cuda::TrainAttentionArgs<T> a = attn_args(ph, lay, S);
     if constexpr (attention::has_kind_rule<Policy>()) a.pos = ints(ph_[ph].packed);  // see TrainAttentionArgs::pos
     const int longest = lay.max_n[ph];
@@ -579,13 +579,13 @@ class CudaStep {
       for (int b = 0; b * kBucket < longest; ++b) {
         a.bucket = ints(ph_[ph].buckets + b * (1 + lay.nseg));
         a.max_n = (b + 1) * kBucket;
-        if (backward) cuda::train_attention_backward<Policy, T>(stream(), a, true);
-        else cuda::train_attention_forward<Policy, T>(stream(), a, true);
+        if (backward) cuda::train_attention_backward<Policy, T>(stream(), a, true, mask);
+        else cuda::train_attention_forward<Policy, T>(stream(), a, true, mask);
       }
     } else if (backward) {
-      cuda::train_attention_backward<Policy, T>(stream(), a, false);
+      cuda::train_attention_backward<Policy, T>(stream(), a, false, mask);
     } else {
-      cuda::train_attention_forward<Policy, T>(stream(), a, false);
+      cuda::train_attention_forward<Policy, T>(stream(), a, false, mask);
     }
   }
 
@@ -669,8 +669,8 @@ class CudaStep {
       cuda::linear_dw<T>(blas_.get(), dxT_.data(), S.att.data(), g_.data() + o.wo, n, qd, d);
       mark("backward: mlp gemms, norm, wo gemms");
       EARN_CUDA_CHECK(cudaMemsetAsync(dqkv_.data(), 0, std::size_t(n) * width * sizeof(T), s));  // padding rows: 0
-      schedule_.visit(l, [&]<class L>(L) {
-        attention<typename L::policy>(ph, lay, S, /*backward=*/true);
+      schedule_.visit(l, [&]<class L>(const L& layer) {
+        attention(attention::LayerMask<typename L::policy>{layer.rule, l}, ph, lay, S, /*backward=*/true);
       });
       mark("backward: attention");
       k::bias_rope<T><<<k::grid_for(Index{n} * (nh + nkv) * (hd / 2)), k::kThreads, 0, s>>>(
