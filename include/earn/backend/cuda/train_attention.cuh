@@ -71,7 +71,7 @@ constexpr int kTrainAttnMaxRows = 128;  // tensor-core path: a segment fits shar
 
 // Forward: block (segment, head), a warp per query row; scores of the row in shared memory [warps][max_n].
 template <class Policy, class T>
-__global__ void train_attn_fwd_simple(TrainAttentionArgs<T> a, const attention::LayerMask<Policy> m) {
+__global__ void train_attn_fwd_simple(TrainAttentionArgs<T> a, const attention::LayerMask<Policy> mask) {
   extern __shared__ float sm[];
   if (a.bucket && static_cast<int>(blockIdx.x) >= a.bucket[0]) return;
   const TrainSegment sg = a.segs[a.bucket ? a.bucket[1 + blockIdx.x] : static_cast<int>(blockIdx.x)];
@@ -87,7 +87,7 @@ __global__ void train_attn_fwd_simple(TrainAttentionArgs<T> a, const attention::
     for (int j = lane; j < sg.n; j += 32) {
       const long long kj = static_cast<long long>(sg.off + j);
       float v = -INFINITY;
-      if (train_visible(m, h, pq, a.pos[kj])) {
+      if (train_visible(mask, h, pq, a.pos[kj])) {
         const T* k = a.qkv + kj * W + qd + kvh * hd;
         float d = 0.0f;
         for (int e = 0; e < hd; ++e) d += to_float(q[e]) * to_float(k[e]);
@@ -119,7 +119,7 @@ __global__ void train_attn_fwd_simple(TrainAttentionArgs<T> a, const attention::
 // Backward, queries: block (segment, head), a warp per query row: P and dP of the row, D = sum P dP (kept for the
 // key pass), dQ = sum_j dS_j k_j. Shared memory: [warps][2][max_n].
 template <class Policy, class T>
-__global__ void train_attn_bwd_q_simple(TrainAttentionArgs<T> a, const attention::LayerMask<Policy> m) {
+__global__ void train_attn_bwd_q_simple(TrainAttentionArgs<T> a, const attention::LayerMask<Policy> mask) {
   extern __shared__ float sm[];
   if (a.bucket && static_cast<int>(blockIdx.x) >= a.bucket[0]) return;
   const TrainSegment sg = a.segs[a.bucket ? a.bucket[1 + blockIdx.x] : static_cast<int>(blockIdx.x)];
@@ -138,7 +138,7 @@ __global__ void train_attn_bwd_q_simple(TrainAttentionArgs<T> a, const attention
     for (int j = lane; j < sg.n; j += 32) {
       const long long kj = static_cast<long long>(sg.off + j);
       float pj = 0.0f, dpj = 0.0f;
-      if (lse != -INFINITY && train_visible(m, h, pq, a.pos[kj])) {
+      if (lse != -INFINITY && train_visible(mask, h, pq, a.pos[kj])) {
         const T* k = a.qkv + kj * W + qd + kvh * hd;
         const T* v = a.qkv + kj * W + qd + kvd + kvh * hd;
         float d = 0.0f, e2 = 0.0f;
@@ -170,7 +170,7 @@ __global__ void train_attn_bwd_q_simple(TrainAttentionArgs<T> a, const attention
 // Backward, keys: block (segment, kv head), a warp per key row j: over the group's heads and every query row,
 // dS_ij and P_ij (recomputed) give dK_j = sum dS_ij q_i and dV_j = sum P_ij dO_i. Lanes hold pieces of the head.
 template <class Policy, class T>
-__global__ void train_attn_bwd_kv_simple(TrainAttentionArgs<T> a, const attention::LayerMask<Policy> m) {
+__global__ void train_attn_bwd_kv_simple(TrainAttentionArgs<T> a, const attention::LayerMask<Policy> mask) {
   if (a.bucket && static_cast<int>(blockIdx.x) >= a.bucket[0]) return;
   const TrainSegment sg = a.segs[a.bucket ? a.bucket[1 + blockIdx.x] : static_cast<int>(blockIdx.x)];
   const int kvh = blockIdx.y, group = a.nh / a.nkv, hd = a.hd, W = a.width(), qd = a.nh * hd, kvd = a.nkv * hd;
@@ -188,7 +188,7 @@ __global__ void train_attn_bwd_kv_simple(TrainAttentionArgs<T> a, const attentio
       for (int i = 0; i < sg.n; ++i) {
         const long long qi = static_cast<long long>(sg.off + i);
         const float lse = a.lse[qi * a.nh + h];
-        if (lse == -INFINITY || !train_visible(m, h, a.pos[qi], pk)) continue;
+        if (lse == -INFINITY || !train_visible(mask, h, a.pos[qi], pk)) continue;
         const T* q = a.qkv + qi * W + h * hd;
         const T* dO = a.dout + qi * qd + h * hd;
         float d = 0.0f, e2 = 0.0f;
@@ -292,7 +292,7 @@ __device__ inline void tc_ab(float* out, int ldo, const T* p, int ldp, const T* 
 
 template <class Policy, class T, int HD>
 __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_fwd_tc(TrainAttentionArgs<T> a,
-                                                                   const attention::LayerMask<Policy> m) {
+                                                                   const attention::LayerMask<Policy> mask) {
   using namespace nvcuda;
   extern __shared__ __align__(128) unsigned char smraw[];
   if (a.bucket && static_cast<int>(blockIdx.x) >= a.bucket[0]) return;
@@ -317,17 +317,17 @@ __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_fwd_tc(TrainA
   __syncthreads();
   const float scale = rsqrtf(static_cast<float>(HD));
   for (int i = warp; i < N; i += kTrainAttnWarps) {  // masked softmax, a warp per row
-    float m = -INFINITY;
+    float mx = -INFINITY;
     for (int j = lane; j < n; j += 32)
-      if (i < n && train_visible(m, h, pos[i], pos[j])) m = fmaxf(m, S[i * lds + j] * scale);
-    m = warp_max(m);
+      if (i < n && train_visible(mask, h, pos[i], pos[j])) mx = fmaxf(mx, S[i * lds + j] * scale);
+    mx = warp_max(mx);
     float sum = 0.0f;
     for (int j = lane; j < n; j += 32)
-      if (m != -INFINITY && train_visible(m, h, pos[i], pos[j])) sum += expf(S[i * lds + j] * scale - m);
+      if (mx != -INFINITY && train_visible(mask, h, pos[i], pos[j])) sum += expf(S[i * lds + j] * scale - mx);
     sum = warp_sum(sum);
-    const float lse = m == -INFINITY ? -INFINITY : m + logf(sum);
+    const float lse = mx == -INFINITY ? -INFINITY : mx + logf(sum);
     for (int j = lane; j < N; j += 32) {
-      const bool vis = i < n && j < n && lse != -INFINITY && train_visible(m, h, pos[i], pos[j]);
+      const bool vis = i < n && j < n && lse != -INFINITY && train_visible(mask, h, pos[i], pos[j]);
       P[i * ldp + j] = from_float<T>(vis ? expf(S[i * lds + j] * scale - lse) : 0.0f);
     }
     if (lane == 0 && i < n) a.lse[static_cast<long long>(sg.off + i) * a.nh + h] = lse;
@@ -344,7 +344,7 @@ __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_fwd_tc(TrainA
 
 template <class Policy, class T, int HD>
 __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_bwd_tc(TrainAttentionArgs<T> a,
-                                                                   const attention::LayerMask<Policy> m) {
+                                                                   const attention::LayerMask<Policy> mask) {
   using namespace nvcuda;
   extern __shared__ __align__(128) unsigned char smraw[];
   if (a.bucket && static_cast<int>(blockIdx.x) >= a.bucket[0]) return;
@@ -389,7 +389,7 @@ __global__ void __launch_bounds__(kTrainAttnWarps * 32) train_attn_bwd_tc(TrainA
     __syncthreads();
     for (int t = threadIdx.x; t < N * N; t += blockDim.x) {  // P from the saved log-sum-exp
       const int i = t / N, j = t % N;
-      const bool vis = i < n && j < n && lse[i] != -INFINITY && train_visible(m, h, pos[i], pos[j]);
+      const bool vis = i < n && j < n && lse[i] != -INFINITY && train_visible(mask, h, pos[i], pos[j]);
       P[i * ldp + j] = from_float<T>(vis ? expf(A[i * lda + j] * scale - lse[i]) : 0.0f);
     }
     __syncthreads();
