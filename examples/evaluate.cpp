@@ -84,8 +84,9 @@ int main(int argc, char** argv) {
   app.add_option("--tokenizer", tokenizer, "llama2.c tokenizer file: use the LC-Rec instruction text as prompt");
   app.add_option("--press", press,
                  "an inference-time baseline instead of EARN: the dense model with a KV press over every layer "
-                 "(streaming_llm, snapkv, h2o, pyramidkv) or each history truncated to its last k / L items (truncate)")
-      ->check(CLI::IsMember({"streaming_llm", "snapkv", "h2o", "pyramidkv", "truncate"}));
+                 "(streaming_llm, snapkv, h2o, h2o_evict: H2O evicting during decode, pyramidkv) or each history "
+                 "truncated to its last k / L items (truncate)")
+      ->check(CLI::IsMember({"streaming_llm", "snapkv", "h2o", "h2o_evict", "pyramidkv", "truncate"}));
   app.add_option("--press-k", press_k, "--press keeps the KV of EARN at this split layer (default L/4)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--press-registers", press_regs, "... with this many registers (default 2)")->check(CLI::NonNegativeNumber);

@@ -339,3 +339,155 @@ TEST_CASE("A kind rule among prefill rows: the CPU engine's prefill and decode e
     check_close(engine.decode(st, tok).row(0).transpose(), ref[n + g], 1e-5, "decode");
   }
 }
+
+namespace {
+
+// probs[l][h][t] = row t's probabilities over the n prefill rows.
+using LayerProbs = std::vector<std::vector<std::vector<std::vector<double>>>>;
+
+// H2O evicting during decode, written here without kv::evict_range / evict_row: live[l][s][g] = the rows KV head g
+// of layer l holds when decode step s attends (s = 0..T; T: after the last step). Each kept row's score starts at
+// its attention summed over the n prefill rows (mean over the group's heads); step s adds each beam's
+// probabilities divided by group x beams; then, while prefix + (s + 1) generated rows exceed keep, the row of
+// least score (the oldest of equals) among those not in the last recent - (s + 1) goes.
+std::vector<std::vector<std::vector<std::vector<int>>>> h2o_live(const kv::PressRule& r, int n, int n_kv, int group,
+                                                                 int steps, const LayerProbs& prefill,
+                                                                 const std::vector<LayerProbs>& beams) {
+  const int L = static_cast<int>(prefill.size());
+  std::vector<std::vector<std::vector<std::vector<int>>>> live(L);
+  for (int l = 0; l < L; ++l) {
+    std::vector<std::vector<int>> cur(n_kv);
+    std::vector<std::vector<double>> score(n_kv, std::vector<double>(n, 0.0));
+    for (int g = 0; g < n_kv; ++g) {
+      cur[g] = naive_keep(r, n, g, group, prefill[l]);
+      for (int h = g * group; h < (g + 1) * group; ++h)
+        for (int t = 0; t < n; ++t)
+          for (int j = 0; j < n; ++j) score[g][j] += prefill[l][h][t][j] / group;
+    }
+    for (int s = 0; s <= steps; ++s) {
+      live[l].push_back(cur);
+      if (s == steps) break;
+      for (const LayerProbs& b : beams)
+        for (int h = 0; h < n_kv * group; ++h)
+          for (int j = 0; j < n; ++j) score[h / group][j] += b[l][h][s][j] / (double(group) * double(beams.size()));
+      for (int g = 0; g < n_kv; ++g) {
+        std::vector<int>& rows = cur[g];
+        const int held = static_cast<int>(rows.size());
+        if (held + s + 1 <= r.keep) continue;
+        const int protect = std::max(0, std::min(held, r.recent - (s + 1)));
+        int worst = -1;
+        for (int i = 0; i < held - protect; ++i)
+          if (worst < 0 || score[g][rows[i]] < score[g][rows[worst]]) worst = i;
+        if (worst >= 0) rows.erase(rows.begin() + worst);
+      }
+    }
+  }
+  return live;
+}
+
+// Prefill `prompt`, then decode one row per entry of `beams` (all of user 0) under H2O evicting during decode;
+// every logit row, the rows each KV head holds and kv_bytes() after every step against the reference whose decode
+// rows see only h2o_live's rows. The beams' probabilities feed each other's evictions, so the references iterate
+// to their fixed point (an eviction at step s depends only on earlier steps and lower layers).
+void check_h2o_decode(const ModelWeights& w, const kv::press::H2O& press, const std::vector<int>& prompt,
+                      const std::vector<std::vector<int>>& beams) {
+  const ModelConfig& c = w.config;
+  const int L = c.n_layers, H = c.n_heads, group = H / c.n_kv_heads, B = static_cast<int>(beams.size());
+  const int n = w.registers.count() + static_cast<int>(prompt.size()), T = static_cast<int>(beams[0].size());
+  const kv::PressRule rule = press.rule(0, L, n);
+  REQUIRE(rule.evict);
+  LayerProbs prefill(L, std::vector<std::vector<std::vector<double>>>(
+                            H, std::vector<std::vector<double>>(n, std::vector<double>(n, 0.0))));
+  std::vector<LayerProbs> dec(B, LayerProbs(L, std::vector<std::vector<std::vector<double>>>(
+                                                   H, std::vector<std::vector<double>>(T, std::vector<double>(n, 0.0)))));
+  std::vector<earn::test::Mat> ref(B);
+  auto live = h2o_live(rule, n, c.n_kv_heads, group, T, prefill, dec);
+  bool fixed = false;
+  for (int iter = 0; iter < L * T + 3 && !fixed; ++iter) {
+    for (int b = 0; b < B; ++b) {
+      std::vector<RefKind> kinds;
+      const auto input = earn::test::reference_input(w, prompt, beams[b], kinds);
+      ref[b] = earn::test::reference_logits(
+          w, input,
+          [&](int l, int q, int h, int k) {
+            if (k > q) return false;
+            if (q < n || k >= n) return true;
+            const auto& rows = live[l][q - n][h / group];
+            return std::find(rows.begin(), rows.end(), k) != rows.end();
+          },
+          [&](int l, int t, int h, const std::vector<double>& p) {
+            if (t < n) prefill[l][h][t].assign(p.begin(), p.begin() + n);
+            else dec[b][l][h][t - n].assign(p.begin(), p.begin() + n);
+          });
+    }
+    auto next = h2o_live(rule, n, c.n_kv_heads, group, T, prefill, dec);
+    fixed = next == live;
+    live = std::move(next);
+  }
+  REQUIRE(fixed);
+
+  Engine<PressSchedule<kv::press::H2O>> engine(w, press_schedule(press));
+  auto st = engine.make_state({.max_users = 1, .max_rows = B, .max_prompt = 64, .max_new_tokens = T});
+  check_close(engine.prefill(st, 0, prompt), ref[0][n - 1], 1e-5, "prefill");
+  const std::vector<int> users(B, 0);
+  st.set_rows(users);
+  const Index row_bytes = 2 * Index{c.kv_dim()} * Index{sizeof(float)};
+  int evicted = 0;
+  for (int s = 0; s < T; ++s) {
+    CAPTURE(s);
+    std::vector<int> tok(B);
+    for (int b = 0; b < B; ++b) tok[b] = beams[b][s];
+    const Matrix out = engine.decode(st, tok);
+    for (int b = 0; b < B; ++b) check_close(out.row(b).transpose(), ref[b][n + s], 1e-5, "decode");
+    Index held = 0;
+    for (int l = 0; l < L; ++l) {
+      CAPTURE(l);
+      const auto& cache = st.layer_cache(l);
+      const int len = cache.prefix_len(0);
+      REQUIRE(len == static_cast<int>(live[l][s + 1][0].size()));
+      CHECK(len + s + 1 <= rule.keep);  // the settings below keep the recent rows within the budget
+      evicted += static_cast<int>(live[l][s][0].size()) - len;
+      held += len + Index{B} * (s + 1);
+      for (int g = 0; g < c.n_kv_heads; ++g) {
+        std::vector<int> got;
+        for (int j = 0; j < len; ++j) got.push_back(cache.prefix_head_positions(0)[std::size_t(j) * c.n_kv_heads + g]);
+        CHECK(got == live[l][s + 1][g]);
+      }
+    }
+    CHECK(st.kv_bytes() == held * row_bytes);
+  }
+  CHECK(evicted > 0);  // the settings below all evict
+}
+
+// A press asking to evict by an observation window's scores (refused).
+struct WindowEvict {
+  static constexpr const char* name = "window_evict";
+  kv::PressRule rule(int, int, int) const {
+    return {.keep = 5, .recent = 1, .score = kv::Score::kWindow, .window = 2, .evict = true};
+  }
+};
+
+}  // namespace
+
+TEST_CASE("H2O evicting during decode: each user's rows stay within the budget, beams share the prefix's scores, "
+          "and every step equals an independent reference") {
+  const ModelConfig c = small_config();
+  for (int regs : {0, 1}) {
+    CAPTURE(regs);
+    const ModelWeights w = random_weights(c, {.seed = std::uint64_t(61 + regs), .scale = 2.0f,
+                                              .prefix_registers = regs, .suffix_registers = regs});
+    const auto prompt = random_tokens(21, c.vocab_size, 11);
+    const std::vector<std::vector<int>> two = {random_tokens(3, c.vocab_size, 12), random_tokens(3, c.vocab_size, 13)};
+    // A budget below the prompt: the press keeps 1 + 30 % of it, then each step drops one more prefix row.
+    check_h2o_decode(w, {.budget = {.ratio = 0.3, .rows = 1}, .evict_in_decode = true}, prompt, two);
+    check_h2o_decode(w, {.budget = {.ratio = 0.3, .rows = 1}, .evict_in_decode = true}, prompt, {two[1]});
+    // A budget of the prompt and one row: the prefill keeps all, the second step starts dropping; no recent rows.
+    const int n = 21 + 2 * regs;
+    check_h2o_decode(w, {.budget = {.rows = n + 1}, .recent_share = 0.0, .evict_in_decode = true}, prompt, two);
+  }
+  // Eviction ranks rows by attention accumulated over every query row: a rule scoring a window is refused.
+  const ModelWeights w = random_weights(c, {.seed = 1});
+  Engine<PressSchedule<WindowEvict>> e(w, press_schedule(WindowEvict{}));
+  auto st = e.make_state({.max_prompt = 64, .max_new_tokens = 4});
+  CHECK_THROWS_AS(e.prefill(st, 0, random_tokens(29, c.vocab_size, 2)), ConfigError);
+}

@@ -8,7 +8,7 @@
 #             racecheck over the press kernels
 #   kinds     the row-kind rule's tests (Gist: test_cuda_press, test_cuda_train) and memcheck over their Gist cases
 #   where     every CUDA test binary, then memcheck / racecheck over the cases of policies with run-time values and
-#             per-head rules (SinkWindow, HeadWise: engine, observer, trainer)
+#             per-head rules (SinkWindow, HeadWise: engine, observer, trainer) and of H2O evicting during decode
 #   micro     the attention microbenchmarks (bench_cuda_attention, Google Benchmark) and the decode GEMMs'
 #             cuBLAS bandwidth (bench_cuda_gemm)
 #   beam      the whole beam search, selection on the host vs on the device (bench_cuda_beam)
@@ -107,6 +107,8 @@ if [ "$mode" = where ]; then  # visibility with run-time values and per-head rul
   sanitize memcheck test_cuda_train memcheck_where_train.log '*run-time*'
   sanitize memcheck test_cuda_observer memcheck_where_observer.log
   sanitize racecheck test_cuda_press racecheck_where_press.log '*run-time*'
+  sanitize memcheck test_cuda_press memcheck_evict_press.log '*evicting*'
+  sanitize racecheck test_cuda_press racecheck_evict_press.log '*evicting*'
 fi
 if [ "$mode" = all ] || [ "$mode" = micro ]; then
   echo "== attention microbenchmarks"

@@ -128,6 +128,18 @@ TEST_CASE("CUDA engine under every press equals the CPU engine (fp32)") {
   check_engines<dtype::F32>(wr, press_schedule(kv::press::H2O{.budget = {.rows = 500}}));
 }
 
+TEST_CASE("CUDA engine under H2O evicting during decode equals the CPU engine: logits, and the rows freed each step") {
+  const ModelConfig c = gqa_config();
+  const ModelWeights w = random_weights(c, {.seed = 14, .scale = 2.0f, .prefix_registers = 0, .suffix_registers = 0});
+  // Both users drop a row at every step; then user 0 (61 rows) only from the second step, user 1 (37) never.
+  check_engines<dtype::F32>(w, press_schedule(kv::press::H2O{.budget = {.ratio = 0.3}, .evict_in_decode = true}));
+  check_engines<dtype::F32>(w, press_schedule(kv::press::H2O{.budget = {.rows = 62}, .recent_share = 0.0,
+                                                             .evict_in_decode = true}));
+  const ModelWeights wr = random_weights(c, {.seed = 15, .scale = 2.0f});
+  check_engines<dtype::F32>(wr, press_schedule(kv::press::H2O{.budget = {.ratio = 0.2, .rows = 3},
+                                                              .evict_in_decode = true}));
+}
+
 TEST_CASE_TEMPLATE("CUDA engine under StreamingLLM equals the CPU engine on rounded weights (flash paths)", D,
                    dtype::Bf16, dtype::F16) {
   ModelWeights w = random_weights(gqa_config(), {.seed = 13});  // scale 1: 16-bit storage, as the engine tests

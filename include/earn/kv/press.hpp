@@ -16,6 +16,13 @@
 //               pool = 1 leaves the scores as they are
 //   3. keep     min(keep, n) rows per KV head: the first min(sinks, keep) rows, the last `recent` of the rest, then
 //               the highest pooled scores among the others (ties: the lower index first), in ascending order
+//   4. evict    (PressRule::evict, H2O's eviction during decode; Score::kAll only) each kept row carries on its
+//               accumulated score; a decode step adds, per KV head, the probabilities of the step's query rows
+//               (mean over the user's decode rows, its beams, and over the group's heads: a step counts as one
+//               query row, as in H2O with one sequence), then, while a user's rows would hold more than `keep`
+//               (prefix + generated), every KV head drops the prefix row of least score (ties: the oldest) among
+//               its candidates: neither the first `sinks` rows nor the last recent - generated ones (the recent
+//               window slides over the generated rows). Generated rows are never dropped. See evict_range.
 // What a layer keeps is what its cache holds: kv_bytes() drops by every row a press leaves out, and a pressed
 // cache reserves only the largest keep a prompt of max_prompt tokens asks for. Decode rows then attend to the kept
 // rows of their user (every one of them: a press needs a causal policy, and all kept keys precede any generated
@@ -54,6 +61,7 @@ struct PressRule {
   Score score = Score::kNone;
   int window = 0;  ///< Score::kWindow: query rows observed (the last `window`)
   int pool = 1;    ///< odd width of the average pooling of scores (1: none)
+  bool evict = false;  ///< go on evicting during decode, so prefix + generated rows stay within keep (step 4)
 };
 
 /// ConfigError unless `r` is a rule the pipeline takes for n rows: counts >= 0, sinks + recent <= keep (when fewer
@@ -64,6 +72,9 @@ inline void check_rule(const PressRule& r, int n, const char* press) {
     throw ConfigError(who + "negative keep / sinks / recent / window");
   if (r.pool < 1 || r.pool % 2 == 0) throw ConfigError(who + "pool width must be odd and >= 1, got " + std::to_string(r.pool));
   if (r.score == Score::kWindow && r.window < 1) throw ConfigError(who + "an observation window needs >= 1 query rows");
+  if (r.evict && (r.score != Score::kAll || r.pool != 1))
+    throw ConfigError(who + "eviction during decode needs scores accumulated over every query row (Score::kAll), "
+                            "unpooled");
   if (r.keep < n && r.sinks + r.recent > r.keep)
     throw ConfigError(who + "sinks " + std::to_string(r.sinks) + " + recent " + std::to_string(r.recent) +
                       " exceed the " + std::to_string(r.keep) + " rows kept");
@@ -75,12 +86,15 @@ inline void check_rule(const PressRule& r, int n, const char* press) {
 struct Budget {
   double ratio = 0.0;  ///< share of the layer's rows
   int rows = 0;        ///< plus this many rows
-  int of(int n) const {
+  int of(int n) const { return std::min(rows_for(n), n); }
+  /// rows + floor(ratio * n), not capped at n: the bound of a cache that also holds generated rows (H2O evicting
+  /// during decode).
+  int rows_for(int n) const {
     if (!(ratio >= 0.0 && ratio <= 1.0) || rows < 0)  // also refuses NaN
       throw ConfigError("press budget: ratio must lie in [0, 1] and rows be >= 0, got ratio " + std::to_string(ratio) +
                         ", rows " + std::to_string(rows));
     const double r = std::floor(ratio * double(n) + 1e-9);
-    return static_cast<int>(std::clamp<double>(double(rows) + r, 0.0, double(n)));
+    return static_cast<int>(std::clamp<double>(double(rows) + r, 0.0, double(n) + double(rows)));
   }
   /// The budget whose cache matches EARN's at split layer k of L with r registers, prompt for prompt: EARN caches
   /// k (P + r) + (L - k) r = k P + L r rows of a P-token prompt over its L layers; a press over the dense model
@@ -130,17 +144,20 @@ struct SnapKV {
 };
 
 /// H2O: heavy hitters (the keys with the largest attention accumulated over every query row of the prefill) and
-/// the most recent rows, `recent_share` of the budget. Applied once, at the end of each layer's prefill.
+/// the most recent rows, `recent_share` of the budget. Applied at the end of each layer's prefill, and with
+/// `evict_in_decode` also after every decode step (step 4 of the file comment): each user's rows then stay within
+/// the budget, rows + floor(ratio * n), generated rows included.
 struct H2O {
   static constexpr const char* name = "h2o";
   Budget budget;
   double recent_share = 0.5;
+  bool evict_in_decode = false;
   PressRule rule(int /*layer*/, int /*n_layers*/, int n) const {
     if (!(recent_share >= 0.0 && recent_share <= 1.0))
       throw ConfigError("press h2o: recent_share must lie in [0, 1], got " + std::to_string(recent_share));
-    const int keep = budget.of(n);
+    const int keep = evict_in_decode ? budget.rows_for(n) : budget.of(n);
     const int recent = std::clamp(static_cast<int>(std::floor(recent_share * keep + 1e-9)), 0, keep);
-    return {keep, 0, recent, Score::kAll, 0, 1};
+    return {keep, 0, recent, Score::kAll, 0, 1, evict_in_decode};
   }
 };
 
@@ -203,6 +220,7 @@ constexpr bool press_holds_prompt() {
 /// Query rows whose probabilities score the keys of n rows under rule r: the last `scored_rows` of them (0: the
 /// selection is by position alone, or every row is kept).
 inline int scored_rows(const PressRule& r, int n) {
+  if (r.evict) return n;  // the kept rows carry their scores on into decode
   if (r.keep >= n || r.score == Score::kNone) return 0;
   return r.score == Score::kWindow ? std::min(r.window, n) : n;
 }
@@ -213,15 +231,34 @@ inline double score_scale(const PressRule& r, int n, int group) {
   return 1.0 / (double(group) * double(r.score == Score::kWindow ? std::max(scored_rows(r, n), 1) : 1));
 }
 
-/// Calls f(press) with the press named `name` (streaming_llm, snapkv, h2o, pyramidkv: their `name`s) at budget b and
-/// its default parameters: the programs' --press options. ConfigError for another name.
+/// Step 4 of the file comment: the prefix rows [first, second) of a user's `prefix` rows that a KV head may drop
+/// after a decode step leaving `generated` rows per decode row, or an empty range when nothing is dropped (the
+/// rows fit within keep, or every one is a sink or recent).
+inline std::pair<int, int> evict_range(const PressRule& r, int prefix, int generated) {
+  if (!r.evict || prefix + generated <= r.keep) return {0, 0};
+  const int lo = std::min(r.sinks, prefix), hi = prefix - std::clamp(r.recent - generated, 0, prefix);
+  return lo < hi ? std::pair{lo, hi} : std::pair{0, 0};
+}
+
+/// The row a KV head drops among [range.first, range.second) by its scores s: the least, the oldest of equals.
+inline int evict_row(std::pair<int, int> range, std::span<const double> s) {
+  int best = range.first;
+  for (int j = range.first + 1; j < range.second; ++j)
+    if (s[j] < s[best]) best = j;
+  return best;
+}
+
+/// Calls f(press) with the press named `name` (streaming_llm, snapkv, h2o, pyramidkv: their `name`s; h2o_evict:
+/// H2O evicting during decode) at budget b and its default parameters: the programs' --press options. ConfigError
+/// for another name.
 template <class F>
 decltype(auto) visit_press(const std::string& name, Budget b, F&& f) {
   if (name == press::StreamingLLM::name) return std::forward<F>(f)(press::StreamingLLM{b});
   if (name == press::SnapKV::name) return std::forward<F>(f)(press::SnapKV{b});
   if (name == press::H2O::name) return std::forward<F>(f)(press::H2O{b});
+  if (name == "h2o_evict") return std::forward<F>(f)(press::H2O{.budget = b, .evict_in_decode = true});
   if (name == press::PyramidKV::name) return std::forward<F>(f)(press::PyramidKV{b});
-  throw ConfigError("unknown press " + name + " (streaming_llm, snapkv, h2o, pyramidkv)");
+  throw ConfigError("unknown press " + name + " (streaming_llm, snapkv, h2o, h2o_evict, pyramidkv)");
 }
 
 /// Scores of the keys [0, m) averaged over a centred window of `pool` keys (zero padding, divided by pool).

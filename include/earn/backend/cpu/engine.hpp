@@ -163,6 +163,12 @@ class Engine<Schedule, Cpu> {
           store.gen_k_row(i, g) = k.row(i);
           store.gen_v_row(i, g) = v.row(i);
         }
+        // A press evicting during decode (kv/press.hpp, step 4) scores the prefix keys by this step's probabilities.
+        bool evicting = false;
+        if constexpr (kv::is_pressed<typename L::cache>())
+          for (int i = 0; i < rows; ++i) evicting = evicting || store.press_rule(st.row_user_[i]).evict;
+        const Index stride = evicting ? store.prefix_capacity() * c.n_heads : 0;
+        std::vector<float> probs(static_cast<std::size_t>(Index{rows} * stride));
         // Rows in parallel only when each has a long prefix to read (many rows or a long prompt).
         [[maybe_unused]] const bool big = Index{rows} * (store.prefix_capacity() + g) * c.kv_dim() >= (Index{1} << 16);
 #pragma omp parallel for schedule(static) if (big)
@@ -171,9 +177,12 @@ class Engine<Schedule, Cpu> {
           Vector qi = q.row(i).transpose(), out;
           cpu::attention_decode<P>(qi, pos[i], store.prefix_k(u), store.prefix_v(u), store.prefix_positions(u),
                                    store.gen_k(i, g + 1), store.gen_v(i, g + 1), st.input_len_[u], c.n_heads,
-                                   c.n_kv_heads, c.head_dim(), out, mask);
+                                   c.n_kv_heads, c.head_dim(), out, mask,
+                                   evicting ? probs.data() + Index{i} * stride : nullptr);
           att.row(i) = out.transpose();
         }
+        if (evicting)
+          cpu::evict_after_step(store, st.row_user_, probs, stride, g + 1, c.n_heads, c.n_kv_heads, c.head_dim());
         residual_and_mlp(lw, att, x, h, tmp);
       });
     }
@@ -274,6 +283,7 @@ class Engine<Schedule, Cpu> {
           if (scores) {
             const cpu::PressedRows kept = cpu::press_rows(rule, *scores, ks, vs, pos, c.n_kv_heads, c.head_dim());
             store.write_prefix(u, kept.k, kept.v, kept.pos, kept.head_pos);
+            if (rule.evict) store.set_eviction(u, rule, kept.head_score);
           } else {
             store.write_prefix(u, ks, vs, pos);
           }

@@ -255,10 +255,12 @@ inline void attention_prefill(const QM& q, std::span<const int> q_pos, const KM&
 
 /// Decode attention for one query row q [n_heads*hd] at q_pos over two key segments (a user's shared prefix
 /// and this row's own generated keys), as if they were concatenated, masked by the layer's `mask`. out [n_heads*hd].
+/// prefix_probs, when given, receives the probabilities of the prefix keys, [n_heads, ka.rows()].
 template <class Policy, class KA, class KB>
 inline void attention_decode(const Vector& q, int q_pos, const KA& ka, const KA& va, std::span<const int> ka_pos,
                              const KB& kb, const KB& vb, int kb_pos0, int n_heads, int n_kv_heads, int hd,
-                             Vector& out, const attention::LayerMask<Policy>& mask = {}) {
+                             Vector& out, const attention::LayerMask<Policy>& mask = {},
+                             float* prefix_probs = nullptr) {
   const Index A = ka.rows(), B = kb.rows();
   const int group = n_heads / n_kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
@@ -273,6 +275,7 @@ inline void attention_decode(const Vector& q, int q_pos, const KA& ka, const KA&
     for (Index j = 0; j < A; ++j) s[j] = mask(h, q_pos, ka_pos[j]) ? s[j] * scale : kNegInf;
     for (Index j = 0; j < B; ++j) s[A + j] = mask(h, q_pos, kb_pos0 + int(j)) ? s[A + j] * scale : kNegInf;
     masked_softmax(s);
+    if (prefix_probs) std::copy(s.data(), s.data() + A, prefix_probs + Index{h} * A);
     out.segment(Index{h} * hd, hd).noalias() = va.middleCols(Index{kvh} * hd, hd).transpose() * s.head(A);
     out.segment(Index{h} * hd, hd).noalias() += vb.middleCols(Index{kvh} * hd, hd).transpose() * s.tail(B);
   }

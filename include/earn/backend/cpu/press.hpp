@@ -6,6 +6,7 @@
 #include <span>
 #include <vector>
 
+#include "earn/backend/cpu/kv_store.hpp"
 #include "earn/core/tensor.hpp"
 #include "earn/kv/press.hpp"
 
@@ -50,6 +51,7 @@ class PressScores {
 struct PressedRows {
   std::vector<int> pos;                // [keep]
   std::vector<int> head_pos;           // [keep * kv heads], row-major: position of row j at head g
+  std::vector<double> head_score;      // [keep * kv heads] raw score of row j at head g (rule.evict), else empty
   Matrix k, v;                         // [keep, kv_dim]
 };
 
@@ -58,13 +60,18 @@ PressedRows press_rows(const kv::PressRule& rule, const PressScores& scores, con
                        std::span<const int> pos, int n_kv_heads, int hd) {
   const int n = static_cast<int>(k.rows());
   std::vector<std::vector<int>> rows;  // [kv heads][keep]
-  for (int g = 0; g < n_kv_heads; ++g) rows.push_back(kv::select_rows(rule, n, scores.scores(g)));
+  std::vector<std::vector<double>> raw;  // [kv heads][n]
+  for (int g = 0; g < n_kv_heads; ++g) {
+    raw.push_back(scores.scores(g));
+    rows.push_back(kv::select_rows(rule, n, raw.back()));
+  }
   const int keep = static_cast<int>(rows.front().size());
   PressedRows out;
   out.k.resize(keep, k.cols());
   out.v.resize(keep, v.cols());
   out.pos.assign(static_cast<std::size_t>(keep), 0);
   out.head_pos.assign(std::size_t(keep) * n_kv_heads, 0);
+  if (rule.evict) out.head_score.assign(std::size_t(keep) * n_kv_heads, 0.0);
   for (int g = 0; g < n_kv_heads; ++g)
     for (int j = 0; j < keep; ++j) {
       const int r = rows[g][j];
@@ -72,8 +79,45 @@ PressedRows press_rows(const kv::PressRule& rule, const PressScores& scores, con
       out.v.block(j, Index{g} * hd, 1, hd) = v.block(r, Index{g} * hd, 1, hd);
       out.pos[j] = std::max(out.pos[j], pos[r]);
       out.head_pos[std::size_t(j) * n_kv_heads + g] = pos[r];
+      if (rule.evict) out.head_score[std::size_t(j) * n_kv_heads + g] = raw[g][r];
     }
   return out;
+}
+
+/// Step 4 of kv/press.hpp after one decode step at a layer whose cache `store` evicts for some users: each such
+/// user's prefix scores gain the step's probabilities (probs: decode row i's [n_heads, prefix_len] at i * stride;
+/// mean over the user's rows and the group's heads), then every KV head drops its row of least score while the
+/// user's rows hold more than the rule's keep with `generated` rows each.
+inline void evict_after_step(kv::Store<Cpu>& store, std::span<const int> row_user, std::span<const float> probs,
+                             Index stride, int generated, int n_heads, int n_kv_heads, int hd) {
+  const int group = n_heads / n_kv_heads, rows = static_cast<int>(row_user.size());
+  std::vector<char> done;
+  for (int i0 = 0; i0 < rows; ++i0) {
+    const int u = row_user[i0];
+    if (u >= static_cast<int>(done.size())) done.resize(std::size_t(u) + 1, 0);
+    if (done[u] || !store.press_rule(u).evict) continue;
+    done[u] = 1;
+    const int a = store.prefix_len(u);
+    int beams = 0;
+    for (int i = i0; i < rows; ++i) beams += row_user[i] == u;
+    std::vector<double>& sc = store.prefix_scores(u);
+    const double w = 1.0 / (double(group) * beams);
+    for (int i = i0; i < rows; ++i) {
+      if (row_user[i] != u) continue;
+      const float* p = probs.data() + Index{i} * stride;
+      for (int h = 0; h < n_heads; ++h)
+        for (int j = 0; j < a; ++j) sc[std::size_t(j) * n_kv_heads + h / group] += double(p[Index{h} * a + j]) * w;
+    }
+    const std::pair<int, int> range = kv::evict_range(store.press_rule(u), a, generated);
+    if (range.first == range.second) continue;
+    std::vector<int> drop(static_cast<std::size_t>(n_kv_heads));
+    std::vector<double> col(static_cast<std::size_t>(a));
+    for (int g = 0; g < n_kv_heads; ++g) {
+      for (int j = 0; j < a; ++j) col[j] = sc[std::size_t(j) * n_kv_heads + g];
+      drop[g] = kv::evict_row(range, col);
+    }
+    store.evict_prefix(u, drop, hd);
+  }
 }
 
 }  // namespace earn::cpu

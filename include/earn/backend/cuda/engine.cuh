@@ -34,6 +34,7 @@
 #include "earn/backend/cuda/blas.cuh"
 #include "earn/backend/cuda/bulk_gemm.cuh"
 #include "earn/backend/cuda/decode_attention.cuh"
+#include "earn/backend/cuda/evict.cuh"
 #include "earn/backend/cuda/common.cuh"
 #include "earn/backend/cuda/kernels.cuh"
 #include "earn/backend/cuda/kv_store.cuh"
@@ -429,6 +430,7 @@ class Engine<Schedule, CudaT<DType>> {
     }
     const int G = st.gen_len_ + 1;
     Plan plan;
+    std::vector<std::pair<int, int>> shrink;  // (layer, user) whose prefix loses a row this step
     const int i_codes = plan.add_ints(codes), i_perm = plan.add_ints(perm), i_inv = plan.add_ints(inv);
     const int i_pos = plan.add_ints(rw.pos), i_seg = plan.add_ints(rw.row_seg);
     std::size_t workspace = 0;
@@ -447,6 +449,19 @@ class Engine<Schedule, CudaT<DType>> {
         segs[s].pv = st.layers_[l].prefix_v(u);
         max_s = std::max(max_s, segs[s].S);
       }
+      // A press evicting during decode (kv/press.hpp, step 4): which users drop a row after this step (evict.cuh).
+      std::vector<int> ev;
+      for (std::size_t s = 0; s < segs.size(); ++s) {
+        const int u = rw.seg_user[s];
+        const kv::PressRule& r = st.layers_[l].press_rule(u);
+        if (!r.evict) continue;
+        const std::pair<int, int> range = kv::evict_range(r, segs[s].S, G);
+        ev.insert(ev.end(), {static_cast<int>(s), static_cast<int>(u * st.layers_[l].prefix_capacity()), range.first,
+                             range.second});
+        if (range.first < range.second) shrink.push_back({l, u});
+      }
+      plan.evict_n.push_back(static_cast<int>(ev.size() / 4));
+      plan.evict_off.push_back(ev.empty() ? 0 : plan.add_ints(ev));
       plan.add_layer(std::move(segs), rw.seg_user, c.n_heads);
       auto& lp = plan.layers.back();
       lp.split = cuda::decode_split(max_s, c.n_heads, lp.nseg, sms_);
@@ -466,14 +481,17 @@ class Engine<Schedule, CudaT<DType>> {
       embed(st, ints + i_codes, rows);
       for (int l = 0; l < c.n_layers; ++l) {
         schedule_.visit(l, [&]<class L>(const L& ly) {
-          layer(attention::LayerMask<typename L::policy>{ly.rule, l}, st, l, plan, l, rows, ints + i_pos,
-                ints + i_seg, ints + i_perm, G);
+          const attention::LayerMask<typename L::policy> mask{ly.rule, l};
+          layer(mask, st, l, plan, l, rows, ints + i_pos, ints + i_seg, ints + i_perm, G);
+          if (plan.evict_n[l] > 0)
+            evict(mask, st, l, plan, ints + plan.evict_off[l], plan.evict_n[l], ints + i_pos, ints + i_perm);
         });
       }
       logits(st, ints + i_inv, rows);
     };
     if (st.graphs_on_) st.graphs_.run(graph_key(st, plan, rows), st.stream(), record);
     else record();
+    for (const auto& [l, u] : shrink) st.layers_[l].set_prefix_len(u, st.layers_[l].prefix_len(u) - 1);
     ++st.gen_len_;
     return {st.logits_.data(), rows, c.vocab_size};
   }
@@ -500,6 +518,7 @@ class Engine<Schedule, CudaT<DType>> {
     std::vector<cuda::Segment> segs;
     std::vector<std::vector<int>> seg_user;  // per layer: user of each segment
     std::vector<LayerPlan> layers;
+    std::vector<int> evict_off, evict_n;  // decode, per layer: the users evicting (EvictSegs in ints), how many
     std::size_t max_scores = 0;
 
     int add_ints(const std::vector<int>& v) {
@@ -666,6 +685,7 @@ class Engine<Schedule, CudaT<DType>> {
       k.insert(k.end(), {lp.seg_off, lp.nseg, lp.ptr_off, lp.entries, lp.max_nq, lp.split.chunks, lp.split.chunk_keys});
       for (const auto& g : lp.groups) k.insert(k.end(), {g.S, g.nq, g.count, g.entry});
     }
+    k.insert(k.end(), plan.evict_n.begin(), plan.evict_n.end());
     for (const void* p : {static_cast<const void*>(st.x_.data()), static_cast<const void*>(st.x2_.data()),
                           static_cast<const void*>(st.h_.data()), static_cast<const void*>(st.qkv_.data()),
                           static_cast<const void*>(st.q_.data()), static_cast<const void*>(st.att_.data()),
@@ -819,7 +839,36 @@ class Engine<Schedule, CudaT<DType>> {
     EARN_CUDA_CHECK_LAUNCH();
     k::press_gather<T><<<dim3(pc.nseg, std::max(pc.max_keep, 1)), 128, 0, s>>>(
         pc.segs, st.press_idx_.data(), st.press_k_.data(), st.press_v_.data(), pos, c.n_kv_heads, c.head_dim(),
-        store.prefix_k_base(), store.prefix_v_base(), store.prefix_pos_base());
+        store.prefix_k_base(), store.prefix_v_base(), store.prefix_pos_base(), st.press_scores_.data(),
+        store.head_pos_base(), store.score_base());
+    EARN_CUDA_CHECK_LAUNCH();
+  }
+
+  // Eviction during decode after layer l's attention (evict.cuh): `n` users' EvictSegs at ev (uploaded ints).
+  template <class Policy>
+  void evict(const attention::LayerMask<Policy>& mask, State& st, int l, const Plan& plan, const int* ev, int n,
+             const int* pos, const int* row_src) const {
+    const ModelConfig& c = w_.config;
+    kv::Store<CudaT<DType>>& store = st.layers_[l];
+    const cuda::Segment* segs = st.segs_.data() + plan.layers[l].seg_off;
+    const auto* es = reinterpret_cast<const cuda::EvictSeg*>(ev);
+    const cudaStream_t s = st.stream();
+    namespace k = cuda::kernel;
+    constexpr std::size_t kMaxSmem = 200 * 1024;
+    const std::size_t smem = k::evict_scores_smem(static_cast<int>(store.prefix_capacity()), store.max_new(),
+                                                  c.head_dim());
+    if (smem > kMaxSmem)
+      throw RangeError("press: eviction during decode on the GPU takes up to ~25000 prefix rows per user");
+    if (smem > 48 * 1024) cuda::allow_dynamic_smem<k::evict_scores<Policy, T>>(kMaxSmem);
+    k::evict_scores<Policy, T><<<dim3(n, c.n_kv_heads), 128, smem, s>>>(
+        es, segs, st.q_.data(), store.gen_k(), row_src, pos, c.n_heads, c.n_kv_heads, c.head_dim(), store.max_new(),
+        store.score_base(), mask);
+    EARN_CUDA_CHECK_LAUNCH();
+    k::evict_drop<T><<<dim3(n, c.n_kv_heads), 128, 0, s>>>(es, segs, c.n_kv_heads, c.head_dim(), store.prefix_k_base(),
+                                                          store.prefix_v_base(), store.head_pos_base(),
+                                                          store.score_base());
+    EARN_CUDA_CHECK_LAUNCH();
+    k::evict_positions<<<n, 128, 0, s>>>(es, segs, c.n_kv_heads, store.head_pos_base(), store.prefix_pos_base());
     EARN_CUDA_CHECK_LAUNCH();
   }
 
@@ -1053,6 +1102,9 @@ class Engine<Schedule, CudaT<DType>> {
             ps.score_off = score_off;
             ps.idx_off = idx_off;
             ps.dst_slot = static_cast<int>(users[si] * st.layers_[l].prefix_capacity());
+            ps.evict = r.evict ? 1 : 0;
+            st.layers_[l].set_press_rule(users[si], r.evict ? r : kv::PressRule{});
+            if (r.evict) st.layers_[l].reserve_eviction(c.n_kv_heads);
             st.layers_[l].set_prefix_len(users[si], ps.keep);  // throws when the cache cannot hold them
             const int rows = kv::scored_rows(r, n);
             ps.scale = static_cast<float>(kv::score_scale(r, n, group));

@@ -9,6 +9,7 @@
 #include "earn/backend/cuda/kernels.cuh"
 #include "earn/core/tensor.hpp"
 #include "earn/kv/layout.hpp"
+#include "earn/kv/press.hpp"
 
 namespace earn::kv {
 
@@ -23,7 +24,7 @@ class Store<CudaT<DType>> {
   /// `prefix_capacity` rows per user; `max_new` generated rows per decode row.
   Store(Index prefix_capacity, int max_users, int max_rows, int max_new, int kv_dim)
       : prefix_capacity_(prefix_capacity), max_users_(max_users), max_rows_(max_rows), max_new_(max_new),
-        kv_dim_(kv_dim), prefix_len_(max_users, 0) {
+        kv_dim_(kv_dim), prefix_len_(max_users, 0), rule_(max_users) {
     const std::size_t pre = std::size_t(prefix_capacity) * max_users * kv_dim;
     const std::size_t gen = std::size_t(max_rows) * max_new * kv_dim;
     prefix_k_.reserve(pre);
@@ -63,6 +64,18 @@ class Store<CudaT<DType>> {
     prefix_len_.at(user) = rows;
   }
 
+  /// A pressed layer evicting during decode (kv::PressRule::evict, evict.cuh): each user's rule (host; evict false
+  /// for the others) and, per prefix row and KV head, its position and accumulated score ([max_users * capacity,
+  /// nkv], reserved by the first evicting prefill).
+  void set_press_rule(int user, const kv::PressRule& rule) { rule_.at(user) = rule; }
+  const kv::PressRule& press_rule(int user) const { return rule_.at(user); }
+  void reserve_eviction(int n_kv_heads) {
+    const std::size_t n = std::size_t(prefix_capacity_) * max_users_ * n_kv_heads;
+    if (head_pos_.size() < n) head_pos_.reserve(n), score_.reserve(n);
+  }
+  int* head_pos_base() { return head_pos_.data(); }
+  double* score_base() { return score_.data(); }
+
   /// Poison every cached number with NaN, so a read of a row nobody wrote shows up in the outputs (tests).
   void poison(cudaStream_t stream) {
     prefix_k_.fill_bytes(0xFF, stream);
@@ -82,6 +95,9 @@ class Store<CudaT<DType>> {
   cuda::DeviceBuffer<T> prefix_k_, prefix_v_;  // [max_users * prefix_capacity, kv_dim]
   cuda::DeviceBuffer<int> prefix_pos_;         // [max_users * prefix_capacity]: position of each prefix row
   std::vector<int> prefix_len_;                // per user: rows written (host mirror)
+  std::vector<kv::PressRule> rule_;            // per user: the press rule of an evicting layer (host)
+  cuda::DeviceBuffer<int> head_pos_;           // [max_users * prefix_capacity, nkv] of an evicting layer
+  cuda::DeviceBuffer<double> score_;           // the same, accumulated scores
   cuda::DeviceBuffer<T> gen_k_, gen_v_;        // [max_rows * max_new, kv_dim]
 };
 

@@ -37,6 +37,7 @@ struct PressSeg {
   int score_off = 0;    ///< this segment's scores [nkv][n] start here
   int idx_off = 0;      ///< its kept rows [nkv][keep] start here
   int dst_slot = 0;     ///< the store's first prefix row of the user
+  int evict = 0;        ///< the rule evicts during decode: the kept rows' head positions and scores go to the store
 };
 
 namespace kernel {
@@ -216,9 +217,12 @@ __global__ void press_select(const PressSeg* segs, const float* scores, int* idx
 
 /// Store rows of segment blockIdx.x: row j (blockIdx.y) of KV head g = scratch row idx[g][j]; its position the
 /// largest of the heads'.
+/// An evicting segment (sg.evict) also writes row j's position and raw score at every KV head to dst_head_pos /
+/// dst_score ([slot, nkv]), where evict.cuh goes on from.
 template <class T>
 __global__ void press_gather(const PressSeg* segs, const int* idx, const T* k, const T* v, const int* pos, int nkv,
-                             int hd, T* dst_k, T* dst_v, int* dst_pos) {
+                             int hd, T* dst_k, T* dst_v, int* dst_pos, const float* scores, int* dst_head_pos,
+                             double* dst_score) {
   const PressSeg sg = segs[blockIdx.x];
   const int j = blockIdx.y, keep = sg.keep;
   if (j >= keep) return;
@@ -231,7 +235,14 @@ __global__ void press_gather(const PressSeg* segs, const int* idx, const T* k, c
   }
   if (threadIdx.x == 0) {
     int p = 0;
-    for (int g = 0; g < nkv; ++g) p = max(p, pos[sg.row0 + idx[sg.idx_off + g * keep + j]]);
+    for (int g = 0; g < nkv; ++g) {
+      const int r = idx[sg.idx_off + g * keep + j];
+      p = max(p, pos[sg.row0 + r]);
+      if (sg.evict) {
+        dst_head_pos[dst * nkv + g] = pos[sg.row0 + r];
+        dst_score[dst * nkv + g] = scores[sg.score_off + static_cast<long long>(g) * sg.n + r];
+      }
+    }
     dst_pos[dst] = p;
   }
 }
