@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <set>
 #include <vector>
 
@@ -487,6 +488,16 @@ TEST_CASE("H2O evicting during decode: each user's rows stay within the budget, 
   }
   // Eviction ranks rows by attention accumulated over every query row: a rule scoring a window is refused.
   const ModelWeights w = random_weights(c, {.seed = 1});
+  // A budget of INT_MAX rows keeps everything and never evicts (no overflow in the bound).
+  const kv::press::H2O all{.budget = {.rows = std::numeric_limits<int>::max()}, .evict_in_decode = true};
+  CHECK(all.rule(0, 4, 29).keep >= 29 + 4);
+  Engine<PressSchedule<kv::press::H2O>> keep_all(w, press_schedule(all));
+  auto ka = keep_all.make_state({.max_prompt = 64, .max_new_tokens = 4});
+  keep_all.prefill(ka, 0, random_tokens(29, c.vocab_size, 2));
+  const int one[1] = {0}, tok[1] = {5};
+  ka.set_rows(one);
+  keep_all.decode(ka, tok);
+  CHECK(ka.layer_cache(0).prefix_len(0) == ka.input_len(0));
   Engine<PressSchedule<WindowEvict>> e(w, press_schedule(WindowEvict{}));
   auto st = e.make_state({.max_prompt = 64, .max_new_tokens = 4});
   CHECK_THROWS_AS(e.prefill(st, 0, random_tokens(29, c.vocab_size, 2)), ConfigError);

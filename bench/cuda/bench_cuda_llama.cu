@@ -8,7 +8,7 @@
 //                    [--ks -1,2,4,6,8] [--graphs 1] [--flash 1] [--stream-gemm 0] [--bulk-gemm 0] [--pdl 1] [--tune 1]
 //                    [--tune-prefill 0] [--tune-candidates 8] [--profile 0] [--registers 1,1]
 //                    [--dim 4096 --hidden 11008 --heads 32 --vocab 33024 --tied 0]
-//                    [--presses streaming_llm,snapkv,h2o,pyramidkv --press-k 8 --press-registers 2] [--gist 0]
+//                    [--presses streaming_llm,snapkv,h2o,h2o_evict,pyramidkv --press-k 8 --press-registers 2] [--gist 0]
 // --presses: the inference-time baselines (kv/press.hpp) over the dense model, each layer's cache pressed to the KV
 //   of EARN at split layer --press-k (default L/4) with --press-registers registers (Budget::matching_earn); their
 //   prefill is dense (plus the press), decode reads the kept rows;
@@ -282,7 +282,7 @@ int main(int argc, char** argv) {
         const kv::Budget budget = kv::Budget::matching_earn(press_k >= 0 ? press_k : layers / 4, layers, press_regs);
         for (const std::string& name : presses)
           kv::visit_press(name, budget, [&]<class Pr>(const Pr& press) {
-            run_setting(B, P, -1, Pr::name, press_schedule(press), layers, [&](int l, double rows) {
+            run_setting(B, P, -1, name, press_schedule(press), layers, [&](int l, double rows) {
               return double(std::min(press.rule(l, layers, int(rows)).keep, int(rows)));
             });
           });

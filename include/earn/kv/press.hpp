@@ -94,7 +94,7 @@ struct Budget {
       throw ConfigError("press budget: ratio must lie in [0, 1] and rows be >= 0, got ratio " + std::to_string(ratio) +
                         ", rows " + std::to_string(rows));
     const double r = std::floor(ratio * double(n) + 1e-9);
-    return static_cast<int>(std::clamp<double>(double(rows) + r, 0.0, double(n) + double(rows)));
+    return static_cast<int>(std::clamp<double>(double(rows) + r, 0.0, double(1 << 30)));  // an int for any rows
   }
   /// The budget whose cache matches EARN's at split layer k of L with r registers, prompt for prompt: EARN caches
   /// k (P + r) + (L - k) r = k P + L r rows of a P-token prompt over its L layers; a press over the dense model
