@@ -52,35 +52,18 @@ __global__ void evict_scores(const EvictSeg* ev, const Segment* segs, const T* q
   float* qv = acc + S;        // [hd]
   float* red = qv + hd;       // [32]
   const T* pk = static_cast<const T*>(sg.pk);
-  const float scale = rsqrtf(static_cast<float>(hd));
   for (int j = threadIdx.x; j < S; j += blockDim.x) acc[j] = 0.0f;
   for (int h = g * group; h < (g + 1) * group; ++h)
     for (int r = sg.q_off; r < sg.q_off + sg.nq; ++r) {
-      __syncthreads();  // qv and p of the last row are read out
-      for (int d = threadIdx.x; d < hd; d += blockDim.x) qv[d] = to_float(q[static_cast<long long>(r) * nh * hd + h * hd + d]);
-      __syncthreads();
-      const T* gk = gen_k + static_cast<long long>(row_src[r]) * max_new * kvd;
-      float m = -INFINITY;
-      for (int j = threadIdx.x; j < S + G; j += blockDim.x) {
-        const bool prefix = j < S;
-        const int kp = prefix ? sg.kpos[j] : sg.gen_pos0 + (j - S);
-        float v = -INFINITY;
-        if (mask(h, pos[r], kp)) {
-          const T* kr = (prefix ? pk + j * kvd : gk + (j - S) * kvd) + static_cast<long long>(g) * hd;
-          float dot = 0.0f;
-          for (int d = 0; d < hd; ++d) dot += qv[d] * to_float(kr[d]);
-          v = dot * scale;
-        }
-        p[j] = v;
-        m = fmaxf(m, v);
-      }
-      m = block_reduce<true>(m, red);
-      float z = 0.0f;
-      for (int j = threadIdx.x; j < S + G; j += blockDim.x)
-        if (p[j] != -INFINITY) z += expf(p[j] - m);
-      z = block_reduce<false>(z, red);
+      const T* gk = gen_k + static_cast<long long>(row_src[r]) * max_new * kvd + static_cast<long long>(g) * hd;
+      const auto key = [&](int j) {
+        return j < S ? KeyRow<T>{pk + j * kvd + static_cast<long long>(g) * hd, sg.kpos[j]}
+                     : KeyRow<T>{gk + (j - S) * kvd, sg.gen_pos0 + (j - S)};
+      };
+      row_probs_by(mask, h, q + static_cast<long long>(r) * nh * hd + h * hd, pos[r], hd, key, S + G, qv, p, red);
       for (int j = threadIdx.x; j < S; j += blockDim.x)
-        if (p[j] != -INFINITY) acc[j] += expf(p[j] - m) / z;  // each thread owns its keys: a fixed order
+        if (p[j] > 0.0f) acc[j] += p[j];  // each thread owns its keys: a fixed order
+      __syncthreads();  // p and qv are rewritten by the next row
     }
   __syncthreads();
   const double w = 1.0 / (double(group) * double(sg.nq));

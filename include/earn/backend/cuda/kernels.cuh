@@ -64,19 +64,27 @@ __device__ inline float block_reduce(float v, float* red) {
 /// Block-wide, fp32: the attention probabilities of one query row (its rotated query qrow [hd], head of KV head g) over
 /// n keys (rows of k, stride kvd; positions kpos), scaled by 1 / sqrt(hd) and masked by `mask` at query head h: p[j] the
 /// probability, or -1 for a key the row does not see. qv [hd] and p [n] are shared memory, red the reductions'.
-/// Returns the number of visible keys (every thread gets it). The press and the observer kernels recompute rows
-/// with it where the flash kernels never form them.
-template <class Policy, class T>
-__device__ inline int row_probs(const attention::LayerMask<Policy>& mask, int h, const T* qrow, int qpos, const T* k,
-                                long long kvd, int g, int hd, const int* kpos, int n, float* qv, float* p, float* red) {
+/// Returns the number of visible keys (every thread gets it). The press, eviction and observer kernels recompute rows
+/// with it where the flash kernels never form them. row_probs_by takes the keys from key(j) = {K row of the head,
+/// position} (keys in more than one block: a decode row's prefix and generated keys).
+/// A key of row_probs_by: its K row at the head, and its position.
+template <class T>
+struct KeyRow {
+  const T* k;
+  int pos;
+};
+
+template <class Policy, class T, class Key>
+__device__ inline int row_probs_by(const attention::LayerMask<Policy>& mask, int h, const T* qrow, int qpos, int hd,
+                                   Key key, int n, float* qv, float* p, float* red) {
   for (int d = threadIdx.x; d < hd; d += blockDim.x) qv[d] = to_float(qrow[d]);
   __syncthreads();
   const float scale = rsqrtf(static_cast<float>(hd));
   float m = -INFINITY;
   for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const auto [kr, kp] = key(j);
     float v = -INFINITY;
-    if (mask(h, qpos, kpos[j])) {
-      const T* kr = k + j * kvd + static_cast<long long>(g) * hd;
+    if (mask(h, qpos, kp)) {
       float dot = 0.0f;
       for (int d = 0; d < hd; ++d) dot += qv[d] * to_float(kr[d]);
       v = dot * scale;
@@ -93,6 +101,13 @@ __device__ inline int row_probs(const attention::LayerMask<Policy>& mask, int h,
   for (int j = threadIdx.x; j < n; j += blockDim.x) p[j] = p[j] == -INFINITY ? -1.0f : expf(p[j] - m) / z;
   __syncthreads();
   return static_cast<int>(seen);
+}
+
+template <class Policy, class T>
+__device__ inline int row_probs(const attention::LayerMask<Policy>& mask, int h, const T* qrow, int qpos, const T* k,
+                                long long kvd, int g, int hd, const int* kpos, int n, float* qv, float* p, float* red) {
+  const auto key = [&](int j) { return KeyRow<T>{k + j * kvd + static_cast<long long>(g) * hd, kpos[j]}; };
+  return row_probs_by(mask, h, qrow, qpos, hd, key, n, qv, p, red);
 }
 
 /// x[r] = row codes[r] of the token embedding (code >= 0) or register -code-1 (code < 0), widened to fp32.
