@@ -17,6 +17,10 @@
 namespace earn::attention {
 
 namespace detail {
+// Whether key k_pos lies among the first `sinks` positions or fewer than `window` positions behind q_pos (k <= q).
+constexpr bool in_sink_window(int sinks, int window, int q_pos, int k_pos) {
+  return k_pos < sinks || q_pos - k_pos < window;
+}
 inline void check_sink_window(const char* name, int sinks, int window) {
   if (sinks < 0 || window < 1)
     throw ConfigError(std::string("policy ") + name + ": sinks must be >= 0 and window >= 1 (a row sees itself), got " +
@@ -37,7 +41,7 @@ struct SinkWindow {
   int sinks = 4;     ///< the first positions every row sees (attention sinks)
   int window = 256;  ///< a row sees keys q - window < k <= q
   constexpr bool visible(Where, int q_pos, int k_pos) const {
-    return k_pos <= q_pos && (k_pos < sinks || q_pos - k_pos < window);
+    return k_pos <= q_pos && detail::in_sink_window(sinks, window, q_pos, k_pos);
   }
   void validate() const { detail::check_sink_window(name, sinks, window); }
 };
@@ -60,7 +64,7 @@ struct HeadWise {
   constexpr bool visible(Where w, int q_pos, int k_pos) const {
     if (k_pos > q_pos) return false;
     const bool stream = w.head >= 0 && w.head < 64 && ((streaming >> w.head) & 1u) != 0;
-    return !stream || k_pos < sinks || q_pos - k_pos < window;
+    return !stream || detail::in_sink_window(sinks, window, q_pos, k_pos);
   }
   void validate() const { detail::check_sink_window(name, sinks, window); }
 };

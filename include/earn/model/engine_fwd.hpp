@@ -92,8 +92,7 @@ attention::ObservedSegment observed_segment(const plan::ForwardPlan& fp, int l, 
   const auto off = static_cast<std::size_t>(rows.seg_off[s]), n = static_cast<std::size_t>(rows.seg_n[s]);
   const std::span<const int> pos(rows.pos.data() + off, n);
   const std::span<const RowKind> kind(rows.kind.data() + off, n);
-  return {l, sample, user, fp.top().pos[fp.readout[s]], pos, kind, pos, kind,
-          [mask](int head, int q, int k, RowKind qk, RowKind kk) { return mask(head, q, k, qk, kk); }};
+  return {l, sample, user, fp.top().pos[fp.readout[s]], pos, kind, pos, kind, mask};
 }
 
 /// Row bookkeeping every backend's decoding state shares: which users are prefilled (and how long their input

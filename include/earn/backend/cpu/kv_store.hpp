@@ -58,7 +58,6 @@ class Store<Cpu> {
   }
   const kv::PressRule& press_rule(int user) const { return rule_[user]; }
   std::vector<double>& prefix_scores(int user) { return prefix_score_[user]; }
-  const std::vector<double>& prefix_scores(int user) const { return prefix_score_[user]; }
   /// Drops prefix row rows[g] of `user` at every KV head g (heads of head_dim columns): each head's later rows move
   /// up one, with their positions and scores, and the user holds one prefix row less (kv_bytes() shrinks).
   void evict_prefix(int user, std::span<const int> rows, int head_dim) {

@@ -460,6 +460,7 @@ class Engine<Schedule, CudaT<DType>> {
                              range.second});
         if (range.first < range.second) shrink.push_back({l, u});
       }
+      if (!ev.empty()) evict_smem(st.layers_[l]);  // throws before anything is launched
       plan.evict_n.push_back(static_cast<int>(ev.size() / 4));
       plan.evict_off.push_back(ev.empty() ? 0 : plan.add_ints(ev));
       plan.add_layer(std::move(segs), rw.seg_user, c.n_heads);
@@ -844,6 +845,17 @@ class Engine<Schedule, CudaT<DType>> {
     EARN_CUDA_CHECK_LAUNCH();
   }
 
+  // Shared memory of evict_scores over layer cache `store`; RangeError past what the kernel is given (decode checks it
+  // while planning, before a launch).
+  static constexpr std::size_t kEvictMaxSmem = 200 * 1024;
+  std::size_t evict_smem(const kv::Store<CudaT<DType>>& store) const {
+    const std::size_t smem = cuda::kernel::evict_scores_smem(static_cast<int>(store.prefix_capacity()),
+                                                             store.max_new(), w_.config.head_dim());
+    if (smem > kEvictMaxSmem)
+      throw RangeError("press: eviction during decode on the GPU takes up to ~25000 prefix rows per user");
+    return smem;
+  }
+
   // Eviction during decode after layer l's attention (evict.cuh): `n` users' EvictSegs at ev (uploaded ints).
   template <class Policy>
   void evict(const attention::LayerMask<Policy>& mask, State& st, int l, const Plan& plan, const int* ev, int n,
@@ -854,12 +866,8 @@ class Engine<Schedule, CudaT<DType>> {
     const auto* es = reinterpret_cast<const cuda::EvictSeg*>(ev);
     const cudaStream_t s = st.stream();
     namespace k = cuda::kernel;
-    constexpr std::size_t kMaxSmem = 200 * 1024;
-    const std::size_t smem = k::evict_scores_smem(static_cast<int>(store.prefix_capacity()), store.max_new(),
-                                                  c.head_dim());
-    if (smem > kMaxSmem)
-      throw RangeError("press: eviction during decode on the GPU takes up to ~25000 prefix rows per user");
-    if (smem > 48 * 1024) cuda::allow_dynamic_smem<k::evict_scores<Policy, T>>(kMaxSmem);
+    const std::size_t smem = evict_smem(store);
+    if (smem > 48 * 1024) cuda::allow_dynamic_smem<k::evict_scores<Policy, T>>(kEvictMaxSmem);
     k::evict_scores<Policy, T><<<dim3(n, c.n_kv_heads), 128, smem, s>>>(
         es, segs, st.q_.data(), store.gen_k(), row_src, pos, c.n_heads, c.n_kv_heads, c.head_dim(), store.max_new(),
         store.score_base(), mask);

@@ -61,12 +61,6 @@ __device__ inline float block_reduce(float v, float* red) {
   return r;
 }
 
-/// Block-wide, fp32: the attention probabilities of one query row (its rotated query qrow [hd], head of KV head g) over
-/// n keys (rows of k, stride kvd; positions kpos), scaled by 1 / sqrt(hd) and masked by `mask` at query head h: p[j] the
-/// probability, or -1 for a key the row does not see. qv [hd] and p [n] are shared memory, red the reductions'.
-/// Returns the number of visible keys (every thread gets it). The press, eviction and observer kernels recompute rows
-/// with it where the flash kernels never form them. row_probs_by takes the keys from key(j) = {K row of the head,
-/// position} (keys in more than one block: a decode row's prefix and generated keys).
 /// A key of row_probs_by: its K row at the head, and its position.
 template <class T>
 struct KeyRow {
@@ -74,6 +68,12 @@ struct KeyRow {
   int pos;
 };
 
+/// Block-wide, fp32: the attention probabilities of one query row (its rotated query qrow [hd], head of KV head g) over
+/// n keys (rows of k, stride kvd; positions kpos), scaled by 1 / sqrt(hd) and masked by `mask` at query head h: p[j] the
+/// probability, or -1 for a key the row does not see. qv [hd] and p [n] are shared memory, red the reductions'.
+/// Returns the number of visible keys (every thread gets it). The eviction and observer kernels recompute rows
+/// with it where the flash kernels never form them. row_probs_by takes the keys from key(j) = {K row of the head,
+/// position} (keys in more than one block: a decode row's prefix and generated keys); row_probs from one block.
 template <class Policy, class T, class Key>
 __device__ inline int row_probs_by(const attention::LayerMask<Policy>& mask, int h, const T* qrow, int qpos, int hd,
                                    Key key, int n, float* qv, float* p, float* red) {
