@@ -1,12 +1,14 @@
 // The backend-independent plan of a forward pass (earn/plan/forward.hpp): input rows, kinds, positions, the rows
 // each layer keeps, readout and answer rows, refusals, and the KV accounting against EARN.md's formula; the CPU
-// engine's batched prefill against its one-user prefill.
+// engine's batched prefill against its one-user prefill and the naive explicit-mask reference (the last layer
+// computes only the readout rows of a prefill, but caches every row).
 #include <doctest/doctest.h>
 
 #include <cmath>
 #include <vector>
 
 #include "earn/earn.hpp"
+#include "engine_checks.hpp"
 #include "reference_model.hpp"
 
 using namespace earn;
@@ -123,12 +125,25 @@ TEST_CASE("CPU engine: prefill_batch equals one-user prefills; per-layer KV byte
       CHECK((got.row(i).transpose() - want).cwiseAbs().maxCoeff() <= 1e-5f * std::max(1.0f, want.cwiseAbs().maxCoeff()));
       CHECK(batch.input_len(users[i]) == one.input_len(users[i]));
     }
-    // Decoding continues from the batched prefill: one row per user.
+    // Decoding continues from the batched prefill: one row per user. Both against the naive reference, which
+    // computes every row at every layer: the engine's last layer computed only the readout rows, so the decode
+    // step checks that it still cached every row's K and V there.
     const std::vector<int> rows{0, 1, 2};
     batch.set_rows(rows);
     const std::vector<int> tok{4, 5, 6};
     const Matrix step = engine.decode(batch, tok);
-    CHECK(step.allFinite());
+    for (int i = 0; i < 3; ++i) {  // prompt i is user users[i]'s, whose decode row is row users[i]
+      CAPTURE(i);
+      const int u = users[i];
+      std::vector<test::RefKind> kinds;
+      const auto input = test::reference_input(w, prompts[i], {tok[u]}, kinds);
+      const auto ref = test::reference_logits(w, input, test::earn_mask(k, kinds));
+      const int n_in = static_cast<int>(input.size()) - 1;
+      int last = n_in - 1;  // the readout: the last input row that reaches the top
+      while (k < c.n_layers && kinds[last] == test::RefKind::kPrompt) --last;
+      test::check_close(got.row(i).transpose(), ref[last], 1e-5, "batched prefill");
+      test::check_close(step.row(u).transpose(), ref[n_in], 1e-5, "decode after the batched prefill");
+    }
     Index sum = 0;
     for (int l = 0; l < c.n_layers; ++l) sum += batch.layer_kv_bytes(l);
     CHECK(sum == batch.kv_bytes());

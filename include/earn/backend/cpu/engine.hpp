@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <numeric>
 #include <optional>
 #include <span>
 #include <string>
@@ -66,6 +67,11 @@ class CpuState : public detail::RowBook {
   int kv_dim_ = 0;
   std::vector<kv::Store<Cpu>> layers_;
   attention::Observer* observer_ = nullptr;
+  // A decode step's activations, kept between steps: a beam search's steps have the same rows, so they reuse the
+  // memory instead of allocating (and page-faulting) ~10 buffers of up to a few MB per layer and step.
+  struct Scratch {
+    Matrix x, h, q, k, v, att, tmp, gate, up;
+  } scratch_;
 };
 
 /// The CPU engine. Keeps a reference to the weights, which must outlive it.
@@ -118,8 +124,9 @@ class Engine<Schedule, Cpu> {
     const int users[1] = {user};
     const std::vector<int> prompts[1] = {std::vector<int>(tokens.begin(), tokens.end())};
     plan::ForwardPlan fp;
-    Matrix x = run_prefill(st, users, prompts, fp);
-    return logits(x.row(fp.readout[0])).row(0).transpose();
+    std::vector<int> readout;
+    Matrix x = run_prefill(st, users, prompts, fp, &readout);
+    return logits(x.row(readout[0])).row(0).transpose();
   }
 
   /// Like prefill, but logits [rows, vocab] for every row that reaches the final layer (all rows when dense).
@@ -134,9 +141,10 @@ class Engine<Schedule, Cpu> {
   /// user users[i]'s first generated token. Ends any decoding in progress.
   Matrix prefill_batch(State& st, std::span<const int> users, std::span<const std::vector<int>> prompts) const {
     plan::ForwardPlan fp;
-    const Matrix x = run_prefill(st, users, prompts, fp);
-    Matrix top(static_cast<Index>(fp.readout.size()), x.cols());
-    for (std::size_t i = 0; i < fp.readout.size(); ++i) top.row(Index(i)) = x.row(fp.readout[i]);
+    std::vector<int> readout;
+    const Matrix x = run_prefill(st, users, prompts, fp, &readout);
+    Matrix top(static_cast<Index>(readout.size()), x.cols());
+    for (std::size_t i = 0; i < readout.size(); ++i) top.row(Index(i)) = x.row(readout[i]);
     return logits(top);
   }
 
@@ -148,9 +156,10 @@ class Engine<Schedule, Cpu> {
     std::vector<int> pos(rows);
     for (int i = 0; i < rows; ++i) pos[i] = st.decode_position(i);
     const cpu::RopeTable rope(pos, c.head_dim(), c.rope_theta);
-    Matrix x(rows, c.dim);
+    auto& [x, h, q, k, v, att, tmp, gate, up] = st.scratch_;
+    x.resize(rows, c.dim);
     for (int i = 0; i < rows; ++i) x.row(i) = w_.tok_embeddings.row(tokens[i]);
-    Matrix h, q, k, v, att(rows, Index{c.n_heads} * c.head_dim()), tmp;
+    att.resize(rows, Index{c.n_heads} * c.head_dim());
     for (int l = 0; l < c.n_layers; ++l) {
       schedule_.visit(l, [&]<class L>(const L& layer) {
         using P = typename L::policy;
@@ -183,7 +192,7 @@ class Engine<Schedule, Cpu> {
         }
         if (evicting)
           cpu::evict_after_step(store, st.row_user_, probs, stride, g + 1, c.n_heads, c.n_kv_heads, c.head_dim());
-        residual_and_mlp(lw, att, x, h, tmp);
+        residual_and_mlp(lw, att, x, h, tmp, gate, up);
       });
     }
     ++st.gen_len_;
@@ -207,11 +216,11 @@ class Engine<Schedule, Cpu> {
   }
 
   // x += att * wo^T; x += w2 (silu(w1 n(x)) * w3 n(x)).
-  void residual_and_mlp(const LayerWeights& lw, const Matrix& att, Matrix& x, Matrix& h, Matrix& tmp) const {
+  void residual_and_mlp(const LayerWeights& lw, const Matrix& att, Matrix& x, Matrix& h, Matrix& tmp, Matrix& gate,
+                        Matrix& up) const {
     cpu::linear(att, lw.wo, tmp);
     x += tmp;
     cpu::rmsnorm(x, lw.ffn_norm, w_.config.norm_eps, h);
-    Matrix gate, up;
     cpu::linear_multi<Matrix, float, 2>(h, {&lw.w1, &lw.w3}, {&gate, &up});
     cpu::swiglu(gate, up);
     cpu::linear(gate, lw.w2, tmp);
@@ -227,9 +236,13 @@ class Engine<Schedule, Cpu> {
   }
 
   // Plans the prefill of `prompts` for `users` and runs every layer over the planned rows, caching each layer's
-  // rows of every user; returns the residual rows of the top phase [fp.top().size(), dim].
+  // rows of every user; returns the residual rows of the top phase [fp.top().size(), dim]. With `readout` given,
+  // only the rows read out are wanted: the last layer still computes every row's attention (its cache, a press's
+  // scores and an observer see all of them, exactly as without `readout`), but only the readout rows pass its
+  // output projection and MLP (the other rows' outputs would reach nothing: llama.cpp skips them the same way),
+  // and the result holds just those rows, *readout[s] being sequence s's.
   Matrix run_prefill(State& st, std::span<const int> users, std::span<const std::vector<int>> prompts,
-                     plan::ForwardPlan& fp) const {
+                     plan::ForwardPlan& fp, std::vector<int>* readout = nullptr) const {
     const ModelConfig& c = w_.config;
     st.check_prefill(users, prompts, c.vocab_size);
     const RegisterWeights& reg = w_.registers;
@@ -247,7 +260,7 @@ class Engine<Schedule, Cpu> {
       x.row(i) = src >= 0 ? w_.tok_embeddings.row(src) : src >= -rp ? reg.prefix.row(-src - 1)
                                                                    : reg.suffix.row(-src - 1 - rp);
     }
-    Matrix h, q, k, v, att, tmp;
+    Matrix h, q, k, v, att, tmp, gate, up;
     std::optional<cpu::RopeTable> rope;
     for (int l = 0; l < c.n_layers; ++l) {
       if (fp.gathers_before(l) || !rope) {  // the policy's dropped rows leave the residual stream here
@@ -288,7 +301,13 @@ class Engine<Schedule, Cpu> {
             store.write_prefix(u, ks, vs, pos);
           }
         }
-        residual_and_mlp(lw, att, x, h, tmp);
+        if (readout && l == c.n_layers - 1) {  // only the readout rows go on (see above)
+          x = cpu::gather_rows(x, fp.readout);
+          att = cpu::gather_rows(att, fp.readout);
+          readout->resize(fp.readout.size());
+          std::iota(readout->begin(), readout->end(), 0);
+        }
+        residual_and_mlp(lw, att, x, h, tmp, gate, up);
       });
     }
     return x;

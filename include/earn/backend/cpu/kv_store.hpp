@@ -102,14 +102,19 @@ class Store<Cpu> {
   /// New row i continues old row parent[i]: copy its first `gen_len` generated rows.
   void reorder(std::span<const int> parent, int gen_len) {
     if (gen_len == 0) return;
-    Matrix k(Index{static_cast<Index>(parent.size())} * gen_len, kv_dim_), v(k.rows(), kv_dim_);
-    for (std::size_t i = 0; i < parent.size(); ++i) {
-      k.middleRows(Index(i) * gen_len, gen_len) = gen_k(parent[i], gen_len);
-      v.middleRows(Index(i) * gen_len, gen_len) = gen_v(parent[i], gen_len);
+    // Through a copy of the generated blocks (a parent may be read after its row was overwritten), kept between
+    // steps at its largest size rather than allocated on every step of every layer.
+    if (reorder_k_.rows() < gen_k_.rows()) {
+      reorder_k_.resize(gen_k_.rows(), kv_dim_);
+      reorder_v_.resize(gen_v_.rows(), kv_dim_);
     }
     for (std::size_t i = 0; i < parent.size(); ++i) {
-      gen_k_.middleRows(Index(i) * max_new_, gen_len) = k.middleRows(Index(i) * gen_len, gen_len);
-      gen_v_.middleRows(Index(i) * max_new_, gen_len) = v.middleRows(Index(i) * gen_len, gen_len);
+      reorder_k_.middleRows(Index(i) * gen_len, gen_len) = gen_k(parent[i], gen_len);
+      reorder_v_.middleRows(Index(i) * gen_len, gen_len) = gen_v(parent[i], gen_len);
+    }
+    for (std::size_t i = 0; i < parent.size(); ++i) {
+      gen_k_.middleRows(Index(i) * max_new_, gen_len) = reorder_k_.middleRows(Index(i) * gen_len, gen_len);
+      gen_v_.middleRows(Index(i) * max_new_, gen_len) = reorder_v_.middleRows(Index(i) * gen_len, gen_len);
     }
   }
 
@@ -128,6 +133,7 @@ class Store<Cpu> {
   std::vector<kv::PressRule> rule_;                 // per user: the press rule of an evicting layer
   std::vector<int> prefix_len_;               // per user: rows written
   Matrix gen_k_, gen_v_;                      // [max_rows * max_new, kv_dim], row r's step g at r*max_new + g
+  Matrix reorder_k_, reorder_v_;              // reorder's copy, allocated by the first reorder
 };
 
 }  // namespace earn::kv
