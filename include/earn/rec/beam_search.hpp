@@ -202,6 +202,16 @@ class HostSelect {
   Logits decode(State& st, std::span<const int> tokens) { return engine_.decode(st, tokens); }
 
   std::vector<Beam> select(const Logits& logits, const std::vector<Beam>& rows, int depth, int width) {
+    // Every row's log-sum-exp first, rows in parallel (the full-vocabulary pass is most of the selection's time).
+    const int n_rows = static_cast<int>(rows.size());
+    lse_.resize(rows.size());
+    [[maybe_unused]] const bool big = Index{n_rows} * logits.cols() >= (Index{1} << 16);
+#pragma omp parallel for schedule(static) if (big)
+    for (int r = 0; r < n_rows; ++r) lse_[r] = log_sum_exp(logits.row(r));
+    for (int r = 0; r < n_rows; ++r) {
+      if (std::isnan(lse_[r])) throw Error("beam search: the model produced a NaN logit");
+      if (!std::isfinite(lse_[r])) throw Error("beam search: the model's logits are all -inf or include +inf");
+    }
     std::vector<Beam> next;
     std::size_t r = 0;
     while (r < rows.size()) {
@@ -209,7 +219,7 @@ class HostSelect {
       candidates_.clear();
       for (; r < rows.size() && rows[r].user == u; ++r) {
         const auto row = logits.row(static_cast<Index>(r));
-        const double lse = log_sum_exp(row);
+        const double lse = lse_[r];
         const TrieChildren ch = trie_.children(depth, rows[r].node);
         for (std::size_t j = 0; j < ch.size(); ++j)
           candidates_.push_back(
@@ -233,16 +243,17 @@ class HostSelect {
   }
 
  private:
-  // log(sum(exp(x))) of one logits row (an Eigen vector or row). NaN, +inf or all -inf logits are refused: their
-  // log-probs would be NaN, which has no place in a ranking (and would break the sort's ordering). The sum runs in
+  // log(sum(exp(x))) of one logits row (an Eigen vector or row); NaN when a logit is NaN, +inf when the maximum is
+  // not finite (all -inf, or +inf): select refuses both, since their log-probs would be NaN, which has no place in a
+  // ranking (and would break the sort's ordering). No throw here: it runs inside a parallel loop. The sum runs in
   // float with Eigen's vectorized exp (the full-vocabulary pass dominates selection); terms are <= 1, so a float sum
   // over 1e5 of them is still exact to about 1e-6 relative, far below the gaps that decide a ranking.
   template <class Row>
   static double log_sum_exp(const Row& x) {
     const auto a = x.array();
-    if (a.isNaN().any()) throw Error("beam search: the model produced a NaN logit");
+    if (a.isNaN().any()) return std::numeric_limits<double>::quiet_NaN();
     const float m = a.maxCoeff();
-    if (!std::isfinite(m)) throw Error("beam search: the model's logits are all -inf or include +inf");
+    if (!std::isfinite(m)) return std::numeric_limits<double>::infinity();
     return double(m) + std::log(double((a - m).exp().sum()));
   }
 
@@ -258,6 +269,7 @@ class HostSelect {
   bool batched_;
   std::vector<Candidate> candidates_;
   std::vector<int> order_;
+  std::vector<double> lse_;
 };
 
 /// Reusable beam searcher over one engine and one trie with the selection on the host; owns a decoding state sized
