@@ -156,7 +156,9 @@ class Engine<Schedule, Cpu> {
     std::vector<int> pos(rows);
     for (int i = 0; i < rows; ++i) pos[i] = st.decode_position(i);
     const cpu::RopeTable rope(pos, c.head_dim(), c.rope_theta);
-    auto& [x, h, q, k, v, att, tmp, gate, up] = st.scratch_;
+    auto& sc = st.scratch_;  // plain references: clang 14 cannot capture a structured binding in a lambda
+    Matrix &x = sc.x, &h = sc.h, &q = sc.q, &k = sc.k, &v = sc.v, &att = sc.att, &tmp = sc.tmp, &gate = sc.gate,
+           &up = sc.up;
     x.resize(rows, c.dim);
     for (int i = 0; i < rows; ++i) x.row(i) = w_.tok_embeddings.row(tokens[i]);
     att.resize(rows, Index{c.n_heads} * c.head_dim());
