@@ -163,15 +163,16 @@ void BM_BeamSearch_User(benchmark::State& state) {
   state.counters["users/s"] = benchmark::Counter(1, benchmark::Counter::kIsIterationInvariantRate);
   // The work a search cannot avoid, for its floor (bench/README.md divides by bench_model's measured GEMM rate and
   // bandwidth): matrix FLOPs of the prefill (layers below k over P + r rows, the others over r; the last layer
-  // projects every one of its rows' K and V for the cache, but only the readout row goes further, to the
-  // classifier) and of 3 decode steps of B rows; bytes = the weights read once by the prefill and once per step.
+  // projects every one of its rows' Q, K and V, as the engine does, but only the readout row goes on to the output
+  // projection, the MLP and the classifier) and of 3 decode steps of B rows; bytes = the weights read once by the
+  // prefill and once per step.
   const double P = double(prompts[0].size()), r = engine.registers();
   const double layer = bench::layer_flops(c, 1, 0), head = 2.0 * c.dim * c.vocab_size;  // per row
-  const double kv_proj = 2.0 * 2 * c.dim * c.kv_dim();                                   // per row: K and V
+  const double qkv_proj = 2.0 * c.dim * (double(c.n_heads) * c.head_dim() + 2 * c.kv_dim());  // per row: Q, K, V
   const int below = std::min(k, c.n_layers - 1);  // layers under the last one that still hold the prompt
   const double top_rows = k >= c.n_layers ? P + r : r;
-  const double prefill = layer * (below * (P + r) + (c.n_layers - 1 - below) * r) + top_rows * kv_proj +
-                         (layer - kv_proj) + head;
+  const double prefill = layer * (below * (P + r) + (c.n_layers - 1 - below) * r) + top_rows * qkv_proj +
+                         (layer - qkv_proj) + head;
   const double flops = prefill + 3.0 * B * (layer * c.n_layers + head);
   const double weight_bytes = 4.0 * (c.n_layers * layer / 2 + head / 2);  // 2 FLOPs per weight and row
   state.counters["GFLOP/user"] = flops / 1e9;

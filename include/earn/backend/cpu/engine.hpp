@@ -2,7 +2,6 @@
 #pragma once
 
 #include <algorithm>
-#include <numeric>
 #include <optional>
 #include <span>
 #include <string>
@@ -124,9 +123,7 @@ class Engine<Schedule, Cpu> {
     const int users[1] = {user};
     const std::vector<int> prompts[1] = {std::vector<int>(tokens.begin(), tokens.end())};
     plan::ForwardPlan fp;
-    std::vector<int> readout;
-    Matrix x = run_prefill(st, users, prompts, fp, &readout);
-    return logits(x.row(readout[0])).row(0).transpose();
+    return logits(run_prefill(st, users, prompts, fp, /*readout_only=*/true)).row(0).transpose();
   }
 
   /// Like prefill, but logits [rows, vocab] for every row that reaches the final layer (all rows when dense).
@@ -141,11 +138,7 @@ class Engine<Schedule, Cpu> {
   /// user users[i]'s first generated token. Ends any decoding in progress.
   Matrix prefill_batch(State& st, std::span<const int> users, std::span<const std::vector<int>> prompts) const {
     plan::ForwardPlan fp;
-    std::vector<int> readout;
-    const Matrix x = run_prefill(st, users, prompts, fp, &readout);
-    Matrix top(static_cast<Index>(readout.size()), x.cols());
-    for (std::size_t i = 0; i < readout.size(); ++i) top.row(Index(i)) = x.row(readout[i]);
-    return logits(top);
+    return logits(run_prefill(st, users, prompts, fp, /*readout_only=*/true));
   }
 
   /// One decode step: tokens[i] is fed to decode row i (see State::set_rows). Returns logits [rows, vocab].
@@ -238,13 +231,13 @@ class Engine<Schedule, Cpu> {
   }
 
   // Plans the prefill of `prompts` for `users` and runs every layer over the planned rows, caching each layer's
-  // rows of every user; returns the residual rows of the top phase [fp.top().size(), dim]. With `readout` given,
-  // only the rows read out are wanted: the last layer still computes every row's attention (its cache, a press's
-  // scores and an observer see all of them, exactly as without `readout`), but only the readout rows pass its
-  // output projection and MLP (the other rows' outputs would reach nothing: llama.cpp skips them the same way),
-  // and the result holds just those rows, *readout[s] being sequence s's.
+  // rows of every user; returns the residual rows of the top phase [fp.top().size(), dim]. readout_only: only the
+  // rows read out are wanted: the last layer still computes every row's attention (its cache, a press's scores and
+  // an observer see all of them, exactly as without it), but only the readout rows pass its output projection and
+  // MLP (the other rows' outputs would reach nothing: llama.cpp skips them the same way), and the result holds just
+  // those rows, row s being sequence s's readout.
   Matrix run_prefill(State& st, std::span<const int> users, std::span<const std::vector<int>> prompts,
-                     plan::ForwardPlan& fp, std::vector<int>* readout = nullptr) const {
+                     plan::ForwardPlan& fp, bool readout_only = false) const {
     const ModelConfig& c = w_.config;
     st.check_prefill(users, prompts, c.vocab_size);
     const RegisterWeights& reg = w_.registers;
@@ -303,11 +296,9 @@ class Engine<Schedule, Cpu> {
             store.write_prefix(u, ks, vs, pos);
           }
         }
-        if (readout && l == c.n_layers - 1) {  // only the readout rows go on (see above)
+        if (readout_only && l == c.n_layers - 1) {  // only the readout rows go on (see above)
           x = cpu::gather_rows(x, fp.readout);
           att = cpu::gather_rows(att, fp.readout);
-          readout->resize(fp.readout.size());
-          std::iota(readout->begin(), readout->end(), 0);
         }
         residual_and_mlp(lw, att, x, h, tmp, gate, up);
       });
