@@ -173,9 +173,10 @@ class Engine<Schedule, Cpu> {
           for (int i = 0; i < rows; ++i) evicting = evicting || store.press_rule(st.row_user_[i]).evict;
         const Index stride = evicting ? store.prefix_capacity() * c.n_heads : 0;
         std::vector<float> probs(static_cast<std::size_t>(Index{rows} * stride));
-        // Rows in parallel only when each has a long prefix to read (many rows or a long prompt).
+        // Rows in parallel only when each has a long prefix to read (many rows or a long prompt); claimed in small
+        // chunks, as users' prefixes differ in length (a static split gave one thread the users with long histories).
         [[maybe_unused]] const bool big = Index{rows} * (store.prefix_capacity() + g) * c.kv_dim() >= (Index{1} << 16);
-#pragma omp parallel for schedule(static) if (big)
+#pragma omp parallel for schedule(dynamic, 4) if (big)
         for (int i = 0; i < rows; ++i) {
           const int u = st.row_user_[i];
           Vector qi = q.row(i).transpose(), out;

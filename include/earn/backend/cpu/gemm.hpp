@@ -5,12 +5,13 @@
 // costs as much as the arithmetic at the row counts of the recommendation loop (20-160 decode rows, 40-800 prefill
 // rows; gemm_pack_lhs was 20 % of `evaluate`'s time), and it does not thread below ~20 rows. Here only x, the
 // small operand, is ever copied:
-//  - M > kDotRows: x is packed once per call and thread into panels of 16 rows stored k-major (two 8-lane vectors
-//    per k; a last panel of at most 8 rows is 8 wide). A 16 x 6 tile keeps 12 accumulators along M: per k it loads
-//    two panel vectors and broadcasts one weight of each of 6 rows of w straight from the weights, 12 FMAs (the
-//    BLIS / OpenBLAS Haswell shape). Blocks: kColBlock outputs of w stay in L2 while every panel passes over them,
-//    kDepth values of K per pass keep a panel in L1 (longer rows add their passes into y). 96 x 512 ran 5-7 %
-//    faster than 192 x 256 and 10-20 % faster than 128-deep passes at the rec model's shapes (2-core AMD EPYC).
+//  - M > kDotRows: x is packed once per call and thread (8 x 8 blocks transposed in registers) into panels of 16
+//    rows stored k-major (two 8-lane vectors per k; a last panel of at most 8 rows is 8 wide). A 16 x 6 tile keeps
+//    12 accumulators along M: per k it loads two panel vectors and broadcasts one weight of each of 6 rows of w
+//    straight from the weights, 12 FMAs (the BLIS / OpenBLAS Haswell shape). Blocks: kColBlock outputs of w stay in
+//    L2 while every panel passes over them, kDepth values of K per pass keep a panel in L1 (longer rows add their
+//    passes into y). 96 x 512 ran 5-7 % faster than 192 x 256 and 10-20 % faster than 128-deep passes at the rec
+//    model's shapes (2-core AMD EPYC).
 //  - M <= kDotRows (one decode row of `generate`): nothing to amortise a copy over, and w comes from memory, so
 //    each row of w is one sequential stream of dot products against the few rows of x (4 accumulators of 8 lanes
 //    along K per row of x): 1.3-1.6x the bandwidth of three interleaved row streams or Eigen's GEMV on a
@@ -69,12 +70,8 @@ class Panels {
     if (m <= kDotRows) return;
     buf_.resize(static_cast<std::size_t>(((m + kPanelRows - 1) / kPanelRows) * kPanelRows * k));
     for (Index r = 0; r < m; r += kPanelRows) {
-      const Index width = width_at(r), rm = std::min(width, m - r);
-      float* p = buf_.data() + r * k;
-      for (Index kk = 0; kk < k; ++kk) {
-        for (Index i = 0; i < rm; ++i) p[kk * width + i] = x[(r + i) * ldx + kk];
-        for (Index i = rm; i < width; ++i) p[kk * width + i] = 0.0f;
-      }
+      const Index width = width_at(r);
+      pack_one(x + r * ldx, ldx, std::min(width, m - r), width, k, buf_.data() + r * k);
     }
   }
   bool packed() const { return rows_ > kDotRows; }
@@ -83,6 +80,45 @@ class Panels {
   const float* panel(Index r, Index k) const { return buf_.data() + r * k; }
 
  private:
+  // One panel: rows [0, rm) of x (the rest zeros) stored k-major, `width` values per k. Groups of 8 whole rows are
+  // moved as 8 x 8 blocks transposed in registers; a group with missing rows and the last k % 8 values one by one.
+  static void pack_one(const float* x, Index ldx, Index rm, Index width, Index k, float* p) {
+    for (Index g = 0; g < width; g += 8) {
+      Index kk = 0;
+#ifdef EARN_CPU_GEMM_AVX2
+      if (g + 8 <= rm)
+        for (; kk + 8 <= k; kk += 8) transpose8(x + g * ldx + kk, ldx, p + kk * width + g, width);
+#endif
+      for (Index c = kk; c < k; ++c)
+        for (Index i = g; i < g + 8; ++i) p[c * width + i] = i < rm ? x[i * ldx + c] : 0.0f;
+    }
+  }
+#ifdef EARN_CPU_GEMM_AVX2
+  // dst[j * ldd + i] = src[i * lds + j] for i, j < 8.
+  static void transpose8(const float* src, Index lds, float* dst, Index ldd) {
+    __m256 r[8], t[8];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+#pragma GCC unroll 4
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+#pragma GCC unroll 2
+    for (int i = 0; i < 8; i += 4) {
+      r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+      _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
+  }
+#endif
+
   std::vector<float, Eigen::aligned_allocator<float>> buf_;
   Index rows_ = 0;
 };

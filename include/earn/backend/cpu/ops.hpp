@@ -53,7 +53,8 @@ inline void linear_multi(const X& x, const std::array<const MatrixT<T>*, N>& ws,
   const auto run = [&](Index r0, Index r1) {
     if (r0 >= r1) return;
     [[maybe_unused]] gemm::Panels* panels = nullptr;
-    if constexpr (kTiled) {  // x packed once per thread for all its products
+    if constexpr (kTiled) {  // x packed once per thread for all its products (into the thread's own cache: a shared
+                             // buffer, each thread packing half, ran no faster)
       panels = &gemm::thread_panels();
       panels->pack(x.data(), x.outerStride(), x.rows(), x.cols());
     }
@@ -75,8 +76,9 @@ inline void linear_multi(const X& x, const std::array<const MatrixT<T>*, N>& ws,
   [[maybe_unused]] const bool big = total_size * x.rows() >= (Index{1} << 15);
 #ifdef _OPENMP
   if (big && omp_get_max_threads() > 1 && !omp_in_parallel()) {
-    // Ranges rounded to whole tiles of the packed kernel (whole vector lanes of Eigen's dot products).
-    constexpr Index g = kTiled ? gemm::kTileCols * 4 : 8;
+    // Ranges rounded to whole tiles of the packed kernel (whole vector lanes of Eigen's dot products): at 512
+    // outputs, units of 4 tiles gave one thread 13 % more work than the other.
+    constexpr Index g = kTiled ? gemm::kTileCols : 8;
 #pragma omp parallel
     {
       const Index nt = omp_get_num_threads(), t = omp_get_thread_num();
@@ -142,27 +144,40 @@ template <class S>
 inline void apply_rope(MatrixT<S>& x, int heads, int head_dim, const BasicRopeTable<S>& table, RopeStyle style,
                        bool inverse = false) {
   const int half = head_dim / 2;
+  const S sign = inverse ? S(-1) : S(1);
+  // One loop per style, so that each vectorises; rows in parallel when there are many (a decode step's 160 beams).
+  [[maybe_unused]] const bool big = x.size() >= (Index{1} << 16);
+#pragma omp parallel for schedule(static) if (big)
   for (Index t = 0; t < x.rows(); ++t) {
     S* row = x.row(t).data();
+    const S* cs = table.cos.row(t).data();
+    const S* sn = table.sin.row(t).data();
     for (int h = 0; h < heads; ++h) {
       S* v = row + Index{h} * head_dim;
-      for (int i = 0; i < half; ++i) {
-        // Interleaved pairs (2i, 2i+1) for llama2.c; halves (i, i+d/2) for Hugging Face's rotate_half.
-        const int ia = style == RopeStyle::kInterleaved ? 2 * i : i;
-        const int ib = style == RopeStyle::kInterleaved ? 2 * i + 1 : i + half;
-        const S c = table.cos(t, i), s = inverse ? -table.sin(t, i) : table.sin(t, i);
-        const S a = v[ia], b = v[ib];
-        v[ia] = a * c - b * s;
-        v[ib] = a * s + b * c;
+      if (style == RopeStyle::kRotateHalf) {  // Hugging Face's rotate_half: dimension i pairs with i + d/2
+        for (int i = 0; i < half; ++i) {
+          const S c = cs[i], s = sign * sn[i], a = v[i], b = v[i + half];
+          v[i] = a * c - b * s;
+          v[i + half] = a * s + b * c;
+        }
+      } else {  // llama2.c / Meta: interleaved pairs (2i, 2i + 1)
+        for (int i = 0; i < half; ++i) {
+          const S c = cs[i], s = sign * sn[i], a = v[2 * i], b = v[2 * i + 1];
+          v[2 * i] = a * c - b * s;
+          v[2 * i + 1] = a * s + b * c;
+        }
       }
     }
   }
 }
 
-/// a <- silu(a) * b, elementwise (SwiGLU's gate).
+/// a <- silu(a) * b, elementwise (SwiGLU's gate). Row by row (a row's values do not depend on its neighbours),
+/// rows in parallel when there are many.
 template <class T>
 inline void swiglu(MatrixT<T>& a, const MatrixT<T>& b) {
-  a = a.array() / (T(1) + (-a.array()).exp()) * b.array();
+  [[maybe_unused]] const bool big = a.size() >= (Index{1} << 16);
+#pragma omp parallel for schedule(static) if (big)
+  for (Index i = 0; i < a.rows(); ++i) a.row(i) = a.row(i).array() / (T(1) + (-a.row(i).array()).exp()) * b.row(i).array();
 }
 
 /// Softmax of s in place over its visible entries; masked entries hold -inf and become 0.
