@@ -95,28 +95,7 @@ class Panels {
   }
 #ifdef EARN_CPU_GEMM_AVX2
   // dst[j * ldd + i] = src[i * lds + j] for i, j < 8.
-  static void transpose8(const float* src, Index lds, float* dst, Index ldd) {
-    __m256 r[8], t[8];
-#pragma GCC unroll 8
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
-#pragma GCC unroll 4
-    for (int i = 0; i < 8; i += 2) {
-      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-    }
-#pragma GCC unroll 2
-    for (int i = 0; i < 8; i += 4) {
-      r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-      r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-      r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-      r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-    }
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {
-      _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-      _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-    }
-  }
+  static void transpose8(const float* src, Index lds, float* dst, Index ldd);
 #endif
 
   std::vector<float, Eigen::aligned_allocator<float>> buf_;
@@ -131,6 +110,52 @@ inline Panels& thread_panels() {
 
 #ifdef EARN_CPU_GEMM_AVX2
 namespace detail {
+
+// r[i][j] <- r[j][i]: an 8 x 8 block transposed in registers (unpack, shuffle, then swap 128-bit halves).
+inline void transpose8x8(__m256 r[8]) {
+  __m256 t[8];
+#pragma GCC unroll 4
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) r[i] = t[i];
+}
+
+// y[0, N) (=, or += when Accumulate) the first N <= 4 lanes of v.
+template <int N, bool Accumulate>
+inline void store_lanes4(float* y, __m128 v) {
+  if constexpr (N == 4) {
+    if constexpr (Accumulate) v = _mm_add_ps(_mm_loadu_ps(y), v);
+    _mm_storeu_ps(y, v);
+  } else if constexpr (N >= 2) {
+    if constexpr (Accumulate) v = _mm_add_ps(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(y))), v);
+    _mm_storel_pi(reinterpret_cast<__m64*>(y), v);
+    if constexpr (N == 3) store_lanes4<1, Accumulate>(y + 2, _mm_movehl_ps(v, v));
+  } else if constexpr (N == 1) {
+    if constexpr (Accumulate) v = _mm_add_ss(_mm_load_ss(y), v);
+    _mm_store_ss(y, v);
+  }
+}
+// y[0, N) (=, or +=) the first N <= 8 lanes of v.
+template <int N, bool Accumulate>
+inline void store_lanes(float* y, __m256 v) {
+  store_lanes4<std::min(N, 4), Accumulate>(y, _mm256_castps256_ps128(v));
+  if constexpr (N > 4) store_lanes4<N - 4, Accumulate>(y + 4, _mm256_extractf128_ps(v, 1));
+}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -194,16 +219,18 @@ inline void panel_tile(const float* p, const float* w, Index ldw, float* y, Inde
       for (int v = 0; v < V; ++v) acc[j * V + v] = _mm256_fmadd_ps(a[v], b, acc[j * V + v]);
     }
   }
-  alignas(32) float lanes[NR][8 * V];
-#pragma GCC unroll 16
-  for (int j = 0; j < NR; ++j)
+  // Each vector of 8 rows: its NR column accumulators transposed into row vectors, NR lanes stored per row.
 #pragma GCC unroll 2
-    for (int v = 0; v < V; ++v) _mm256_store_ps(&lanes[j][8 * v], acc[j * V + v]);
-  for (int i = 0; i < rm; ++i)
-    for (int j = 0; j < NR; ++j) {
-      float& out = y[i * ldy + j];
-      out = Accumulate ? out + lanes[j][i] : lanes[j][i];
-    }
+  for (int v = 0; v < V; ++v) {
+    __m256 r[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) r[j] = j < NR ? acc[j * V + v] : _mm256_setzero_ps();
+    transpose8x8(r);
+    const int rows = std::min(8, rm - 8 * v);
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i)
+      if (i < rows) store_lanes<NR, Accumulate>(y + (8 * v + i) * ldy, r[i]);
+  }
 }
 
 template <bool Accumulate>
@@ -233,6 +260,17 @@ inline PanelFn<A> panel_for(Index width, Index nr) {
 }
 
 }  // namespace detail
+#endif
+
+#ifdef EARN_CPU_GEMM_AVX2
+inline void Panels::transpose8(const float* src, Index lds, float* dst, Index ldd) {
+  __m256 r[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  detail::transpose8x8(r);
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * ldd, r[i]);
+}
 #endif
 
 /// Outputs [n0, n1) of y = x w^T (all M rows): one thread's share of a product. `panels` holds x packed by
