@@ -61,53 +61,6 @@ struct Operands {
   Index m, k;
 };
 
-/// x packed in panels for the products of one thread (reused across calls: the buffer only grows).
-class Panels {
- public:
-  /// Packs x [m, k] (row stride ldx) when m > kDotRows; otherwise leaves the panels empty (the dot rows read x).
-  void pack(const float* x, Index ldx, Index m, Index k) {
-    rows_ = m;
-    if (m <= kDotRows) return;
-    buf_.resize(static_cast<std::size_t>(((m + kPanelRows - 1) / kPanelRows) * kPanelRows * k));
-    for (Index r = 0; r < m; r += kPanelRows) {
-      const Index width = width_at(r);
-      pack_one(x + r * ldx, ldx, std::min(width, m - r), width, k, buf_.data() + r * k);
-    }
-  }
-  bool packed() const { return rows_ > kDotRows; }
-  /// Panel width at row r: 16, or 8 for a last panel of at most 8 rows.
-  Index width_at(Index r) const { return rows_ - r > kPanelRows / 2 ? kPanelRows : kPanelRows / 2; }
-  const float* panel(Index r, Index k) const { return buf_.data() + r * k; }
-
- private:
-  // One panel: rows [0, rm) of x (the rest zeros) stored k-major, `width` values per k. Groups of 8 whole rows are
-  // moved as 8 x 8 blocks transposed in registers; a group with missing rows and the last k % 8 values one by one.
-  static void pack_one(const float* x, Index ldx, Index rm, Index width, Index k, float* p) {
-    for (Index g = 0; g < width; g += 8) {
-      Index kk = 0;
-#ifdef EARN_CPU_GEMM_AVX2
-      if (g + 8 <= rm)
-        for (; kk + 8 <= k; kk += 8) transpose8(x + g * ldx + kk, ldx, p + kk * width + g, width);
-#endif
-      for (Index c = kk; c < k; ++c)
-        for (Index i = g; i < g + 8; ++i) p[c * width + i] = i < rm ? x[i * ldx + c] : 0.0f;
-    }
-  }
-#ifdef EARN_CPU_GEMM_AVX2
-  // dst[j * ldd + i] = src[i * lds + j] for i, j < 8.
-  static void transpose8(const float* src, Index lds, float* dst, Index ldd);
-#endif
-
-  std::vector<float, Eigen::aligned_allocator<float>> buf_;
-  Index rows_ = 0;
-};
-
-/// The calling thread's panels (one buffer per thread, kept for its lifetime).
-inline Panels& thread_panels() {
-  thread_local Panels panels;
-  return panels;
-}
-
 #ifdef EARN_CPU_GEMM_AVX2
 namespace detail {
 
@@ -134,6 +87,64 @@ inline void transpose8x8(__m256 r[8]) {
 #pragma GCC unroll 8
   for (int i = 0; i < 8; ++i) r[i] = t[i];
 }
+
+// dst[j * ldd + i] = src[i * lds + j] for i, j < 8 (packing x into panels).
+inline void transpose8(const float* src, Index lds, float* dst, Index ldd) {
+  __m256 r[8];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  transpose8x8(r);
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * ldd, r[i]);
+}
+
+}  // namespace detail
+#endif
+
+/// x packed in panels for the products of one thread (reused across calls: the buffer only grows).
+class Panels {
+ public:
+  /// Packs x [m, k] (row stride ldx) when m > kDotRows; otherwise leaves the panels empty (the dot rows read x).
+  void pack(const float* x, Index ldx, Index m, Index k) {
+    rows_ = m;
+    if (m <= kDotRows) return;
+    buf_.resize(static_cast<std::size_t>(((m + kPanelRows - 1) / kPanelRows) * kPanelRows * k));
+    for (Index r = 0; r < m; r += kPanelRows) {
+      const Index width = width_at(r);
+      pack_one(x + r * ldx, ldx, std::min(width, m - r), width, k, buf_.data() + r * k);
+    }
+  }
+  bool packed() const { return rows_ > kDotRows; }
+  /// Panel width at row r: 16, or 8 for a last panel of at most 8 rows.
+  Index width_at(Index r) const { return rows_ - r > kPanelRows / 2 ? kPanelRows : kPanelRows / 2; }
+  const float* panel(Index r, Index k) const { return buf_.data() + r * k; }
+
+ private:
+  // One panel: rows [0, rm) of x (the rest zeros) stored k-major, `width` values per k. Groups of 8 whole rows are
+  // moved as 8 x 8 blocks transposed in registers; a group with missing rows and the last k % 8 values one by one.
+  static void pack_one(const float* x, Index ldx, Index rm, Index width, Index k, float* p) {
+    for (Index g = 0; g < width; g += 8) {
+      Index kk = 0;
+#ifdef EARN_CPU_GEMM_AVX2
+      if (g + 8 <= rm)
+        for (; kk + 8 <= k; kk += 8) detail::transpose8(x + g * ldx + kk, ldx, p + kk * width + g, width);
+#endif
+      for (Index c = kk; c < k; ++c)
+        for (Index i = g; i < g + 8; ++i) p[c * width + i] = i < rm ? x[i * ldx + c] : 0.0f;
+    }
+  }
+  std::vector<float, Eigen::aligned_allocator<float>> buf_;
+  Index rows_ = 0;
+};
+
+/// The calling thread's panels (one buffer per thread, kept for its lifetime).
+inline Panels& thread_panels() {
+  thread_local Panels panels;
+  return panels;
+}
+
+#ifdef EARN_CPU_GEMM_AVX2
+namespace detail {
 
 // y[0, N) (=, or += when Accumulate) the first N <= 4 lanes of v.
 template <int N, bool Accumulate>
@@ -260,17 +271,6 @@ inline PanelFn<A> panel_for(Index width, Index nr) {
 }
 
 }  // namespace detail
-#endif
-
-#ifdef EARN_CPU_GEMM_AVX2
-inline void Panels::transpose8(const float* src, Index lds, float* dst, Index ldd) {
-  __m256 r[8];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
-  detail::transpose8x8(r);
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * ldd, r[i]);
-}
 #endif
 
 /// Outputs [n0, n1) of y = x w^T (all M rows): one thread's share of a product. `panels` holds x packed by

@@ -177,7 +177,8 @@ template <class T>
 inline void swiglu(MatrixT<T>& a, const MatrixT<T>& b) {
   [[maybe_unused]] const bool big = a.size() >= (Index{1} << 16);
 #pragma omp parallel for schedule(static) if (big)
-  for (Index i = 0; i < a.rows(); ++i) a.row(i) = a.row(i).array() / (T(1) + (-a.row(i).array()).exp()) * b.row(i).array();
+  for (Index i = 0; i < a.rows(); ++i)
+    a.row(i) = a.row(i).array() / (T(1) + (-a.row(i).array()).exp()) * b.row(i).array();
 }
 
 /// Softmax of s in place over its visible entries; masked entries hold -inf and become 0.
