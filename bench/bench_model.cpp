@@ -4,6 +4,7 @@
 // layer (cpu::linear) beside Eigen's GEMM at the recommendation model's shapes.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -80,13 +81,22 @@ BENCHMARK(BM_Fma_Peak)->Unit(benchmark::kMillisecond)->UseRealTime();
 // One linear layer y = x w^T at the shapes of the recommendation loop's ~30M model (d 512, FFN 1408, vocab 8192):
 // rows (range 0) x in (range 1) x out (range 2). cpu::linear (earn's tiled kernel, gemm.hpp) and, beside it, the
 // same product as one Eigen expression (Eigen's GEMM / GEMV, what cpu::linear was before).
-static void linear_body(benchmark::State& state, bool eigen) {
+// cold: each iteration takes the next of enough distinct weight matrices to fill 96 MiB (three times a 32 MiB L3), so
+// the weights come from memory as in the recommendation loop, where each layer's are evicted before they come round
+// again; otherwise the same w every time (from cache when it fits).
+static void linear_body(benchmark::State& state, bool eigen, bool cold = false) {
   Rng rng(1);
   const Index m = state.range(0), k = state.range(1), n = state.range(2);
-  Matrix x(m, k), w(n, k), y;
+  const Index pool = cold ? std::max<Index>(1, (Index{96} << 20) / (n * k * Index{sizeof(float)})) : 1;
+  Matrix x(m, k), y;
+  std::vector<Matrix> ws(static_cast<std::size_t>(pool), Matrix(n, k));
   for (Index i = 0; i < x.size(); ++i) x.data()[i] = rng.symmetric(1);
-  for (Index i = 0; i < w.size(); ++i) w.data()[i] = rng.symmetric(1);
+  for (Matrix& w : ws)
+    for (Index i = 0; i < w.size(); ++i) w.data()[i] = rng.symmetric(1);
+  std::size_t next = 0;
   for (auto _ : state) {
+    const Matrix& w = ws[next];
+    next = (next + 1) % ws.size();
     if (eigen)
       y.noalias() = x * w.transpose();
     else
@@ -96,6 +106,7 @@ static void linear_body(benchmark::State& state, bool eigen) {
   state.counters["FLOP/s"] = benchmark::Counter(2.0 * double(m * k * n), benchmark::Counter::kIsIterationInvariantRate);
 }
 static void BM_Linear(benchmark::State& state) { linear_body(state, false); }
+static void BM_Linear_Cold(benchmark::State& state) { linear_body(state, false, true); }
 static void BM_Gemm_Eigen(benchmark::State& state) { linear_body(state, true); }
 static void linear_shapes(benchmark::internal::Benchmark* b) {
   b->Args({1, 512, 1536})->Args({20, 512, 1536})->Args({160, 512, 1536})->Args({160, 1408, 512})
@@ -103,6 +114,7 @@ static void linear_shapes(benchmark::internal::Benchmark* b) {
   b->Unit(benchmark::kMicrosecond)->UseRealTime();
 }
 BENCHMARK(BM_Linear)->Apply(linear_shapes);
+BENCHMARK(BM_Linear_Cold)->Apply(linear_shapes);
 BENCHMARK(BM_Gemm_Eigen)->Apply(linear_shapes);
 
 template <ModelConfig (*Cfg)()>

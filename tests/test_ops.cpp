@@ -56,8 +56,9 @@ void set_threads([[maybe_unused]] int n) {
 
 TEST_CASE("cpu::linear = the naive product at every tile, block and thread edge") {
   // M: the dot rows (1-3), then packed panels: one 8-wide panel (4-8), 16-wide ones with an 8-wide last (9, 17, 21,
-  // 24, 33, 67); K: under one vector, not a multiple of 8, one and several depth passes (512) with a tail;
-  // N: below, at and past the column tile (6) and the column block (96), uneven thread shares.
+  // 24, 33, 67; with AVX-512 pairs of 16-wide panels, a single one after pairs in 53); K: under one vector, not a
+  // multiple of 8, one and several depth passes (512) with a tail; N: below, at and past the column tile (6, or 8
+  // with AVX-512) and the column block (96), uneven thread shares.
   const std::vector<Index> ms = {1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 21, 24, 33, 53, 67};
   const std::vector<Index> ks = {1, 5, 8, 13, 64, 512, 515, 1100};
   const std::vector<Index> ns = {1, 2, 3, 4, 23, 24, 25, 50, 97};
