@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <limits>
 #include <map>
 #include <vector>
 
@@ -141,6 +143,76 @@ TEST_CASE("generate fills the context exactly: the last token is returned, never
   CHECK_THROWS_AS(generate(e, prompt, {.max_new_tokens = fill + 1}), ConfigError);
   CHECK(generate(e, prompt, {.max_new_tokens = 1}).size() == 1u);
   CHECK(generate(e, prompt, {.max_new_tokens = 0}).empty());
+}
+
+TEST_CASE("advise_huge_pages: a model's 2 MiB blocks are advised, its values untouched; EARN_HUGE_PAGES=0 opts out") {
+  ModelConfig c = config(RopeStyle::kRotateHalf, false);
+  c.vocab_size = 16384;  // embedding and head: 2 MiB each, spanning at least one block that is mostly theirs
+  ModelWeights w = random_weights(c, {.seed = 9});
+  const ModelWeights copy = w;
+  unsetenv("EARN_HUGE_PAGES");
+  const cpu::HugePageAdvice a = cpu::advise_huge_pages(w);
+#if defined(__linux__)
+  // Each 2 MiB tensor covers one whole block or two halves of neighbouring blocks: >= 1 block each, unless both
+  // halves fall short of half a block (impossible: the two parts of 2 MiB sum to 2 MiB, one is >= 1 MiB).
+  CHECK(a.blocks >= 2);
+  CHECK(a.collapsed <= a.blocks);
+  MESSAGE("blocks advised: " << a.blocks << ", collapsed at once: " << a.collapsed);
+#else
+  CHECK(a.blocks == 0);
+#endif
+  const auto wt = w.tensors();
+  const auto ct = copy.tensors();
+  REQUIRE(wt.size() == ct.size());
+  for (std::size_t i = 0; i < wt.size(); ++i)
+    CHECK(std::equal(wt[i].data, wt[i].data + wt[i].size, ct[i].data));
+  setenv("EARN_HUGE_PAGES", "0", 1);
+  CHECK(cpu::advise_huge_pages(w).blocks == 0);
+  unsetenv("EARN_HUGE_PAGES");
+  // An engine advises its weights as it is built, and serves the same logits (the weights are the same bytes).
+  const Engine<Uniform<Layer<attention::DenseCausal, kv::Contiguous>>, Cpu> e(w);
+  const int prompt[] = {1, 200, 16000};
+  auto st = e.make_state({.max_users = 1, .max_rows = 1, .max_prompt = 8, .max_new_tokens = 1});
+  const Matrix got = e.prefill(st, 0, prompt);
+  setenv("EARN_HUGE_PAGES", "0", 1);
+  const Engine<Uniform<Layer<attention::DenseCausal, kv::Contiguous>>, Cpu> e0(copy);
+  unsetenv("EARN_HUGE_PAGES");
+  auto st0 = e0.make_state({.max_users = 1, .max_rows = 1, .max_prompt = 8, .max_new_tokens = 1});
+  CHECK(got == e0.prefill(st0, 0, prompt));
+}
+
+TEST_CASE("argmax: the first of the largest logits, as a plain loop finds it, at every length and with ties, "
+          "infinities, signed zeros and NaNs") {
+  const auto plain = [](const Vector& x) {  // llama2.c's loop
+    int best = 0;
+    for (Index i = 1; i < x.size(); ++i)
+      if (x[i] > x[best]) best = static_cast<int>(i);
+    return best;
+  };
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  Rng rng(5);
+  int cases = 0;
+  for (const Index n : {1, 2, 15, 16, 17, 31, 33, 47, 100, 32000})
+    for (int trial = 0; trial < 40; ++trial) {
+      Vector x(n);
+      // Few distinct values, so that ties across lanes and within a lane are common; then some specials.
+      for (Index i = 0; i < n; ++i) x[i] = std::floor(rng.uniform() * 4.0f) - 2.0f;
+      const int specials = trial % 8;
+      for (int s = 0; s < specials; ++s) {
+        const Index at = static_cast<Index>(rng.uniform() * float(n)) % n;
+        const float pick[] = {inf, -inf, nan, 0.0f, -0.0f, 1.5f};
+        x[at] = pick[static_cast<int>(rng.uniform() * 6.0f) % 6];
+      }
+      if (trial == 39) x.setConstant(-inf);
+      if (trial == 38) x.setConstant(nan);
+      if (trial == 37 && n > 1) x[0] = nan;
+      if (trial == 36) x.setZero(), x[n - 1] = -0.0f;
+      CHECK_MESSAGE(argmax(x) == plain(x), "n = " << n << ", trial " << trial);
+      CHECK(Sampler(0.0f, 1.0f, 1)(x) == plain(x));
+      ++cases;
+    }
+  CHECK(cases == 400);
+  CHECK_THROWS_AS(argmax(Vector(0)), RangeError);
 }
 
 TEST_CASE("Sampler: temperature 0 is argmax; seeded sampling is reproducible and follows softmax; top-p truncates") {

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -11,14 +12,34 @@
 
 namespace earn {
 
-/// Index of the largest logit; the first one on ties (as llama2.c's argmax).
+/// Index of the largest logit; the first one on ties (as llama2.c's argmax). NaNs never win, except that a NaN first
+/// logit is returned, as a plain loop comparing against it returns it.
+/// 16 lanes each keep their own maximum and its first index, then the lanes meet, ties to the lowest index: the same
+/// answer as the plain loop, without its chain through the best value's load (~8 cycles a logit: 73 us of a 32000-
+/// token vocabulary, 4 % of a 15M model's decode step).
 template <class V>
 inline int argmax(const V& logits) {
-  if (logits.size() == 0) throw RangeError("argmax of empty logits");
-  int best = 0;
-  for (Index i = 1; i < logits.size(); ++i)
-    if (logits[i] > logits[best]) best = static_cast<int>(i);
-  return best;
+  const Index n = logits.size();
+  if (n == 0) throw RangeError("argmax of empty logits");
+  if (std::isnan(static_cast<float>(logits[0]))) return 0;
+  constexpr int L = 16;
+  float bv[L];
+  Index bi[L];
+  for (int j = 0; j < L; ++j) bv[j] = -std::numeric_limits<float>::infinity(), bi[j] = -1;
+  const auto visit = [&](Index i, int j) {
+    const float x = static_cast<float>(logits[i + j]);
+    const bool gt = x > bv[j];
+    bv[j] = gt ? x : bv[j];
+    bi[j] = gt ? i + j : bi[j];
+  };
+  Index i = 0;
+  for (; i + L <= n; i += L)
+    for (int j = 0; j < L; ++j) visit(i, j);
+  for (int j = 0; i + j < n; ++j) visit(i, j);
+  int best = -1;
+  for (int j = 0; j < L; ++j)
+    if (bi[j] >= 0 && (best < 0 || bv[j] > bv[best] || (bv[j] == bv[best] && bi[j] < bi[best]))) best = j;
+  return best < 0 ? 0 : static_cast<int>(bi[best]);  // no lane moved: every logit is -inf or NaN, the first wins
 }
 
 /// Seeded sampler: temperature 0 is greedy; otherwise softmax(logits / temperature), restricted to the smallest

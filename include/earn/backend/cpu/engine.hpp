@@ -9,6 +9,7 @@
 
 #include "earn/attention/observer.hpp"
 #include "earn/attention/row_kind.hpp"
+#include "earn/backend/cpu/huge_pages.hpp"
 #include "earn/backend/cpu/kv_store.hpp"
 #include "earn/backend/cpu/ops.hpp"
 #include "earn/backend/cpu/press.hpp"
@@ -93,6 +94,7 @@ class Engine<Schedule, Cpu> {
   explicit Engine(const ModelWeights& w, Schedule schedule = Schedule{}) : w_(w), schedule_(schedule) {
     w_.validate();
     schedule_.validate(w_.config.n_layers, w_.registers.count());
+    cpu::advise_huge_pages(w_);  // decode streams every weight each token: 2 MiB pages spare the TLB (huge_pages.hpp)
   }
   Engine(ModelWeights&&, Schedule = Schedule{}) = delete;  // the engine keeps a reference: no temporaries
 

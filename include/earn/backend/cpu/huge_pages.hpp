@@ -1,0 +1,75 @@
+// earn/backend/cpu/huge_pages.hpp - backing a model's weights with 2 MiB pages where Linux allows it.
+//
+// Decode streams every weight once per token. In 4 KiB pages that is a TLB miss every 4 KiB: a 15M-parameter model
+// (61 MB) walks ~15 000 page tables a token, more than Zen 4's 3072-entry L2 TLB holds, so every page misses every
+// token. llama2.c and llama.cpp map the checkpoint file, whose page cache the kernel may hold in large folios; the
+// engine's weights are Eigen matrices from malloc, which Linux backs with 4 KiB pages unless the range is marked
+// MADV_HUGEPAGE (transparent huge pages in "madvise" mode, the default of Debian's kernels).
+//
+// advise_huge_pages marks every 2 MiB-aligned block that a model's matrices cover for the most part and asks the
+// kernel to collapse it now (MADV_COLLAPSE, Linux 6.1+; older kernels leave it to khugepaged). Contents never
+// change; failures (another kind of mapping in the block, no THP, not Linux) leave the pages as they were.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "earn/model/weights.hpp"
+
+namespace earn::cpu {
+
+/// What advise_huge_pages did: blocks of 2 MiB asked for, and those the kernel collapsed at once.
+struct HugePageAdvice {
+  int blocks = 0;
+  int collapsed = 0;
+};
+
+/// Marks the 2 MiB blocks that the model's tensors cover at least half of as huge-page memory and collapses them.
+/// Safe to call more than once (a collapsed block stays collapsed); a no-op off Linux, or when the environment sets
+/// EARN_HUGE_PAGES=0 (to measure without, or to keep a model's memory at its size to the byte: a block is advised
+/// when half of it is the model's, so up to 1 MiB a block that was never touched may be backed).
+template <class T>
+inline HugePageAdvice advise_huge_pages([[maybe_unused]] const BasicModelWeights<T>& w) {
+  HugePageAdvice out;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (const char* e = std::getenv("EARN_HUGE_PAGES"); e && std::string_view(e) == "0") return out;
+  constexpr std::uintptr_t kBlock = std::uintptr_t{2} << 20;
+  std::vector<std::pair<std::uintptr_t, std::uintptr_t>> spans;  // [begin, end) of each tensor's bytes
+  for (const auto& t : w.tensors()) {
+    const auto b = reinterpret_cast<std::uintptr_t>(t.data);
+    spans.emplace_back(b, b + static_cast<std::uintptr_t>(t.size) * sizeof(T));
+  }
+  std::sort(spans.begin(), spans.end());
+  // Bytes of tensors in each 2 MiB block, block by block in address order.
+  std::vector<std::pair<std::uintptr_t, std::uintptr_t>> covered;  // (block start, bytes)
+  for (const auto& [b, e] : spans)
+    for (std::uintptr_t blk = b / kBlock * kBlock; blk < e; blk += kBlock) {
+      const std::uintptr_t n = std::min(e, blk + kBlock) - std::max(b, blk);
+      if (!covered.empty() && covered.back().first == blk) covered.back().second += n;
+      else covered.emplace_back(blk, n);
+    }
+  for (const auto& [blk, n] : covered) {
+    if (n < kBlock / 2) continue;
+    void* p = reinterpret_cast<void*>(blk);
+    if (madvise(p, kBlock, MADV_HUGEPAGE) != 0) continue;
+    ++out.blocks;
+#if defined(MADV_COLLAPSE)
+    constexpr int kCollapse = MADV_COLLAPSE;
+#else
+    constexpr int kCollapse = 25;  // Linux 6.1's value, for C libraries whose headers predate it
+#endif
+    if (madvise(p, kBlock, kCollapse) == 0) ++out.collapsed;
+  }
+#endif
+  return out;
+}
+
+}  // namespace earn::cpu
