@@ -5,7 +5,9 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -32,17 +34,19 @@ static void BM_Memcpy(benchmark::State& state) {
 }
 BENCHMARK(BM_Memcpy)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-// Memory bandwidth as decode sees it: a threaded fp32 GEMV over a 440 MB matrix (read once per iteration).
+// Memory bandwidth as decode sees it: a threaded fp32 GEMV over a 440 MB matrix (read once per iteration), in
+// 4 KiB pages (range 0 = 0) or in the 2 MiB pages the CPU engine gives its weights (1: cpu::advise_huge_pages).
 static void BM_Gemv_Stream(benchmark::State& state) {
   Matrix w = Matrix::Constant(32000 * 4, 860, 0.5f);
   Matrix x = Matrix::Constant(1, 860, 1.0f), y;
+  if (state.range(0) != 0) cpu::advise_huge_pages({{w.data(), std::size_t(w.size()) * sizeof(float)}});
   for (auto _ : state) {
     cpu::linear(x, w, y);
     benchmark::DoNotOptimize(y.data());
   }
   state.counters["bytes/s"] = benchmark::Counter(double(w.size()) * 4, benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_Gemv_Stream)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Gemv_Stream)->ArgName("huge")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // Arithmetic ceiling: every thread runs 12 independent chains of fp32 FMAs on registers (no memory), 8 lanes wide
 // (AVX2) and, where the build has AVX-512, 16 lanes wide (the width of gemm.hpp's tiles there). On Zen 4 a 512-bit FMA
@@ -181,6 +185,19 @@ BENCHMARK(BM_Decode<bench::llama_110m>)->Arg(16)->Arg(512)->Unit(benchmark::kMil
 // The same prefill and decode for the --model checkpoint (registered only when one is given).
 static void BM_Prefill_Checkpoint(benchmark::State& state) { prefill_body(state, *bench::checkpoint()); }
 static void BM_Decode_Checkpoint(benchmark::State& state) { decode_body(state, *bench::checkpoint()); }
+// Decode of the checkpoint (prompt range 0) with its weights in 2 MiB pages (range 1 = 1: the engine's default,
+// cpu::advise_huge_pages) or in 4 KiB pages (0: a copy of the weights, the engine built with EARN_HUGE_PAGES=0).
+// Run with --benchmark_enable_random_interleaving=true and repetitions, so the two alternate in one process.
+static void BM_Decode_Checkpoint_Pages(benchmark::State& state) {
+  static const ModelWeights small_pages = *bench::checkpoint();  // fresh allocations, never advised
+  if (state.range(1) != 0) return decode_body(state, *bench::checkpoint());
+  const char* had = std::getenv("EARN_HUGE_PAGES");
+  const std::string saved = had ? had : "";
+  setenv("EARN_HUGE_PAGES", "0", 1);
+  decode_body(state, small_pages);  // the engine is built (and reads the variable) before the timing starts
+  if (had) setenv("EARN_HUGE_PAGES", saved.c_str(), 1);
+  else unsetenv("EARN_HUGE_PAGES");
+}
 static void register_checkpoint() {
   if (!bench::checkpoint()) return;
   const int ctx = bench::checkpoint()->config.max_seq_len;
@@ -192,6 +209,8 @@ static void register_checkpoint() {
   for (int P : {16, 512})
     if (P + 64 <= ctx) d->Arg(P);
   d->Unit(benchmark::kMillisecond)->UseRealTime();
+  benchmark::RegisterBenchmark("BM_Decode_Checkpoint_Pages", BM_Decode_Checkpoint_Pages)
+      ->Args({16, 0})->Args({16, 1})->ArgNames({"P", "huge"})->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 
 EARN_BENCH_MAIN(register_checkpoint)

@@ -6,12 +6,13 @@
 // engine's weights are Eigen matrices from malloc, which Linux backs with 4 KiB pages unless the range is marked
 // MADV_HUGEPAGE (transparent huge pages in "madvise" mode, the default of Debian's kernels).
 //
-// advise_huge_pages marks every 2 MiB-aligned block that a model's matrices cover for the most part and asks the
-// kernel to collapse it now (MADV_COLLAPSE, Linux 6.1+; older kernels leave it to khugepaged). Contents never
-// change; failures (another kind of mapping in the block, no THP, not Linux) leave the pages as they were.
+// advise_huge_pages marks every 2 MiB-aligned block that a model's matrices (or any buffers) cover for the most part
+// and asks the kernel to collapse it now (MADV_COLLAPSE, Linux 6.1+; older kernels leave it to khugepaged). Contents
+// never change; failures (another kind of mapping in the block, no THP, not Linux) leave the pages as they were.
 #pragma once
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <string_view>
@@ -32,30 +33,32 @@ struct HugePageAdvice {
   int collapsed = 0;
 };
 
-/// Marks the 2 MiB blocks that the model's tensors cover at least half of as huge-page memory and collapses them.
+/// Bytes [data, data + bytes) of one buffer, for advise_huge_pages.
+struct MemoryRange {
+  const void* data;
+  std::size_t bytes;
+};
+
+/// Marks the 2 MiB blocks that the ranges cover at least half of as huge-page memory and collapses them.
 /// Safe to call more than once (a collapsed block stays collapsed); a no-op off Linux, or when the environment sets
-/// EARN_HUGE_PAGES=0 (to measure without, or to keep a model's memory at its size to the byte: a block is advised
-/// when half of it is the model's, so up to 1 MiB a block that was never touched may be backed).
-template <class T>
-inline HugePageAdvice advise_huge_pages([[maybe_unused]] const BasicModelWeights<T>& w) {
+/// EARN_HUGE_PAGES=0 (to measure without, or to keep memory at its size to the byte: a block is advised when half of
+/// it is covered, so up to 1 MiB a block that was never touched may be backed).
+inline HugePageAdvice advise_huge_pages(std::vector<MemoryRange> ranges) {
   HugePageAdvice out;
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (const char* e = std::getenv("EARN_HUGE_PAGES"); e && std::string_view(e) == "0") return out;
   constexpr std::uintptr_t kBlock = std::uintptr_t{2} << 20;
-  std::vector<std::pair<std::uintptr_t, std::uintptr_t>> spans;  // [begin, end) of each tensor's bytes
-  for (const auto& t : w.tensors()) {
-    const auto b = reinterpret_cast<std::uintptr_t>(t.data);
-    spans.emplace_back(b, b + static_cast<std::uintptr_t>(t.size) * sizeof(T));
-  }
-  std::sort(spans.begin(), spans.end());
-  // Bytes of tensors in each 2 MiB block, block by block in address order.
+  std::sort(ranges.begin(), ranges.end(), [](const MemoryRange& a, const MemoryRange& b) { return a.data < b.data; });
+  // Bytes covered in each 2 MiB block, block by block in address order.
   std::vector<std::pair<std::uintptr_t, std::uintptr_t>> covered;  // (block start, bytes)
-  for (const auto& [b, e] : spans)
+  for (const MemoryRange& r : ranges) {
+    const auto b = reinterpret_cast<std::uintptr_t>(r.data), e = b + r.bytes;
     for (std::uintptr_t blk = b / kBlock * kBlock; blk < e; blk += kBlock) {
       const std::uintptr_t n = std::min(e, blk + kBlock) - std::max(b, blk);
       if (!covered.empty() && covered.back().first == blk) covered.back().second += n;
       else covered.emplace_back(blk, n);
     }
+  }
   for (const auto& [blk, n] : covered) {
     if (n < kBlock / 2) continue;
     void* p = reinterpret_cast<void*>(blk);
@@ -68,8 +71,18 @@ inline HugePageAdvice advise_huge_pages([[maybe_unused]] const BasicModelWeights
 #endif
     if (madvise(p, kBlock, kCollapse) == 0) ++out.collapsed;
   }
+#else
+  (void)ranges;
 #endif
   return out;
+}
+
+/// The same for every tensor of a model (what the CPU engine does with its weights when it is built).
+template <class T>
+inline HugePageAdvice advise_huge_pages(const BasicModelWeights<T>& w) {
+  std::vector<MemoryRange> ranges;
+  for (const auto& t : w.tensors()) ranges.push_back({t.data, static_cast<std::size_t>(t.size) * sizeof(T)});
+  return advise_huge_pages(std::move(ranges));
 }
 
 }  // namespace earn::cpu
