@@ -9,6 +9,9 @@
 #include <vector>
 
 #include "earn/earn.hpp"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include "reference_model.hpp"
 
 using namespace earn;
@@ -125,6 +128,45 @@ TEST_CASE("Greedy generate follows the reference's argmax step by step, and stop
   CHECK(t.prompt_tokens == 3);
   CHECK(t.decode_steps == first);  // tokens 1..first were each produced by one decode step
   CHECK(t.prefill_seconds > 0);
+}
+
+TEST_CASE("Decode of one row over a long context (attention's heads split over the threads) matches the reference") {
+  ModelConfig c = config(RopeStyle::kRotateHalf, false);
+  c.dim = 64;
+  c.hidden_dim = 96;
+  c.n_layers = 2;
+  c.max_seq_len = 640;  // 4 heads of 16 over >= 512 keys: past attention_decode's bar for splitting the heads
+  const ModelWeights w = random_weights(c, {.seed = 21, .scale = 2.0f, .prefix_registers = 0, .suffix_registers = 0});
+#ifdef _OPENMP
+  const int had = omp_get_max_threads();
+  omp_set_num_threads(2);  // the split needs two threads, whatever the machine
+#endif
+  Engine<DenseSchedule> e(w);
+  std::vector<int> prompt(520);
+  for (int i = 0; i < 520; ++i) prompt[i] = (i * 7 + 3) % c.vocab_size;
+  const std::vector<int> fed{5, 9, 17};
+  auto st = e.make_state({.max_prompt = 520, .max_new_tokens = 3});
+  (void)e.prefill(st, 0, prompt);
+  const int row_user[1] = {0};
+  st.set_rows(row_user);
+  for (int step = 0; step < 3; ++step) {
+    const int tok[1] = {fed[step]};
+    const Matrix got = e.decode(st, tok);
+    std::vector<earn::test::RefKind> kinds;
+    const std::vector<int> gen(fed.begin(), fed.begin() + step + 1);
+    const auto ref = earn::test::reference_logits(w, earn::test::reference_input(w, prompt, gen, kinds),
+                                                  [](int, int q, int k) { return k <= q; });
+    double err = 0, scale = 1;
+    for (int v = 0; v < c.vocab_size; ++v) {
+      err = std::max(err, std::abs(got(0, v) - ref.back()[v]));
+      scale = std::max(scale, std::abs(ref.back()[v]));
+    }
+    CAPTURE(step);
+    CHECK(err / scale <= 1e-5);
+  }
+#ifdef _OPENMP
+  omp_set_num_threads(had);
+#endif
 }
 
 TEST_CASE("generate fills the context exactly: the last token is returned, never fed") {

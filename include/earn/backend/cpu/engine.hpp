@@ -175,11 +175,7 @@ class Engine<Schedule, Cpu> {
           for (int i = 0; i < rows; ++i) evicting = evicting || store.press_rule(st.row_user_[i]).evict;
         const Index stride = evicting ? store.prefix_capacity() * c.n_heads : 0;
         std::vector<float> probs(static_cast<std::size_t>(Index{rows} * stride));
-        // Rows in parallel only when each has a long prefix to read (many rows or a long prompt); claimed in small
-        // chunks, as users' prefixes differ in length (a static split gave one thread the users with long histories).
-        [[maybe_unused]] const bool big = Index{rows} * (store.prefix_capacity() + g) * c.kv_dim() >= (Index{1} << 16);
-#pragma omp parallel for schedule(dynamic, 4) if (big)
-        for (int i = 0; i < rows; ++i) {
+        const auto attend = [&](int i) {
           const int u = st.row_user_[i];
           Vector qi = q.row(i).transpose(), out;
           cpu::attention_decode<P>(qi, pos[i], store.prefix_k(u), store.prefix_v(u), store.prefix_positions(u),
@@ -187,6 +183,17 @@ class Engine<Schedule, Cpu> {
                                    c.n_kv_heads, c.head_dim(), out, mask,
                                    evicting ? probs.data() + Index{i} * stride : nullptr);
           att.row(i) = out.transpose();
+        };
+        // Rows in parallel when there are enough of them (two chunks at least) and each has a long prefix to read;
+        // claimed in small chunks, as users' prefixes differ in length (a static split gave one thread the users with
+        // long histories). Otherwise rows one after another, outside any parallel region, so that attention_decode
+        // may split a long row's heads over the threads (a single decoded row, as in `generate`).
+        const bool by_rows = rows >= 8 && Index{rows} * (store.prefix_capacity() + g) * c.kv_dim() >= (Index{1} << 16);
+        if (by_rows) {
+#pragma omp parallel for schedule(dynamic, 4)
+          for (int i = 0; i < rows; ++i) attend(i);
+        } else {
+          for (int i = 0; i < rows; ++i) attend(i);
         }
         if (evicting)
           cpu::evict_after_step(store, st.row_user_, probs, stride, g + 1, c.n_heads, c.n_kv_heads, c.head_dim());
