@@ -4,7 +4,7 @@
 // (61 MB) walks ~15 000 page tables a token, more than Zen 4's 3072-entry L2 TLB holds, so every page misses every
 // token. llama2.c and llama.cpp map the checkpoint file, whose page cache the kernel may hold in large folios; the
 // engine's weights are Eigen matrices from malloc, which Linux backs with 4 KiB pages unless the range is marked
-// MADV_HUGEPAGE (transparent huge pages in "madvise" mode, the default of Debian's kernels).
+// MADV_HUGEPAGE (transparent huge pages in "madvise" mode, as on the VMs these numbers come from).
 //
 // advise_huge_pages marks every 2 MiB-aligned block that a model's matrices (or any buffers) cover for the most part
 // and asks the kernel to collapse it now (MADV_COLLAPSE, Linux 6.1+; older kernels leave it to khugepaged). Contents
